@@ -1,0 +1,169 @@
+"""`LoraConfig`: one dataclass with PEFT's field names, validated at construction.
+
+It serialises to `adapter_config.json` exactly as PEFT writes it, so an adapter directory
+written by lorakit loads in PEFT and vice versa.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+CONFIG_NAME = "adapter_config.json"
+
+# PEFT fields whose non-default value means a feature lorakit does not implement: refusing to
+# load such an adapter beats silently computing something else.
+_UNSUPPORTED_PEFT = {
+    "use_dora": False, "layer_replication": None, "use_qalora": False, "lora_bias": False,
+    "target_parameters": None, "trainable_token_indices": None, "alora_invocation_tokens": None,
+}
+
+
+class ConfigError(ValueError):
+    """A LoRA configuration value is invalid; the message names the field and the fix."""
+
+
+@dataclass
+class LoraConfig:
+    """What to adapt and how. Field names follow PEFT's `LoraConfig`.
+
+    r: rank of the update ΔW = B·A (A: [r, in], B: [out, r]).
+    lora_alpha: scaling numerator; the update is scaled by alpha/r (alpha/√r with use_rslora).
+    target_modules: a list of module names (exact, or a dotted suffix such as "query"), a regex
+        string (full match against the module path), "all-linear" (every linear layer but the
+        output head), or None for the architecture's default (the paper's Wq and Wv).
+    exclude_modules: same forms as target_modules; matches are never adapted.
+    lora_dropout: dropout on the adapter's input, in [0, 1).
+    bias: which biases train with the adapter: "none", "all" or "lora_only".
+    modules_to_save: modules trained in full and saved with the adapter (a new task head).
+    init_lora_weights: True/"kaiming" (A Kaiming-uniform, PEFT's default), "gaussian"
+        (A ~ N(0, 1/r), the paper's), or False (B random too: a non-identity start, for tests).
+    layers_to_transform / layers_pattern: adapt only these layer indices, found in the module
+        path after `layers_pattern` (default: layers, layer, h, block, blocks).
+    rank_pattern / alpha_pattern: {pattern: value} overrides per module (pattern is a regex
+        matched against the end of the module path, as in PEFT).
+    enable_lora: lorakit's per-slice variant for fused projections (loralib's `enable_lora`):
+        {pattern: [True, False, True]} adapts only the q and v slices of a fused qkv.
+        Saved in PEFT's plain form (an equivalent rank-k·r adapter), so it is not serialised.
+    """
+
+    r: int = 8
+    lora_alpha: float = 16
+    target_modules: list[str] | str | None = None
+    lora_dropout: float = 0.0
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    exclude_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+    enable_lora: dict[str, list[bool]] | None = None
+
+    def __post_init__(self) -> None:
+        self.target_modules = _as_names(self.target_modules)
+        self.exclude_modules = _as_names(self.exclude_modules)
+        self.modules_to_save = list(self.modules_to_save) if self.modules_to_save else None
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        self.validate()
+
+    def validate(self) -> None:
+        _check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r", self.r,
+               "a positive integer rank, e.g. r=8")
+        _check(_is_number(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", self.lora_alpha,
+               "a positive number, e.g. lora_alpha=16 (twice the rank is common)")
+        _check(_is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout",
+               self.lora_dropout, "a probability in [0, 1), e.g. 0.05")
+        _check(self.bias in ("none", "all", "lora_only"), "bias", self.bias,
+               'one of "none", "all", "lora_only"')
+        _check(self.init_lora_weights in (True, False, "kaiming", "gaussian"), "init_lora_weights",
+               self.init_lora_weights, 'True, False, "kaiming" or "gaussian"')
+        for key, value in self.rank_pattern.items():
+            _check(isinstance(value, int) and value > 0, f"rank_pattern[{key!r}]", value,
+                   "a positive integer rank")
+        for key, value in self.alpha_pattern.items():
+            _check(_is_number(value) and value > 0, f"alpha_pattern[{key!r}]", value, "a positive number")
+        for layer in self.layers_to_transform or []:
+            _check(isinstance(layer, int) and layer >= 0, "layers_to_transform", self.layers_to_transform,
+                   "non-negative layer indices, e.g. [0, 1]")
+        for key, mask in (self.enable_lora or {}).items():
+            _check(len(mask) > 0 and any(mask) and all(isinstance(m, bool) for m in mask),
+                   f"enable_lora[{key!r}]", mask, "a list of booleans with at least one True, e.g. [True, False, True]")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value != "all-linear":
+                try:
+                    re.compile(value)
+                except re.error as e:
+                    raise ConfigError(f"{name}={value!r} is not a valid regular expression ({e}); "
+                                      "pass a list of module names instead, e.g. ['q_proj', 'v_proj']") from e
+
+    # -- serialisation in PEFT's format ------------------------------------------------------
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The adapter_config.json content PEFT reads (lorakit-only fields left out)."""
+        d = dataclasses.asdict(self)
+        d.pop("enable_lora")
+        d["target_modules"] = sorted(d["target_modules"]) if isinstance(d["target_modules"], list) else d["target_modules"]
+        d.update(peft_type="LORA", use_dora=False, lora_bias=False)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":
+        """Build from an adapter_config.json dict (PEFT's or ours); PEFT-only fields at their
+        defaults are ignored, a PEFT feature lorakit lacks (DoRA, ...) is a clear error."""
+        if d.get("peft_type", "LORA") != "LORA":
+            raise ConfigError(f"this adapter is of type {d['peft_type']!r}; lorakit loads LoRA adapters only")
+        for key, default in _UNSUPPORTED_PEFT.items():
+            if d.get(key, default) not in (default, None, False, [], {}):
+                raise ConfigError(f"the adapter uses PEFT's {key}={d[key]!r}, which lorakit does not "
+                                  "support; retrain or convert it as a plain LoRA adapter")
+        if d.get("init_lora_weights") not in (True, False, "kaiming", "gaussian"):
+            d = {**d, "init_lora_weights": True}   # PEFT's other inits only matter before training
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "LoraConfig":
+        file = Path(path) / CONFIG_NAME
+        if not file.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: is this an adapter directory? "
+                                    "(lorakit and PEFT write one next to adapter_model.safetensors)")
+        try:
+            d = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{file} is not valid JSON: {e}") from e
+        if not isinstance(d, dict):
+            raise ConfigError(f"{file} must hold a JSON object, found {type(d).__name__}")
+        try:
+            return cls.from_dict(d)
+        except TypeError as e:
+            raise ConfigError(f"{file}: {e}") from e
+
+    def replace(self, **changes: Any) -> "LoraConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _as_names(value: Any) -> list[str] | str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return list(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"LoraConfig.{name}={value!r} is invalid: expected {expected}")

@@ -1,0 +1,77 @@
+"""LoRA math as small pure functions, testable against the formula without a model.
+
+Shapes: x: [..., in], A: [r, in], B: [out, r], base_out: [..., out].
+    y = base_out + scaling · dropout(x) · Aᵀ · Bᵀ        (the paper's h = W0·x + ΔW·x, ΔW = B·A)
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """α/r (the paper), or α/√r (rsLoRA: keeps the update's scale stable as r grows)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def delta_weight(A: Tensor, B: Tensor, scaling: float) -> Tensor:
+    """ΔW = scaling · B·A in fp32: [out, r] @ [r, in] -> [out, in].
+
+    Computed in fp32 whatever the adapter dtype, so a merge rounds once, not twice."""
+    return (B.float() @ A.float()) * scaling
+
+
+def lora_forward(x: Tensor, base_out: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
+    """base_out + scaling · x·Aᵀ·Bᵀ with the up-projection and scaling fused into one addmm.
+
+    x: [..., in] (already through dropout), base_out: [..., out] -> [..., out]."""
+    return lora_forward_h(x @ A.t(), base_out, B, scaling)              # x·Aᵀ: [..., r]
+
+
+def expand_sliced_B(B: Tensor, mask: Sequence[bool], r: int) -> Tensor:
+    """The per-slice LoRA of a fused projection (loralib's `enable_lora`) as one ordinary B.
+
+    A fused weight (GPT-2 `c_attn`: q, k, v stacked on `out`) adapts only the enabled slices,
+    each with its own rank-r pair. With A: [k·r, in] (k = enabled slices) and
+    B: [k·d, r] (d = out / len(mask)), the equivalent full B is block-structured:
+    slice s gets its own r columns, disabled slices are zero -> [out, k·r].
+    """
+    k, d = sum(mask), B.shape[0] // sum(mask)
+    blocks = iter(torch.block_diag(*B.view(k, d, r)).split(d))   # k blocks of [d, k·r]
+    return torch.cat([next(blocks) if on else B.new_zeros(d, k * r) for on in mask])
+
+
+def stack_adapters(As: Sequence[Tensor], Bs: Sequence[Tensor], scalings: Sequence[float]
+                   ) -> tuple[Tensor, Tensor]:
+    """Stack n adapters for a gathered batched matmul, plus one all-zero slot for "no adapter".
+
+    Ranks are zero-padded to r_max and each scaling is folded into its B, so every slot is
+    used the same way. Returns A_stack: [n+1, r_max, in], B_stack: [n+1, out, r_max]."""
+    r_max = max(A.shape[0] for A in As)
+    A_pad = [F.pad(A, (0, 0, 0, r_max - A.shape[0])) for A in As]          # [r_max, in]
+    B_pad = [F.pad(B * s, (0, r_max - B.shape[1])) for B, s in zip(Bs, scalings)]  # [out, r_max]
+    A_stack = torch.stack(A_pad + [torch.zeros_like(A_pad[0])])
+    B_stack = torch.stack(B_pad + [torch.zeros_like(B_pad[0])])
+    return A_stack, B_stack
+
+
+def mixed_lora_forward(x: Tensor, base_out: Tensor, A_stack: Tensor, B_stack: Tensor,
+                       index: Tensor) -> Tensor:
+    """Each row of the batch through its own adapter: one gathered bmm per projection.
+
+    x: [b, ..., in], base_out: [b, ..., out], index: [b] (slot per row; the last slot is
+    all-zero = base only). No Python loop over adapters: the cost does not grow with n."""
+    b = x.shape[0]
+    h = torch.bmm(x.reshape(b, -1, x.shape[-1]), A_stack[index].transpose(1, 2))   # [b, t, r]
+    delta = torch.bmm(h, B_stack[index].transpose(1, 2))                          # [b, t, out]
+    return base_out + delta.view(base_out.shape)
+
+
+def lora_forward_h(h: Tensor, base_out: Tensor, B: Tensor, scaling: float) -> Tensor:
+    """base_out + scaling · h·Bᵀ for an already down-projected h: [..., r] (embeddings)."""
+    out2d = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=scaling)
+    return out2d.view(base_out.shape)

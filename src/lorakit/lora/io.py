@@ -1,0 +1,200 @@
+"""Adapter directories in PEFT's on-disk format, both ways.
+
+    adapter_config.json          LoraConfig in PEFT's field names
+    adapter_model.safetensors    base_model.model.<path>.lora_A.weight       A: [r, in]
+                                 base_model.model.<path>.lora_B.weight       B: [out, r]
+                                 base_model.model.<path>.lora_embedding_A    (embeddings)
+                                 base_model.model.<path>.<param>             (modules_to_save)
+                                 base_model.model.<path>[.base_layer].bias   (bias="all"/"lora_only")
+Only safetensors and JSON are read by default: loading an adapter never runs code.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .._fs import atomic_write_json, atomic_write_with
+from .adapters import delete_adapter
+from .config import CONFIG_NAME, LoraConfig
+from .inject import (TargetError, add_adapter, bias_names, find_targets, freeze_adapter, freeze_base, lora_configs,
+                     lora_layers, pattern_value, saved_modules, set_trainable)
+from .layers import LoraEmbedding, LoraLayer
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+
+class AdapterLoadError(ValueError):
+    """An adapter directory does not fit the model, or its files are unreadable."""
+
+
+# -- keys ------------------------------------------------------------------------------------
+def _lora_keys(path: str, layer: LoraLayer) -> tuple[str, str]:
+    if isinstance(layer, LoraEmbedding):
+        return f"{PREFIX}{path}.lora_embedding_A", f"{PREFIX}{path}.lora_embedding_B"
+    return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+
+
+def _tensors(model: nn.Module, name: str, config: LoraConfig) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s tensors under their PEFT keys (live parameters, or for a per-slice
+    adapter its equivalent plain B)."""
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in lora_layers(model):
+        if name in layer.lora_A:
+            a_key, b_key = _lora_keys(path, layer)
+            out[a_key] = layer.lora_A[name]
+            out[b_key] = layer.B_matrix(name).reshape(layer._lora_shapes(layer.rank(name))[1])
+    for path, wrapper in saved_modules(model):
+        if name in wrapper.modules_to_save:
+            for key, value in wrapper.modules_to_save[name].state_dict(keep_vars=True).items():
+                out[f"{PREFIX}{path}.{key}"] = value
+    for bias in bias_names(model, config):
+        out[PREFIX + bias] = model.get_parameter(bias)
+    return out
+
+
+# -- save ------------------------------------------------------------------------------------
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Adapter `adapter_name` as PEFT saves it: {PEFT key: tensor}."""
+    config = _config(model, adapter_name)
+    return {k: v.detach().clone().contiguous() for k, v in _tensors(model, adapter_name, config).items()}
+
+
+def adapter_config_dict(model: nn.Module, adapter_name: str = "default") -> dict:
+    """The adapter_config.json for `adapter_name`: target_modules written so PEFT selects
+    exactly the wrapped modules, and rank/alpha written per module wherever a layer's actual
+    rank or scaling differs from what the config says (per-slice and combined adapters)."""
+    config = _config(model, adapter_name)
+    layers = {path: layer for path, layer in lora_layers(model) if adapter_name in layer.lora_A}
+    d = config.replace(enable_lora=None, target_modules=_target_spec(model, config, layers)).to_peft_dict()
+    for path, layer in layers.items():
+        r = layer.rank(adapter_name)
+        alpha = layer.scaling[adapter_name] * (r ** 0.5 if config.use_rslora else r)
+        if r != pattern_value(path, config.rank_pattern, config.r):
+            d["rank_pattern"][path] = r
+        if abs(alpha - pattern_value(path, config.alpha_pattern, config.lora_alpha)) > 1e-9 * alpha:
+            d["alpha_pattern"][path] = alpha
+    d["fan_in_fan_out"] = any(getattr(layer, "fan_in_fan_out", False) for layer in layers.values())
+    if d.get("base_model_name_or_path") is None:
+        d["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return d
+
+
+def _target_spec(model: nn.Module, config: LoraConfig, layers: dict) -> list[str] | str:
+    """Short leaf names ("query", "value") when they reproduce exactly the wrapped set under the
+    saved exclude/layers settings; otherwise the full module paths (always exact)."""
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in layers})
+    try:
+        found = {t.name for t in find_targets(model, config.replace(target_modules=leaves, enable_lora=None))}
+    except TargetError:
+        found = set()
+    return leaves if found == set(layers) else sorted(layers)
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write adapter `adapter_name` to directory `path` in PEFT's format. Each file is
+    written atomically (temp file + rename): an interrupted save leaves the old files intact."""
+    path = Path(path)
+    state = adapter_state_dict(model, adapter_name)
+    config = adapter_config_dict(model, adapter_name)
+    atomic_write_with(path / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    atomic_write_json(path / CONFIG_NAME, config)
+    return path
+
+
+def _config(model: nn.Module, adapter_name: str) -> LoraConfig:
+    configs = lora_configs(model)
+    if adapter_name not in configs:
+        raise KeyError(f"the model has no adapter {adapter_name!r}; it has: {list(configs) or 'none'}")
+    return configs[adapter_name]
+
+
+# -- load ------------------------------------------------------------------------------------
+def read_adapter_weights(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter directory. safetensors only, unless `allow_pickle`: then a
+    legacy adapter_model.bin is read with torch.load(weights_only=True), which runs no code."""
+    path = Path(path)
+    file = path / WEIGHTS_NAME
+    if not file.is_file():
+        legacy = path / PICKLE_WEIGHTS_NAME
+        if legacy.is_file() and allow_pickle:
+            try:
+                return torch.load(legacy, map_location="cpu", weights_only=True)
+            except Exception as e:  # any unpickling failure is the file's fault
+                raise AdapterLoadError(f"{legacy} could not be read safely: {e}") from e
+        if legacy.is_file():
+            raise AdapterLoadError(f"{path} holds only a pickle file ({PICKLE_WEIGHTS_NAME}); pickle can run "
+                                   "code, so lorakit does not read it by default. Pass allow_pickle=True "
+                                   "(read with weights_only=True) or convert it to safetensors")
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterLoadError(f"{file} is not a readable safetensors file ({e}); it may be truncated "
+                               "or corrupted: save the adapter again") from e
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, *,
+                 is_trainable: bool = False, allow_pickle: bool = False) -> nn.Module:
+    """Load the adapter at `path` (written by lorakit or PEFT) as `adapter_name` (default
+    "default"), wrapping the model's modules first where they are not wrapped yet.
+
+    Strict: missing or unexpected keys, shapes or ranks that differ, non-finite or non-float
+    weights, or an adapter made for another architecture raise AdapterLoadError naming the
+    keys; nothing is half-loaded. The first adapter of a model becomes active; later ones
+    are activated with `set_adapter`. Frozen unless `is_trainable`."""
+    name = adapter_name or "default"
+    config = LoraConfig.from_pretrained(path)
+    state = read_adapter_weights(path, allow_pickle)
+    try:
+        add_adapter(model, config, name)
+    except TargetError as e:
+        raise AdapterLoadError(f"the adapter at {path} (made for {config.base_model_name_or_path or 'an unknown base'}) "
+                               f"does not fit this {type(model).__name__}: {e}") from e
+    try:
+        _copy_into(model, name, config, state, path)
+    except BaseException:
+        delete_adapter(model, name)   # nothing half-loaded stays behind
+        raise
+    if is_trainable:
+        set_trainable(model, name)
+    else:
+        freeze_base(model)
+        freeze_adapter(model, name)
+    return model
+
+
+@torch.no_grad()
+def _copy_into(model: nn.Module, name: str, config: LoraConfig, state: dict[str, torch.Tensor], path) -> None:
+    targets = _tensors(model, name, config)
+    missing = sorted(set(targets) - set(state))
+    unexpected = sorted(set(state) - set(targets))
+    if missing or unexpected:
+        raise AdapterLoadError(f"adapter at {path} does not match the model: "
+                               f"{_few('missing', missing)}{'; ' if missing and unexpected else ''}"
+                               f"{_few('unexpected', unexpected)}. Was it made for another model or config?")
+    for key, target in targets.items():
+        value = state[key]
+        if value.shape != target.shape:
+            raise AdapterLoadError(f"{key}: the file has shape {tuple(value.shape)}, the model expects "
+                                   f"{tuple(target.shape)} (adapter_config.json says r={config.r}; a rank or "
+                                   "base-model size mismatch)")
+        if not value.is_floating_point():
+            raise AdapterLoadError(f"{key} has dtype {value.dtype}; adapter weights must be floating point")
+        if not torch.isfinite(value).all():
+            raise AdapterLoadError(f"{key} holds NaN or infinite values; refusing to load a broken adapter")
+        target.copy_(value)
+
+
+def _few(label: str, keys: list[str], limit: int = 5) -> str:
+    if not keys:
+        return ""
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"{len(keys)} {label} key(s): {', '.join(keys[:limit])}{more}"

@@ -1,0 +1,1 @@
+"""Training: data reading, metrics and the LoRA fine-tuning loop."""

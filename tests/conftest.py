@@ -1,0 +1,78 @@
+"""Tiny randomly initialised models (a few thousand parameters) so the suite stays fast."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+logging.getLogger("transformers").setLevel(logging.ERROR)
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def tiny(kind: str) -> nn.Module:
+    """A tiny random Hugging Face model in eval mode (no dropout noise), seeded."""
+    import transformers as tf
+    torch.manual_seed(0)
+    common = dict(vocab_size=64)
+    if kind == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                                                 bos_token_id=0, eos_token_id=0, **common))
+    elif kind == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                   num_attention_heads=2, num_key_value_heads=1,
+                                                   max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
+                                                   pad_token_id=0, **common))
+    elif kind == "bert":
+        model = tf.BertForSequenceClassification(tf.BertConfig(hidden_size=16, num_hidden_layers=2,
+                                                               num_attention_heads=2, intermediate_size=32,
+                                                               max_position_embeddings=32, num_labels=3, **common))
+    elif kind == "t5":
+        model = tf.T5ForConditionalGeneration(tf.T5Config(d_model=16, d_kv=8, d_ff=32, num_layers=2,
+                                                          num_heads=2, decoder_start_token_id=0, pad_token_id=0,
+                                                          eos_token_id=1, **common))
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+def tiny_inputs(kind: str, batch: int = 3, seq: int = 7) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, 64, (batch, seq), generator=g)
+    if kind == "t5":
+        return {"input_ids": ids, "decoder_input_ids": torch.randint(2, 64, (batch, 5), generator=g)}
+    return {"input_ids": ids}
+
+
+def logits(model: nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+class Toy(nn.Module):
+    """Every supported layer type in one plain PyTorch model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(20, 12)
+        self.conv = nn.Conv2d(3, 6, kernel_size=3, padding=1)
+        self.fc1 = nn.Linear(12, 10)
+        self.fc2 = nn.Linear(10, 4)
+
+    def forward(self, ids: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        h = self.fc2(torch.relu(self.fc1(self.emb(ids)))).mean(1)       # [b, 4]
+        return h + self.conv(image).mean((2, 3))[:, :4]
+
+
+@pytest.fixture
+def toy() -> Toy:
+    return Toy().eval()
+
+
+@pytest.fixture
+def toy_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return torch.randint(0, 20, (3, 5), generator=g), torch.randn(3, 3, 8, 8, generator=g)
