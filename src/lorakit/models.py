@@ -152,10 +152,7 @@ def dequantised_gguf(gguf: Path) -> Path:
     renamed into place, so a crash never leaves a half-written model that a later
     run would trust.
     """
-    gguf = gguf.resolve()
-    # Key on name and size so that a different file under the same name rebuilds.
-    digest = hashlib.sha1(f"{gguf.name}:{gguf.stat().st_size}".encode()).hexdigest()[:10]
-    final = cache_dir() / "models" / f"{gguf.stem}-{digest}"
+    final = _cache_path(gguf)
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -175,6 +172,13 @@ def dequantised_gguf(gguf: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _cache_path(gguf: Path) -> Path:
+    """Where the dequantised copy of `gguf` lives in the cache."""
+    # Key on name and size, so that a different file under the same name rebuilds.
+    digest = hashlib.sha1(f"{gguf.name}:{gguf.stat().st_size}".encode()).hexdigest()[:10]
+    return cache_dir() / "models" / f"{gguf.stem}-{digest}"
 
 
 def _write_dequantised(gguf: Path, out: Path) -> None:

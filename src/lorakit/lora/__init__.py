@@ -8,3 +8,4 @@ from .io import AdapterLoadError, adapter_state_dict, load_adapter, read_adapter
 from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .merge import merge, merge_and_unload, unload, unmerge
 from .mixed import mixed_batch
+from .combine import combine_adapters

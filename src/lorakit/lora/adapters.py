@@ -8,6 +8,7 @@ from typing import Iterator, Literal, Sequence
 import torch
 import torch.nn as nn
 
+from . import functional as LF
 from .config import ConfigError, LoraConfig
 from .inject import (_check_adapter_name, _remove_adapter_modules, lora_configs, lora_layers, saved_modules,
                      set_trainable)
@@ -135,15 +136,8 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
 
 
 def _combine_layer(layer, present, combination: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if combination == "cat":
-        A = torch.cat([layer.A_matrix(a).float() for a, _ in present])
-        B = torch.cat([layer.B_matrix(a).float() * (w * layer.scaling[a]) for a, w in present], dim=1)
-        return A, B
-    delta = sum(w * layer.scaling[a] * (layer.B_matrix(a).float() @ layer.A_matrix(a).float()) for a, w in present)
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    k = min(rank, S.shape[0])
-    root = S[:k].sqrt()
-    return root[:, None] * Vh[:k], U[:, :k] * root      # A: [k, fan_in], B: [fan_out, k]
+    terms = [(layer.A_matrix(a), layer.B_matrix(a), w * layer.scaling[a]) for a, w in present]
+    return LF.combine_factors(terms, combination, rank)
 
 
 @torch.no_grad()

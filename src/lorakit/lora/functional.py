@@ -75,3 +75,20 @@ def lora_forward_h(h: Tensor, base_out: Tensor, B: Tensor, scaling: float) -> Te
     """base_out + scaling · h·Bᵀ for an already down-projected h: [..., r] (embeddings)."""
     out2d = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=scaling)
     return out2d.view(base_out.shape)
+
+
+def combine_factors(terms: Sequence[tuple[Tensor, Tensor, float]], combination: str, rank: int
+                    ) -> tuple[Tensor, Tensor]:
+    """Factors of Σ cᵢ·Bᵢ·Aᵢ with scaling 1, from terms (Aᵢ: [rᵢ, in], Bᵢ: [out, rᵢ], cᵢ).
+
+    "cat": exact, rank Σrᵢ: A = [A₁; A₂; ...], B = [c₁B₁, c₂B₂, ...].
+    "svd": the best rank-`rank` approximation (truncated SVD), singular values split evenly:
+    A = √S·Vᵀ, B = U·√S. Computed in fp32."""
+    if combination == "cat":
+        return (torch.cat([A.float() for A, _, _ in terms]),
+                torch.cat([B.float() * c for _, B, c in terms], dim=1))
+    delta = sum(c * (B.float() @ A.float()) for A, B, c in terms)
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    k = min(rank, S.shape[0])
+    root = S[:k].sqrt()
+    return root[:, None] * Vh[:k], U[:, :k] * root

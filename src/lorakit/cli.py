@@ -1,0 +1,267 @@
+"""The `lorakit` command line: a thin front door over the library.
+
+    lorakit train    --model M --task T --data TRAIN [--eval-data EVAL] --output DIR [...]
+    lorakit eval     --model M --adapter DIR --data FILE [--json]
+    lorakit predict  --model M --adapter DIR --data FILE --output preds.jsonl
+    lorakit generate --model M --adapter DIR [--adapter DIR2 ...] --prompt "..." [--prompt ...]
+    lorakit merge    --model M --adapter DIR --output MERGED_DIR
+    lorakit inspect  DIR
+    lorakit combine  --adapter A --adapter B --weight 0.5 --weight 0.5 --output DIR [--combination svd --rank 8]
+    lorakit demo     (the built-in default job)
+
+A user's mistake is one red line and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="LoRA fine-tuning: train, evaluate, merge, combine and inspect adapters "
+                       "(PEFT-compatible). Run `lorakit COMMAND --help` for each command's options.")
+console = Console(stderr=True)
+out = Console()
+
+MODEL_HELP = "Base model: a Hugging Face hub id, a local directory, or an offline alias (minilm, smollm2-135m)."
+
+
+# -- train ---------------------------------------------------------------------------------
+@app.command()
+def train(
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP + " [default: minilm]"),
+    task: Optional[str] = typer.Option(None, help="classification | ner | causal-lm | seq2seq [default: classification]"),
+    data: Optional[str] = typer.Option(None, help="Training data: .jsonl/.json, .csv/.tsv, CoNLL .txt/.conll, E2E 'MR||text' .txt, or a datasets dir/hub name."),
+    eval_data: Optional[str] = typer.Option(None, help="Held-out data, same format; picks the best adapter and scores it."),
+    output: Optional[str] = typer.Option(None, help="Output dir: becomes a loadable adapter dir, with checkpoints/ and logs/ inside. [default: runs/lorakit]"),
+    config: Optional[Path] = typer.Option(None, help="YAML/TOML/JSON file of options (flag names, '-' or '_'); flags given here win."),
+    method: Optional[str] = typer.Option(None, help="Fine-tuning method. [default: lora]"),
+    targets: Optional[str] = typer.Option(None, help="Modules to adapt: comma list (q,v / query,value), a regex, or all-linear. [default: the architecture's Wq,Wv]"),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="LoRA rank r. [default: 8]"),
+    alpha: Optional[float] = typer.Option(None, help="LoRA alpha; the update is scaled by alpha/r. [default: 16]"),
+    dropout: Optional[float] = typer.Option(None, help="Dropout on the adapter input. [default: 0]"),
+    rslora: Optional[bool] = typer.Option(None, "--rslora", help="Scale by alpha/sqrt(r) (rank-stabilised LoRA)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate. [default: 1e-3]"),
+    lora_plus_ratio: Optional[float] = typer.Option(None, help="LoRA+: B's learning rate = lr x this (16 in the LoRA+ paper). [default: 1]"),
+    epochs: Optional[int] = typer.Option(None, help="Passes over the training data. [default: 1]"),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (overrides --epochs)."),
+    batch_size: Optional[int] = typer.Option(None, help="Examples per micro-batch. [default: 16]"),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step. [default: 1]"),
+    max_length: Optional[int] = typer.Option(None, help="Truncate sequences to this many tokens (counted in the log). [default: 128]"),
+    warmup_ratio: Optional[float] = typer.Option(None, help="Fraction of steps for linear warmup. [default: 0.06]"),
+    scheduler: Optional[str] = typer.Option(None, help="linear | cosine | constant. [default: linear]"),
+    bf16: Optional[bool] = typer.Option(None, "--bf16", help="bfloat16 autocast (fast on CPUs with AVX512-BF16/AMX)."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing", help="Recompute activations in backward to save memory."),
+    eval_every: Optional[int] = typer.Option(None, help="Evaluate (and checkpoint) every N steps. [default: only at the end]"),
+    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
+    eval_generate: Optional[int] = typer.Option(None, help="Generation tasks: BLEU/ROUGE-L on this many eval inputs at the end."),
+    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the newest checkpoint in --output."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (data order, init, dropout). [default: 0]"),
+    max_train_examples: Optional[int] = typer.Option(None, help="Train on a seeded random subset of this size."),
+    max_eval_examples: Optional[int] = typer.Option(None, help="Evaluate on a seeded random subset of this size."),
+    text_field: Optional[str] = typer.Option(None, help="Column holding the text / tokens / prompt / source."),
+    label_field: Optional[str] = typer.Option(None, help="Column holding the label / tags / response / target."),
+    pair_field: Optional[str] = typer.Option(None, help="Column holding the second text of a pair."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Fine-tune a model with LoRA on a data set; --output becomes the adapter dir.
+
+    Example: lorakit train --model minilm --task classification --data train.tsv --eval-data dev.tsv --output runs/sst2
+    """
+    from .train import TrainConfig
+    from .train.callbacks import default_callbacks
+    from .train.api import LOGS, train as run
+
+    flags = {k: v for k, v in locals().items() if k not in ("config", "quiet", "rslora") and v is not None}
+    if rslora is not None:
+        flags["use_rslora"] = rslora
+    options = {**_read_config(config), **flags}
+    cfg = TrainConfig(**options)
+    result = run(cfg, callbacks=default_callbacks(Path(cfg.output) / LOGS, progress=not quiet))
+    _print_summary(result.summary, cfg)
+    if result.summary["interrupted"]:
+        console.print(f"[yellow]interrupted at step {result.summary['steps']}; a checkpoint was saved. "
+                      f"Continue with: lorakit train ... --output {cfg.output} --resume[/]")
+        raise typer.Exit(130)
+
+
+def _read_config(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    from .train.config import read_config_file
+    return read_config_file(path)
+
+
+def _print_summary(summary: dict[str, Any], cfg) -> None:
+    before, after = summary.get("baseline_eval") or {}, summary.get("final_eval") or {}
+    if after:
+        table = Table(title="held-out scores", show_edge=False)
+        for col in ("metric", "before", "after"):
+            table.add_column(col, justify="right" if col != "metric" else "left")
+        for key, value in after.items():
+            table.add_row(key, _fmt(before.get(key)), _fmt(value))
+        out.print(table)
+    out.print(f"steps: {summary['steps']}  time: {summary['train_runtime_s']:.0f}s  "
+              f"tokens/s: {summary['tokens_per_s']:.0f}  truncated: {summary['truncated']}")
+    out.print(f"adapter: {summary['adapter_dir']}")
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+# -- eval / predict / generate -------------------------------------------------------------
+@app.command("eval")
+def eval_(
+    adapter: Path = typer.Option(..., help="Adapter dir (from lorakit train, or PEFT's save_pretrained)."),
+    data: str = typer.Option(..., help="Data to score, in any format train reads."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP + " [default: the one the adapter records]"),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object on stdout."),
+    generate: int = typer.Option(0, help="Generation tasks: also BLEU/ROUGE-L on this many inputs."),
+    batch_size: int = typer.Option(32, help="Examples per batch."),
+    max_new_tokens: int = typer.Option(64, help="Generation length limit."),
+    task: Optional[str] = typer.Option(None, help="Override the task recorded with the adapter."),
+) -> None:
+    """Score an adapter on a data file (accuracy/F1, entity F1, loss/perplexity, BLEU/ROUGE-L)."""
+    from .train.api import evaluate, load_trained
+    trained = load_trained(model, adapter, task=task)
+    scores = evaluate(trained, data, generate=generate, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    if as_json:
+        print(json.dumps(scores))
+        return
+    for key, value in scores.items():
+        out.print(f"{key}: {_fmt(value)}")
+
+
+@app.command()
+def predict(
+    adapter: Path = typer.Option(..., help="Adapter dir."),
+    data: str = typer.Option(..., help="Inputs, in any format train reads (labels not needed)."),
+    output: Path = typer.Option(..., help="Where to write predictions (JSONL: the input fields plus 'prediction')."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    batch_size: int = typer.Option(16, help="Examples per batch."),
+    max_new_tokens: int = typer.Option(64, help="Generation length limit."),
+) -> None:
+    """Predict labels, tags or text for every input of a file."""
+    from ._fs import atomic_write_text
+    from .train.api import load_trained, read_examples, _config_for
+    trained = load_trained(model, adapter)
+    examples = read_examples(data, _config_for(trained, data, None), None, "input data")
+    kwargs = {"max_new_tokens": max_new_tokens} if trained.task.name in ("causal-lm", "seq2seq") else {}
+    preds = trained.task.predict(trained.model, examples, batch_size=batch_size, **kwargs)
+    lines = [json.dumps({**e, "prediction": p}) for e, p in zip(examples, preds)]
+    atomic_write_text(output, "\n".join(lines) + "\n")
+    console.print(f"wrote {len(lines)} predictions to {output}")
+
+
+@app.command()
+def generate(
+    prompt: list[str] = typer.Option(..., help="A prompt; repeat for several (one batch)."),
+    adapter: list[Path] = typer.Option([], help="Adapter dir; repeat to give one adapter per prompt (mixed batch)."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    max_new_tokens: int = typer.Option(64, help="Generation length limit."),
+) -> None:
+    """Generate text; with several --adapter, prompt i uses adapter i, all in one batch."""
+    from .train.api import load_trained
+    if not adapter:
+        raise ValueError("give at least one --adapter (the base alone: use transformers directly)")
+    if len(adapter) > 1 and len(adapter) != len(prompt):
+        raise ValueError(f"{len(adapter)} adapters for {len(prompt)} prompts: give one --adapter per --prompt, or one for all")
+    trained = load_trained(model, adapter)
+    names = None
+    if len(adapter) > 1:
+        from .lora import adapter_names
+        names = adapter_names(trained.model)
+    texts = trained.task.generate(trained.model, prompt, batch_size=len(prompt), max_new_tokens=max_new_tokens,
+                                  adapter_names=names)
+    for p, t in zip(prompt, texts):
+        out.print(f"[bold]{p}[/]\n{t}\n")
+
+
+# -- merge / inspect / combine -------------------------------------------------------------
+@app.command()
+def merge(
+    adapter: Path = typer.Option(..., help="Adapter dir."),
+    output: Path = typer.Option(..., help="Where to write the merged model (a plain transformers model dir)."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+) -> None:
+    """Merge an adapter into its base: a plain transformers model dir, no lorakit needed to load it."""
+    from .lora import merge_and_unload
+    from .train.api import load_trained
+    trained = load_trained(model, adapter)    # refuses NaN/inf weights: no broken merge
+    plain = merge_and_unload(trained.model)
+    tmp = output.with_name(f".{output.name}.tmp")
+    plain.save_pretrained(tmp)
+    trained.tokenizer.save_pretrained(tmp)
+    _replace_dir(tmp, output)
+    console.print(f"merged model written to {output}")
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Swap a finished directory into place; the old one is removed only after."""
+    import shutil
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@app.command()
+def inspect(adapter: Path = typer.Argument(..., help="Adapter dir.")) -> None:
+    """Describe an adapter dir: base, targets, rank, parameters, size on disk, PEFT compatibility."""
+    from .inspect_adapter import describe
+    info = describe(adapter)
+    table = Table(show_header=False, show_edge=False)
+    for key, value in info.items():
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+@app.command()
+def combine(
+    adapter: list[Path] = typer.Option(..., help="Adapter dir; repeat for each input."),
+    weight: list[float] = typer.Option(..., help="Weight of each adapter, in order."),
+    output: Path = typer.Option(..., help="Where to write the combined adapter."),
+    combination: str = typer.Option("cat", help="cat (exact, ranks add up) or svd (truncated to --rank)."),
+    rank: Optional[int] = typer.Option(None, help="svd: the rank to keep [default: the largest input rank]."),
+) -> None:
+    """Weighted combination of adapters (sum of w_i * delta W_i) into a new adapter."""
+    from .lora import combine_adapters
+    combine_adapters(adapter, weight, output, combination, rank)
+    console.print(f"combined adapter written to {output}")
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("runs/demo"), help="Where the demo adapter goes."),
+    steps: int = typer.Option(375, help="Optimizer steps (375 = 3 epochs of the 2,000 training rows)."),
+) -> None:
+    """The built-in default job: LoRA-fine-tune MiniLM on the shipped demo task, offline."""
+    from .demo import run_demo
+    run_demo(output, steps)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except (ValueError, KeyError, FileNotFoundError, NotADirectoryError, PermissionError, RuntimeError) as e:
+        if os.environ.get("LORAKIT_DEBUG"):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        console.print(f"[red]error:[/] {message}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""What an adapter directory holds, without loading any model (`lorakit inspect`)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from .lora.config import CONFIG_NAME, LoraConfig
+from .lora.io import PREFIX, WEIGHTS_NAME, read_adapter_weights
+
+# Every key PEFT writes for a LoRA adapter ends in one of these, or is a saved module's own
+# parameter (modules_to_save) or a bias.
+_PEFT_LORA_KEY = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    config = LoraConfig.from_pretrained(path)
+    state = read_adapter_weights(path)
+    lora_keys = [k for k in state if _PEFT_LORA_KEY.search(k)]
+    modules = sorted({_PEFT_LORA_KEY.sub("", k)[len(PREFIX):] for k in lora_keys})
+    ranks = sorted({state[k].shape[0] for k in lora_keys if "_A" in k})
+    task = path / "lorakit_task.json"
+    info: dict[str, Any] = {
+        "base model": config.base_model_name_or_path or "(not recorded)",
+        "task": json.loads(task.read_text()).get("task") if task.is_file() else (config.task_type or "(not recorded)"),
+        "targets": config.target_modules if isinstance(config.target_modules, str) else ", ".join(config.target_modules or []),
+        "adapted modules": len(modules),
+        "rank": ", ".join(map(str, ranks)) + (f" (pattern: {len(config.rank_pattern)} modules)" if config.rank_pattern else ""),
+        "alpha": config.lora_alpha,
+        "use_rslora": config.use_rslora,
+        "LoRA parameters": f"{sum(state[k].numel() for k in lora_keys):,}",
+        "other saved parameters": f"{sum(v.numel() for k, v in state.items() if k not in set(lora_keys)):,}"
+                                  + (f" (modules_to_save: {', '.join(config.modules_to_save)})" if config.modules_to_save else ""),
+        "dtype": ", ".join(sorted({str(v.dtype).replace('torch.', '') for v in state.values()})),
+        "size on disk": _size(sum(f.stat().st_size for f in path.iterdir() if f.is_file())),
+        "PEFT compatible": _peft_compatible(path, state),
+    }
+    return info
+
+
+def _peft_compatible(path: Path, state: dict) -> str:
+    problems = [k for k in state if not k.startswith(PREFIX)]
+    if problems:
+        return f"no: keys without PEFT's '{PREFIX}' prefix, e.g. {problems[0]}"
+    if not (path / WEIGHTS_NAME).is_file():
+        return f"no: PEFT expects {WEIGHTS_NAME}"
+    try:
+        import peft
+    except ImportError:
+        return "yes (PEFT key names and config; PEFT itself not installed to double-check)"
+    try:
+        peft.LoraConfig.from_pretrained(str(path))
+    except Exception as e:   # whatever PEFT objects to is the answer
+        return f"no: PEFT rejects {CONFIG_NAME}: {e}"
+    return f"yes (checked with PEFT {peft.__version__})"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"

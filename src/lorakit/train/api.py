@@ -1,0 +1,169 @@
+"""The main job from Python: train an adapter on a data set, then evaluate, predict, generate.
+
+    from lorakit.train import TrainConfig, train
+    result = train(TrainConfig(model="minilm", task="classification", data="train.jsonl",
+                               eval_data="dev.jsonl", output="runs/sst2"))
+
+An output directory is a loadable adapter directory (PEFT format, the best adapter by the
+eval metric, else the last) plus `lorakit_task.json` (task, labels, base model), and
+`checkpoints/` and `logs/` subfolders.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from .. import lora
+from .._fs import atomic_write_json
+from ..models import load_model, load_tokenizer
+from .config import TrainConfig
+from .data import DataError, build_label_map, read_records, resolve_fields, to_examples
+from .state import BaseCallback
+from .tasks import Task, make_task
+from .trainer import Trainer, TrainResult
+
+TASK_FILE = "lorakit_task.json"
+LOGS = "logs"
+# PEFT's task_type, for adapters that PEFT trained (no lorakit_task.json beside them).
+_PEFT_TASKS = {"SEQ_CLS": "classification", "TOKEN_CLS": "ner", "CAUSAL_LM": "causal-lm", "SEQ_2_SEQ_LM": "seq2seq"}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def read_examples(path: str, config: TrainConfig, limit: int | None, what: str) -> list[dict]:
+    """Records from a file or dataset, turned into the task's examples (optionally a
+    seeded random subset of `limit`)."""
+    records = read_records(path)
+    fields = resolve_fields(records, config.task, text_field=config.text_field, pair_field=config.pair_field,
+                            label_field=config.label_field, source=f"{what} {path}")
+    examples = to_examples(records, fields, source=f"{what} {path}")
+    if not examples:
+        raise DataError(f"{what} {path} is empty")
+    if limit and limit < len(examples):
+        examples = random.Random(0).sample(examples, limit)
+    return examples
+
+
+def build_model(config: TrainConfig, labels: Sequence[str]) -> tuple[nn.Module, Any, list[str]]:
+    """Tokenizer, pretrained model with the task's head, and the names of new head modules."""
+    tokenizer = load_tokenizer(config.model)
+    loaded = load_model(config.model, config.task, label_names=list(labels) or None)
+    return loaded.model, tokenizer, loaded.new_modules
+
+
+def lora_config(config: TrainConfig, new_modules: Sequence[str]) -> lora.LoraConfig:
+    return lora.LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=config.targets,
+                           lora_dropout=config.dropout, use_rslora=config.use_rslora,
+                           init_lora_weights=True if config.init == "kaiming" else "gaussian",
+                           modules_to_save=list(new_modules) or None, base_model_name_or_path=config.model)
+
+
+def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) -> TrainResult:
+    """Fine-tune `config.model` with LoRA on `config.data`; see the module docstring."""
+    seed_everything(config.seed)
+    train_examples = read_examples(config.data, config, config.max_train_examples, "training data")
+    eval_examples = read_examples(config.eval_data, config, config.max_eval_examples, "eval data") if config.eval_data else []
+    labels = build_label_map(train_examples, eval_examples, eval_source=f"eval data {config.eval_data}") \
+        if config.task in ("classification", "ner") else []
+    model, tokenizer, new_modules = build_model(config, labels)
+    seed_everything(config.seed)    # adapter init does not depend on how loading used the RNG
+    if config.method != "lora":
+        raise ValueError(f"unknown method {config.method!r}; available: lora")
+    lora.inject(model, lora_config(config, new_modules))
+    task = make_task(config.task, tokenizer, config.max_length, labels)
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    write_task_file(output, config, labels)
+    if callbacks is None:
+        from .callbacks import default_callbacks
+        callbacks = default_callbacks(output / LOGS)
+    count = lora.count_parameters(model)
+    info = {"model": config.model, "task": config.task, "method": config.method,
+            "trainable_params": count.trainable, "total_params": count.total,
+            "trainable_percent": count.trainable_percent}
+    trainer = Trainer(model, task, train_examples, eval_examples, config,
+                      save_adapter=lambda m, path: lora.save_adapter(m, path), callbacks=callbacks, info=info)
+    return trainer.train()
+
+
+def write_task_file(output: Path, config: TrainConfig, labels: Sequence[str]) -> None:
+    atomic_write_json(output / TASK_FILE, {"task": config.task, "labels": list(labels), "model": config.model,
+                                          "max_length": config.max_length, "text_field": config.text_field,
+                                          "pair_field": config.pair_field, "label_field": config.label_field})
+
+
+# -- using a trained adapter -----------------------------------------------------------------
+@dataclass
+class Trained:
+    """A base model with an adapter loaded, ready for evaluate / predict / generate."""
+    model: nn.Module
+    tokenizer: Any
+    task: Task
+    info: dict[str, Any]
+
+
+def task_info(adapter_dir: str | Path) -> dict[str, Any]:
+    """What an adapter directory was trained for: lorakit's task file, else PEFT's task_type."""
+    adapter_dir = Path(adapter_dir)
+    file = adapter_dir / TASK_FILE
+    if file.is_file():
+        return json.loads(file.read_text())
+    config = lora.LoraConfig.from_pretrained(adapter_dir)
+    task = _PEFT_TASKS.get(config.task_type or "")
+    if task is None:
+        raise ValueError(f"{adapter_dir} has no {TASK_FILE} and no known PEFT task_type; pass --task")
+    return {"task": task, "labels": [], "model": config.base_model_name_or_path, "max_length": 256}
+
+
+def load_trained(model: str | None, adapter_dirs: str | Path | Sequence[str | Path], task: str | None = None,
+                 max_length: int | None = None) -> Trained:
+    """Load the base model once and every adapter in `adapter_dirs` (named by their folder),
+    the first one active."""
+    dirs = [Path(adapter_dirs)] if isinstance(adapter_dirs, (str, Path)) else [Path(d) for d in adapter_dirs]
+    info = task_info(dirs[0])
+    info["task"] = task or info["task"]
+    model_name = model or info.get("model")
+    if not model_name:
+        raise ValueError(f"no base model recorded in {dirs[0]}; pass --model")
+    labels = info.get("labels") or []
+    base = load_model(model_name, info["task"], label_names=labels or None).model
+    tokenizer = load_tokenizer(model_name)
+    for i, d in enumerate(dirs):
+        lora.load_adapter(base, d, adapter_name="default" if len(dirs) == 1 else _adapter_name(d, i))
+    base.eval()
+    return Trained(base, tokenizer, make_task(info["task"], tokenizer, max_length or info.get("max_length", 256), labels), info)
+
+
+def _adapter_name(path: Path, index: int) -> str:
+    name = "".join(c if c.isalnum() or c in "_-" else "_" for c in path.resolve().name)
+    return name or f"adapter{index}"
+
+
+def evaluate(trained: Trained, data: str, generate: int = 0, batch_size: int = 32, max_new_tokens: int = 64,
+             fields: dict[str, str | None] | None = None) -> dict[str, float]:
+    """Score the loaded adapter on a data file (metrics in percent; loss/perplexity raw)."""
+    config = _config_for(trained, data, fields)
+    examples = read_examples(data, config, None, "eval data")
+    if trained.task.labels:
+        unseen = {e.get("label") for e in examples if "label" in e} - set(trained.task.labels)
+        if unseen:
+            raise DataError(f"eval data {data} has label(s) {sorted(unseen)} the adapter was not trained on "
+                            f"(it knows {trained.task.labels})")
+    with torch.no_grad():
+        return trained.task.evaluate(trained.model, examples, batch_size=batch_size, generate=generate,
+                                     max_new_tokens=max_new_tokens)
+
+
+def _config_for(trained: Trained, data: str, fields: dict[str, str | None] | None) -> TrainConfig:
+    fields = {k: v for k, v in (fields or {}).items() if v is not None}
+    known = {k: trained.info.get(k) for k in ("text_field", "pair_field", "label_field")}
+    return TrainConfig(model="-", task=trained.task.name, data=data, **{**known, **fields})

@@ -1,0 +1,139 @@
+"""`TrainConfig`: every option of a training run, with sensible defaults, validated up front
+(before any model is loaded) with messages that name the field, the value and the fix."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+TASKS = ("classification", "ner", "causal-lm", "seq2seq")
+SCHEDULERS = ("linear", "cosine", "constant")
+
+
+class TrainConfigError(ValueError):
+    """A training option is invalid."""
+
+
+@dataclass
+class TrainConfig:
+    # what
+    model: str = "minilm"
+    task: str = "classification"
+    data: str = ""
+    eval_data: str | None = None
+    output: str = "runs/lorakit"
+    method: str = "lora"
+    # LoRA
+    targets: list[str] | str | None = None    # None: the architecture's Wq, Wv
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "kaiming"                     # or "gaussian" (the paper's)
+    # optimisation
+    lr: float = 1e-3
+    lora_plus_ratio: float = 1.0              # LoRA+: B's learning rate = lr * ratio (16 in the paper)
+    head_lr: float | None = None              # new task heads (modules_to_save); default lr
+    weight_decay: float = 0.0
+    epochs: int = 1
+    max_steps: int | None = None              # overrides epochs when set
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_length: int = 128
+    warmup_ratio: float = 0.06
+    scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    # evaluation and checkpoints
+    eval_every: int | None = None             # steps; None: only at the end
+    eval_before: bool = True                  # score the model before training too
+    eval_generate: int = 0                    # generation tasks: BLEU/ROUGE-L on this many inputs
+    max_new_tokens: int = 64
+    eval_batch_size: int = 32
+    save_every: int | None = None             # steps; None: at eval points and the end
+    keep_checkpoints: int = 2
+    resume: bool = False
+    # data
+    text_field: str | None = None
+    pair_field: str | None = None
+    label_field: str | None = None
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    log_every: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)   # method-specific options
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str) and self.targets not in ("all-linear",) and "," in self.targets:
+            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        elif isinstance(self.targets, str) and self.targets not in ("all-linear",) and not _looks_like_regex(self.targets):
+            self.targets = [self.targets]
+        self.validate()
+
+    def validate(self) -> None:
+        _need(self.task in TASKS, "task", self.task, f"one of {', '.join(TASKS)}")
+        _need(bool(self.data), "data", self.data, "a training data file or dataset (--data train.jsonl)")
+        for name in ("rank", "epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size",
+                     "keep_checkpoints", "log_every", "max_new_tokens"):
+            value = getattr(self, name)
+            _need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value, "a positive integer")
+        for name in ("max_steps", "eval_every", "save_every", "max_train_examples", "max_eval_examples"):
+            value = getattr(self, name)
+            _need(value is None or (isinstance(value, int) and value > 0), name, value, "a positive integer or unset")
+        _need(self.alpha > 0, "alpha", self.alpha, "a positive number (e.g. twice the rank)")
+        _need(0 <= self.dropout < 1, "dropout", self.dropout, "a probability in [0, 1)")
+        _need(self.lr > 0 and self.lr < 1, "lr", self.lr, "a learning rate in (0, 1), e.g. 1e-3 for LoRA")
+        _need(self.lora_plus_ratio >= 1, "lora_plus_ratio", self.lora_plus_ratio, ">= 1 (1 = plain LoRA, 16 = LoRA+)")
+        _need(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "a fraction in [0, 1)")
+        _need(self.scheduler in SCHEDULERS, "scheduler", self.scheduler, f"one of {', '.join(SCHEDULERS)}")
+        _need(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0 disables clipping)")
+        _need(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _need(self.init in ("kaiming", "gaussian"), "init", self.init, '"kaiming" or "gaussian"')
+        _need(self.eval_generate >= 0, "eval_generate", self.eval_generate, ">= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+        """Options from a YAML or TOML file (keys = option names, '-' or '_'), then `overrides`."""
+        return cls(**{**read_config_file(path), **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise TrainConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text))
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+        raise TrainConfigError(f"config file {path} could not be parsed: {e}") from e
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"config file {path} must hold a mapping of option: value")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise TrainConfigError(f"config file {path}: unknown option(s) {', '.join(unknown)}; "
+                               f"known options: {', '.join(sorted(known))}")
+    return data
+
+
+def _looks_like_regex(text: str) -> bool:
+    return any(c in text for c in "*()[]|\\^$+?")
+
+
+def _need(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise TrainConfigError(f"--{name.replace('_', '-')}={value!r} is invalid: expected {expected}")

@@ -1,0 +1,335 @@
+"""Task specs: how each task turns examples into tensors, and how it is scored.
+
+A `Task` knows four things: `encode` one example into token ids (and labels), `collate` a
+list of encoded examples into a padded batch (dynamic padding: only to the batch's longest),
+`evaluate` a model on examples, and `predict` (what `lorakit predict` writes).
+
+    classification   text (+ pair) -> label             metric: accuracy (also f1)
+    ner              tokens -> BIO tags, first sub-token labelled   metric: entity f1 (seqeval)
+    causal-lm        prompt -> response, loss on the response only  metric: loss (+ BLEU, ROUGE-L)
+    seq2seq          source -> target                   metric: loss (+ BLEU, ROUGE-L)
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import metrics as M
+from .data import group_references
+
+IGNORE = -100   # label id the loss skips (prompt tokens, padding, non-first sub-tokens)
+
+
+@dataclass
+class Encoded:
+    """One example as token ids. `labels` is an int (classification) or a list aligned
+    with (NER, causal-lm) or independent of (seq2seq) `input_ids`."""
+    input_ids: list[int]
+    labels: Any = None
+    token_type_ids: list[int] | None = None
+    word_ids: list[int | None] | None = None     # NER: which word each token came from
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class Task:
+    """Base task: subclasses fill in encode / predictions / scores."""
+    tokenizer: Any
+    max_length: int = 128
+    labels: list[str] = field(default_factory=list)     # classification / NER label names
+    name: str = ""
+    metric: str = "loss"                                 # what picks the best checkpoint
+    greater_is_better: bool = False
+
+    # -- encoding ---------------------------------------------------------------------------
+    def encode(self, example: dict) -> Encoded:
+        raise NotImplementedError
+
+    def encode_all(self, examples: Sequence[dict]) -> list[Encoded]:
+        return [self.encode(e) for e in examples]
+
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def collate(self, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        """Pad to the longest row of this batch (right padding), with an attention mask."""
+        width = max(len(e) for e in batch)
+        out = {"input_ids": _pad([e.input_ids for e in batch], width, self._pad_id()),
+               "attention_mask": _pad([[1] * len(e) for e in batch], width, 0)}
+        if batch[0].token_type_ids is not None:
+            out["token_type_ids"] = _pad([e.token_type_ids for e in batch], width, 0)
+        if batch[0].labels is not None:
+            out["labels"] = self._collate_labels(batch, width)
+        return out
+
+    def _collate_labels(self, batch: Sequence[Encoded], width: int) -> torch.Tensor:
+        return _pad([e.labels for e in batch], width, IGNORE)
+
+    # -- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def eval_loss(self, model: nn.Module, encoded: Sequence[Encoded], batch_size: int) -> float:
+        """Mean loss over the examples (weighted by each batch's size)."""
+        total, count = 0.0, 0
+        for batch in _batches(encoded, batch_size):
+            out = model(**self.collate(batch))
+            total += out.loss.item() * len(batch)
+            count += len(batch)
+        return total / max(count, 1)
+
+    def evaluate(self, model: nn.Module, examples: Sequence[dict], batch_size: int = 32,
+                 **kwargs) -> dict[str, float]:
+        raise NotImplementedError
+
+
+# -- classification ------------------------------------------------------------------------
+class Classification(Task):
+    def __init__(self, tokenizer, max_length: int = 128, labels: Sequence[str] = ()) -> None:
+        super().__init__(tokenizer, max_length, list(labels), "classification", "accuracy", True)
+        self.label_ids = {label: i for i, label in enumerate(self.labels)}
+
+    def encode(self, example: dict) -> Encoded:
+        enc = self.tokenizer(example["text"], example.get("text_pair"), truncation=False)
+        truncated = len(enc["input_ids"]) > self.max_length
+        if truncated:
+            enc = self.tokenizer(example["text"], example.get("text_pair"), truncation=True, max_length=self.max_length)
+        label = self.label_ids[example["label"]] if "label" in example else None
+        return Encoded(enc["input_ids"], label, enc.get("token_type_ids"), truncated=truncated)
+
+    def _collate_labels(self, batch, width):
+        return torch.tensor([e.labels for e in batch])
+
+    @torch.no_grad()
+    def predict_ids(self, model: nn.Module, encoded: Sequence[Encoded], batch_size: int) -> list[int]:
+        preds = []
+        for batch in _batches(encoded, batch_size):
+            inputs = self.collate(batch)
+            inputs.pop("labels", None)
+            preds += model(**inputs).logits.argmax(-1).tolist()
+        return preds
+
+    def predict(self, model, examples, batch_size: int = 32) -> list[str]:
+        return [self.labels[i] for i in self.predict_ids(model, self.encode_all(examples), batch_size)]
+
+    def evaluate(self, model, examples, batch_size: int = 32, **kwargs) -> dict[str, float]:
+        encoded = self.encode_all(examples)
+        preds = [self.labels[i] for i in self.predict_ids(model, encoded, batch_size)]
+        scores = M.classification_scores(preds, [e["label"] for e in examples], self.labels)
+        return {"loss": self.eval_loss(model, encoded, batch_size), **scores}
+
+
+# -- token classification (NER) ------------------------------------------------------------
+class TokenClassification(Task):
+    """Words are split into sub-tokens; the first sub-token of each word carries the word's
+    tag, the others (and special tokens) are ignored by the loss (the usual BERT recipe)."""
+
+    def __init__(self, tokenizer, max_length: int = 128, labels: Sequence[str] = ()) -> None:
+        super().__init__(tokenizer, max_length, list(labels), "ner", "f1", True)
+        self.label_ids = {label: i for i, label in enumerate(self.labels)}
+
+    def encode(self, example: dict) -> Encoded:
+        enc = self.tokenizer(example["tokens"], is_split_into_words=True, truncation=True,
+                             max_length=self.max_length)
+        word_ids = enc.word_ids()
+        tags = example.get("tags")
+        labels, previous = [], None
+        for w in word_ids:
+            first = w is not None and w != previous
+            labels.append(self.label_ids[tags[w]] if first and tags is not None else IGNORE)
+            previous = w
+        kept = {w for w in word_ids if w is not None}
+        return Encoded(enc["input_ids"], labels if tags is not None else None, enc.get("token_type_ids"),
+                       word_ids=word_ids, truncated=len(kept) < len(example["tokens"]))
+
+    @torch.no_grad()
+    def predict_tags(self, model, examples, encoded, batch_size: int) -> list[list[str]]:
+        out: list[list[str]] = []
+        for start in range(0, len(encoded), batch_size):
+            batch = encoded[start:start + batch_size]
+            inputs = self.collate(batch)
+            inputs.pop("labels", None)
+            ids = model(**inputs).logits.argmax(-1).tolist()
+            for row, enc, ex in zip(ids, batch, examples[start:start + batch_size]):
+                tags = ["O"] * len(ex["tokens"])             # words cut by truncation stay "O"
+                previous = None
+                for pos, w in enumerate(enc.word_ids):
+                    if w is not None and w != previous:
+                        tags[w] = self.labels[row[pos]]
+                    previous = w
+                out.append(tags)
+        return out
+
+    def predict(self, model, examples, batch_size: int = 32) -> list[list[str]]:
+        return self.predict_tags(model, examples, self.encode_all(examples), batch_size)
+
+    def evaluate(self, model, examples, batch_size: int = 32, **kwargs) -> dict[str, float]:
+        encoded = self.encode_all(examples)
+        preds = self.predict_tags(model, examples, encoded, batch_size)
+        scores = M.ner_scores(preds, [e["tags"] for e in examples])
+        return {"loss": self.eval_loss(model, encoded, batch_size), **scores}
+
+
+# -- generation tasks ----------------------------------------------------------------------
+class _Generative(Task):
+    max_new_tokens: int = 64
+
+    def evaluate(self, model, examples, batch_size: int = 32, generate: int = 0,
+                 max_new_tokens: int = 64, **kwargs) -> dict[str, float]:
+        """Loss and perplexity on every example; with `generate` > 0, also corpus BLEU and
+        ROUGE-L of greedy outputs for that many distinct inputs, against all their references."""
+        loss = self.eval_loss(model, self.encode_all(examples), batch_size)
+        scores = {"loss": loss, "perplexity": M.perplexity(loss)}
+        if generate > 0:
+            refs = group_references(examples, *self._ref_keys())
+            sources = list(refs)[:generate]
+            hyps = self.generate(model, sources, batch_size=batch_size, max_new_tokens=max_new_tokens)
+            scores["bleu"] = M.bleu(hyps, [refs[s] for s in sources])
+            scores["rougeL"] = M.rouge_l(hyps, [refs[s] for s in sources])
+        return scores
+
+    def _ref_keys(self) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def predict(self, model, examples, batch_size: int = 16, max_new_tokens: int = 64) -> list[str]:
+        key = self._ref_keys()[0]
+        return self.generate(model, [e[key] for e in examples], batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+    def generate(self, model, prompts: Sequence[str], batch_size: int = 16, max_new_tokens: int = 64,
+                 adapter_names: Sequence[str | None] | None = None) -> list[str]:
+        raise NotImplementedError
+
+
+class CausalLM(_Generative):
+    """Instruction tuning: the prompt goes through the model's chat template where it has
+    one; the loss covers only the response tokens (and the end-of-sequence token)."""
+
+    def __init__(self, tokenizer, max_length: int = 256, labels: Sequence[str] = ()) -> None:
+        super().__init__(tokenizer, max_length, [], "causal-lm", "loss", False)
+
+    def _ref_keys(self):
+        return "prompt", "response"
+
+    def prompt_text(self, prompt: str) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                      tokenize=False, add_generation_prompt=True)
+        return f"{prompt}\n" if prompt else ""
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _eos(self) -> list[int]:
+        return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+
+    def encode(self, example: dict) -> Encoded:
+        if "messages" in example:
+            return self._encode_chat(example["messages"])
+        prompt = self._ids(self.prompt_text(example["prompt"]))
+        response = self._ids(example["response"]) + self._eos()
+        return self._truncate(prompt + response, [IGNORE] * len(prompt) + response)
+
+    def _encode_chat(self, messages: list[dict]) -> Encoded:
+        """Every assistant turn is supervised; each turn's tokens are the difference between
+        the templated conversation up to and including it and the one before it."""
+        ids, labels, done = [], [], ""
+        for i, message in enumerate(messages):
+            text = self.tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+            if message["role"] == "assistant":
+                head = self.tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+                prompt_part = self._ids(head[len(done):])
+                answer = self._ids(text[len(head):])
+                ids += prompt_part + answer
+                labels += [IGNORE] * len(prompt_part) + answer
+            else:
+                part = self._ids(text[len(done):])
+                ids += part
+                labels += [IGNORE] * len(part)
+            done = text
+        return self._truncate(ids, labels)
+
+    def _truncate(self, ids: list[int], labels: list[int]) -> Encoded:
+        truncated = len(ids) > self.max_length
+        return Encoded(ids[:self.max_length], labels[:self.max_length], truncated=truncated)
+
+    @torch.no_grad()
+    def generate(self, model, prompts, batch_size: int = 16, max_new_tokens: int = 64,
+                 adapter_names=None) -> list[str]:
+        """Greedy decoding, left-padded batches; `adapter_names` gives one adapter per prompt
+        (mixed batch) when set."""
+        from ..lora import mixed_batch
+        tok = self.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"
+        outputs: list[str] = []
+        try:
+            for start in range(0, len(prompts), batch_size):
+                chunk = [self.prompt_text(p) for p in prompts[start:start + batch_size]]
+                enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+                names = adapter_names[start:start + batch_size] if adapter_names is not None else None
+                ctx = mixed_batch(model, names) if names is not None else nullcontext()
+                with ctx:
+                    gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=tok.pad_token_id)
+                new = gen[:, enc["input_ids"].shape[1]:]
+                outputs += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+        finally:
+            tok.padding_side = side
+        return outputs
+
+
+class Seq2Seq(_Generative):
+    def __init__(self, tokenizer, max_length: int = 256, labels: Sequence[str] = ()) -> None:
+        super().__init__(tokenizer, max_length, [], "seq2seq", "loss", False)
+
+    def _ref_keys(self):
+        return "source", "target"
+
+    def encode(self, example: dict) -> Encoded:
+        source = self.tokenizer(example["source"], truncation=False)["input_ids"]
+        target = self.tokenizer(text_target=example["target"], truncation=True, max_length=self.max_length)["input_ids"] \
+            if "target" in example else None
+        truncated = len(source) > self.max_length
+        return Encoded(source[:self.max_length - 1] + source[-1:] if truncated else source, target, truncated=truncated)
+
+    def _collate_labels(self, batch, width):
+        return _pad([e.labels for e in batch], max(len(e.labels) for e in batch), IGNORE)
+
+    @torch.no_grad()
+    def generate(self, model, prompts, batch_size: int = 16, max_new_tokens: int = 64,
+                 adapter_names=None) -> list[str]:
+        from ..lora import mixed_batch
+        outputs: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            enc = self.tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True,
+                                 truncation=True, max_length=self.max_length)
+            names = adapter_names[start:start + batch_size] if adapter_names is not None else None
+            with (mixed_batch(model, names) if names is not None else nullcontext()):
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+            outputs += [t.strip() for t in self.tokenizer.batch_decode(gen, skip_special_tokens=True)]
+        return outputs
+
+
+TASK_CLASSES: dict[str, type[Task]] = {
+    "classification": Classification, "ner": TokenClassification, "causal-lm": CausalLM, "seq2seq": Seq2Seq,
+}
+
+
+def make_task(name: str, tokenizer, max_length: int, labels: Sequence[str] = ()) -> Task:
+    if name not in TASK_CLASSES:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASK_CLASSES)}")
+    return TASK_CLASSES[name](tokenizer, max_length, labels)
+
+
+# -- helpers -------------------------------------------------------------------------------
+def _pad(rows: Iterable[list[int]], width: int, value: int) -> torch.Tensor:
+    return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
+
+
+def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

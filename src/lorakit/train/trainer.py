@@ -1,0 +1,297 @@
+"""The training loop: AdamW (+ LoRA+), warmup and decay, accumulation, clipping, bf16
+autocast, evaluation with best-adapter keeping, atomic checkpoints and exact resume.
+
+Resume is exact because a checkpoint holds everything the next step depends on: the
+trainable parameters, the optimizer and scheduler, the data position (epoch, micro-batch),
+and the RNG states captured at that optimizer-step boundary. Batches are a pure function of
+(seed, epoch), so the resumed run sees the same batches in the same order.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .._fs import atomic_write_json
+from ..lora.inject import lora_layers, saved_modules
+from .config import TrainConfig
+from .data import length_grouped_batches
+from .state import BaseCallback, TrainState
+from .tasks import IGNORE, Encoded, Task
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    summary: dict[str, Any]
+
+
+class Trainer:
+    """Trains the parameters of `model` that require grad on `task`.
+
+    `save_adapter(model, directory)` writes the user-facing adapter (PEFT format for LoRA);
+    the best one by the task's metric (else the last) ends up in `output_dir`, checkpoints in
+    `output_dir/checkpoints`. Callbacks receive progress; the trainer itself prints nothing."""
+
+    def __init__(self, model: nn.Module, task: Task, train_examples: Sequence[dict],
+                 eval_examples: Sequence[dict] | None, config: TrainConfig,
+                 save_adapter: Callable[[nn.Module, Path], Any],
+                 callbacks: Sequence[BaseCallback] = (), info: dict[str, Any] | None = None) -> None:
+        self.model, self.task, self.config = model, task, config
+        self.output = Path(config.output)
+        self.save_adapter = save_adapter
+        self.callbacks = list(callbacks)
+        self.info = info or {}
+        self.train_encoded = task.encode_all(train_examples)
+        if not self.train_encoded:
+            raise ValueError("the training data is empty")
+        self.eval_examples = list(eval_examples or [])
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError("no parameter requires grad: inject an adapter (or choose a method) first")
+        self.state = TrainState(metric_name=task.metric, greater_is_better=task.greater_is_better,
+                                truncated=sum(e.truncated for e in self.train_encoded))
+        self.state.max_steps = config.max_steps or config.epochs * math.ceil(len(self._epoch_batches(0)) / config.grad_accum)
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self._rng = _capture_rng()
+        if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # -- setup ------------------------------------------------------------------------------
+    def _param_groups(self) -> list[dict]:
+        """LoRA+ gives B a larger learning rate than A; new heads may have their own."""
+        b_ids = {id(p) for _, layer in lora_layers(self.model) for p in layer.lora_B.values()}
+        head_ids = {id(p) for _, w in saved_modules(self.model) for p in w.modules_to_save.parameters()}
+        c = self.config
+        groups: dict[str, list] = {"default": [], "lora_B": [], "head": []}
+        for p in self.params.values():
+            groups["lora_B" if id(p) in b_ids else "head" if id(p) in head_ids else "default"].append(p)
+        lrs = {"default": c.lr, "lora_B": c.lr * c.lora_plus_ratio, "head": c.head_lr or c.lr}
+        return [{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps]
+
+    def _lr_factor(self, step: int) -> float:
+        warmup = int(self.config.warmup_ratio * self.state.max_steps)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if self.config.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, self.state.max_steps - warmup)
+        if self.config.scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1 - progress)
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Micro-batches of similar lengths; a pure function of (seed, epoch)."""
+        lengths = [len(e) for e in self.train_encoded]
+        return length_grouped_batches(lengths, self.config.batch_size, seed=self.config.seed * 1000 + epoch)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        if self.config.resume:
+            self._resume()
+        c, state = self.config, self.state
+        start_step, t0, interrupted = state.step, time.perf_counter(), False
+        self._emit("on_train_begin", state, {**self.info, "max_steps": state.max_steps,
+                                             "train_examples": len(self.train_encoded),
+                                             "eval_examples": len(self.eval_examples),
+                                             "output_dir": str(self.output), "config": c.to_dict()})
+        baseline = self._evaluate(final=True, log=False) if c.eval_before and state.step == 0 and self.eval_examples else None
+        try:
+            while state.step < state.max_steps:
+                batches = self._epoch_batches(state.epoch)
+                while state.batch_in_epoch < len(batches) and state.step < state.max_steps:
+                    micro = batches[state.batch_in_epoch:state.batch_in_epoch + c.grad_accum]
+                    self._optimizer_step(micro)
+                    self._after_step()
+                if state.batch_in_epoch >= len(batches):
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        except KeyboardInterrupt:
+            interrupted = True
+            self._checkpoint()
+        runtime = time.perf_counter() - t0
+        final = None
+        if not interrupted:
+            final = self._evaluate(final=True) if self.eval_examples else None
+            self._checkpoint()
+            if state.best_step is None:   # nothing evaluated: the output holds the last adapter
+                self.save_adapter(self.model, self.output)
+        summary = {"steps": state.step, "interrupted": interrupted, "train_runtime_s": runtime,
+                   "tokens_per_s": (state.tokens_seen - self._tokens_at(start_step)) / max(runtime, 1e-9),
+                   "best_metric": state.best_metric, "best_step": state.best_step, "metric_name": state.metric_name,
+                   "final_eval": final, "baseline_eval": baseline, "adapter_dir": str(self.output),
+                   "truncated": state.truncated,
+                   **{k: v for k, v in self.info.items() if k.startswith(("trainable", "total"))}}
+        self._emit("on_train_end", state, summary)
+        return TrainResult(state, summary)
+
+    def _tokens_at(self, step: int) -> int:
+        return next((r["tokens_seen"] for r in self.state.history if r.get("step") == step and "tokens_seen" in r), 0) if step else 0
+
+    def _optimizer_step(self, micro: list[list[int]]) -> None:
+        """Forward/backward over the micro-batches, weighting each by its share of the step's
+        loss targets (so accumulation equals one big batch), then clip and step."""
+        c, state = self.config, self.state
+        t0 = time.perf_counter()
+        batches = [self.task.collate([self.train_encoded[i] for i in ids]) for ids in micro]
+        counts = [_loss_targets(self.task, b) for b in batches]
+        total = sum(counts)
+        self.model.train()
+        step_loss = 0.0
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if c.bf16 else nullcontext()
+        for batch, count in zip(batches, counts):
+            with autocast:
+                loss = self.model(**batch).loss
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"the loss became {loss.item()} at step {state.step + 1}; stopping. The last good checkpoint is "
+                    f"{self._latest_checkpoint() or 'none (no checkpoint was written yet)'}. Lower --lr, "
+                    "or raise --max-grad-norm clipping, then resume with --resume")
+            (loss * (count / total)).backward()
+            step_loss += loss.item() * count / total
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), c.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - t0
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        state.step += 1
+        state.batch_in_epoch += len(micro)
+        state.examples_seen += sum(len(ids) for ids in micro)
+        state.tokens_seen += tokens
+        self._rng = _capture_rng()   # the step boundary: what a checkpoint here must restore
+        if state.step % c.log_every == 0 or state.step == state.max_steps:
+            record = {"step": state.step, "epoch": state.epoch, "loss": step_loss,
+                      "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                      "tokens_per_s": tokens / max(elapsed, 1e-9),
+                      "examples_per_s": sum(len(ids) for ids in micro) / max(elapsed, 1e-9),
+                      "tokens_seen": state.tokens_seen}
+            state.history.append(record)
+            self._emit("on_log", state, record)
+
+    def _after_step(self) -> None:
+        c, step = self.config, self.state.step
+        evaluated = False
+        if c.eval_every and step % c.eval_every == 0 and step < self.state.max_steps and self.eval_examples:
+            self._evaluate(final=False)
+            evaluated = True
+        save_every = c.save_every or (c.eval_every if evaluated else None)
+        if save_every and step % save_every == 0 and step < self.state.max_steps:
+            self._checkpoint()
+
+    # -- evaluation -------------------------------------------------------------------------
+    def _evaluate(self, final: bool, log: bool = True) -> dict[str, float]:
+        c, state = self.config, self.state
+        self.model.eval()
+        with torch.no_grad():
+            scores = self.task.evaluate(self.model, self.eval_examples, batch_size=c.eval_batch_size,
+                                        generate=c.eval_generate if final else 0, max_new_tokens=c.max_new_tokens)
+        self.model.train()
+        if not log:
+            return scores
+        record = {"step": state.step, **{f"eval_{k}": v for k, v in scores.items()}}
+        state.history.append(record)
+        self._emit("on_evaluate", state, record)
+        value = scores.get(state.metric_name)
+        better = value is not None and (state.best_metric is None or
+                                        (value > state.best_metric if state.greater_is_better else value < state.best_metric))
+        if better:
+            state.best_metric, state.best_step = value, state.step
+            self.save_adapter(self.model, self.output)      # the output dir always holds the best so far
+        return scores
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _checkpoint(self) -> Path:
+        """Write checkpoints/step-N atomically: build it in a temp dir, then rename."""
+        final = self.output / CHECKPOINTS / f"step-{self.state.step:07d}"
+        if final.exists():
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        try:
+            save_file({n: p.detach().contiguous() for n, p in self.params.items()}, str(tmp / "trainable.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "rng": self._rng}, tmp / "training_state.pt")
+            self.save_adapter(self.model, tmp / "adapter")
+            atomic_write_json(tmp / STATE_FILE, self.state.to_dict())
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._prune_checkpoints()
+        self._emit("on_save", self.state, final)
+        return final
+
+    def _checkpoints(self) -> list[Path]:
+        root = self.output / CHECKPOINTS
+        return sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file()) if root.is_dir() else []
+
+    def _latest_checkpoint(self) -> Path | None:
+        found = self._checkpoints()
+        return found[-1] if found else None
+
+    def _prune_checkpoints(self) -> None:
+        for old in self._checkpoints()[:-self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _resume(self) -> None:
+        latest = self._latest_checkpoint()
+        if latest is None:
+            return   # nothing to resume: start fresh
+        params = load_file(str(latest / "trainable.safetensors"))
+        missing = sorted(set(self.params) - set(params))
+        if missing:
+            raise ValueError(f"checkpoint {latest} does not match this model/method (missing {missing[:3]}); "
+                             "resume with the same options, or use a new --output")
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(params[name])
+        blob = torch.load(latest / "training_state.pt", weights_only=True)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.scheduler.load_state_dict(blob["scheduler"])
+        _restore_rng(blob["rng"])
+        self._rng = blob["rng"]
+        self.state = TrainState.from_dict(json.loads((latest / STATE_FILE).read_text()))
+
+    def _emit(self, event: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, event)(*args)
+
+
+def _loss_targets(task: Task, batch: dict[str, torch.Tensor]) -> int:
+    """How many terms the model's mean loss averages over in this batch."""
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return labels.numel()
+    if task.name == "causal-lm":     # the model shifts labels by one position
+        labels = labels[:, 1:]
+    return max(int((labels != IGNORE).sum()), 1)
+
+
+def _capture_rng() -> dict[str, Any]:
+    # Python's state is flattened to a list so torch.load(weights_only=True) can read it back.
+    version, internal, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "python": [version, *internal, gauss]}
+
+
+def _restore_rng(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    flat = rng["python"]
+    random.setstate((flat[0], tuple(flat[1:-1]), flat[-1]))
