@@ -74,11 +74,11 @@ def train(
 
     Example: lorakit train --model minilm --task classification --data train.tsv --eval-data dev.tsv --output runs/sst2
     """
-    from .train import TrainConfig
-    from .train.callbacks import default_callbacks
-    from .train.api import LOGS, train as run
-
     flags = {k: v for k, v in locals().items() if k not in ("config", "quiet", "rslora") and v is not None}
+    from .train import TrainConfig
+    from .train.api import LOGS, train as run
+    from .train.callbacks import default_callbacks
+
     if rslora is not None:
         flags["use_rslora"] = rslora
     options = {**_read_config(config), **flags}

@@ -1,0 +1,143 @@
+"""Every CLI verb on tiny local models, and the one-red-line errors for bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import lorakit
+from lorakit.cli import app
+
+from .train.conftest import MODEL_FOR_TASK, data_files, model_dirs  # noqa: F401  (fixtures)
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def train_args(model_dirs, data_files, task, out, *extra):
+    train_file, dev_file = data_files[task]
+    return ["train", "--model", model_dirs[MODEL_FOR_TASK[task]], "--task", task, "--data", train_file,
+            "--eval-data", dev_file, "--output", out, "--max-steps", "12", "--batch-size", "8", "--lr", "1e-2",
+            "--rank", "4", "--max-length", "32", "--quiet", *extra]
+
+
+@pytest.fixture
+def trained(model_dirs, data_files, tmp_path):
+    out = tmp_path / "cls"
+    result = invoke(*train_args(model_dirs, data_files, "classification", out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_train_prints_scores_and_writes_an_adapter_dir(trained):
+    assert (trained / "adapter_model.safetensors").is_file()
+    assert (trained / "logs" / "metrics.jsonl").is_file() and (trained / "logs" / "report.md").is_file()
+    assert (trained / "logs" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_json(trained, data_files):
+    result = invoke("eval", "--adapter", trained, "--data", data_files["classification"][1], "--json")
+    scores = json.loads(result.stdout)
+    assert set(scores) >= {"accuracy", "f1", "loss"} and 0 <= scores["accuracy"] <= 100
+
+
+def test_predict_writes_one_prediction_per_input(trained, data_files, tmp_path):
+    out = tmp_path / "preds.jsonl"
+    invoke("predict", "--adapter", trained, "--data", data_files["classification"][1], "--output", out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 24 and {r["prediction"] for r in rows} <= {"neg", "pos"}
+
+
+def test_inspect(trained):
+    result = invoke("inspect", trained)
+    assert "rank" in result.stdout and "PEFT compatible" in result.stdout and "yes" in result.stdout
+    assert "classification" in result.stdout
+
+
+def test_merge_writes_a_plain_model(trained, tmp_path, data_files):
+    import transformers
+    out = tmp_path / "merged"
+    invoke("merge", "--adapter", trained, "--output", out)
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(out)
+    assert not any("lora" in k for k in merged.state_dict())
+    # Same predictions as the adapter on top of the base.
+    from lorakit.train.api import load_trained
+    ref = load_trained(None, trained)
+    enc = ref.tokenizer(["the film was very good", "the food was very awful"], return_tensors="pt", padding=True)
+    import torch
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(**enc).logits, ref.model(**enc).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_combine(trained, tmp_path):
+    out = tmp_path / "combined"
+    invoke("combine", "--adapter", trained, "--adapter", trained, "--weight", "0.5", "--weight", "0.5",
+           "--output", out, "--combination", "svd", "--rank", "8")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 8
+
+
+def test_generate_one_adapter_per_prompt(model_dirs, data_files, tmp_path):
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"lm{i}"
+        invoke(*train_args(model_dirs, data_files, "causal-lm", out, "--seed", str(i)))
+        outs.append(out)
+    result = invoke("generate", "--adapter", outs[0], "--adapter", outs[1], "--prompt", "a b c", "--prompt", "d c b",
+                    "--max-new-tokens", "4")
+    assert result.exit_code == 0, result.output
+    assert "a b c" in result.stdout and "d c b" in result.stdout
+
+
+def test_config_file_and_flag_override(model_dirs, data_files, tmp_path):
+    train_file, dev_file = data_files["classification"]
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"model": str(model_dirs["bert"]), "data": str(train_file), "max-steps": 3,
+                                   "rank": 2, "output": str(tmp_path / "from-file")}))
+    result = invoke("train", "--config", cfg, "--rank", "4", "--quiet")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "from-file" / "adapter_config.json").read_text())
+    assert saved["r"] == 4
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--data", "nowhere.jsonl", "--output", "{tmp}/x"], "nowhere.jsonl"),
+    (["train", "--data", "{train}", "--rank", "0"], "--rank=0 is invalid"),
+    (["train", "--data", "{train}", "--task", "translation"], "--task='translation' is invalid"),
+    (["train", "--data", "{train}", "--lr", "5"], "--lr=5.0 is invalid"),
+    (["eval", "--adapter", "{tmp}/none", "--data", "{train}"], "adapter_config.json"),
+])
+def test_bad_input_is_one_red_line(args, message, data_files, tmp_path):
+    args = [a.format(tmp=tmp_path, train=data_files["classification"][0]) for a in args]
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_column_names_the_option(model_dirs, data_files, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"blurb": "good", "label": "pos"}) + "\n")
+    result = run_cli("train", "--model", model_dirs["bert"], "--data", bad, "--output", tmp_path / "o", "--quiet")
+    assert result.returncode == 2 and "--text-field" in result.stderr
+
+
+def test_unseen_eval_label_is_refused(model_dirs, data_files, tmp_path):
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text(json.dumps({"text": "the film", "label": "neutral"}) + "\n")
+    result = run_cli("train", "--model", model_dirs["bert"], "--data", data_files["classification"][0],
+                     "--eval-data", dev, "--output", tmp_path / "o", "--quiet")
+    assert result.returncode == 2 and "neutral" in result.stderr
