@@ -61,6 +61,8 @@ def train(
     eval_every: Optional[int] = typer.Option(None, help="Evaluate (and checkpoint) every N steps. [default: only at the end]"),
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
     eval_generate: Optional[int] = typer.Option(None, help="Generation tasks: BLEU/ROUGE-L on this many eval inputs at the end."),
+    eval_loss_examples: Optional[int] = typer.Option(None, help="Generation tasks: eval loss on at most this many examples."),
+    eval_batch_size: Optional[int] = typer.Option(None, help="Examples per evaluation batch. [default: 32]"),
     resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the newest checkpoint in --output."),
     seed: Optional[int] = typer.Option(None, help="Random seed (data order, init, dropout). [default: 0]"),
     max_train_examples: Optional[int] = typer.Option(None, help="Train on a seeded random subset of this size."),

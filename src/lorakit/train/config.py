@@ -61,6 +61,7 @@ class TrainConfig:
     eval_generate: int = 0                    # generation tasks: BLEU/ROUGE-L on this many inputs
     max_new_tokens: int = 64
     eval_batch_size: int = 32
+    eval_loss_examples: int | None = None     # generation tasks: eval loss on at most this many (all refs still score BLEU)
     save_every: int | None = None             # steps; None: at eval points and the end
     keep_checkpoints: int = 2
     resume: bool = False
@@ -87,7 +88,8 @@ class TrainConfig:
                      "keep_checkpoints", "log_every", "max_new_tokens"):
             value = getattr(self, name)
             _need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value, "a positive integer")
-        for name in ("max_steps", "eval_every", "save_every", "max_train_examples", "max_eval_examples"):
+        for name in ("max_steps", "eval_every", "save_every", "max_train_examples", "max_eval_examples",
+                     "eval_loss_examples"):
             value = getattr(self, name)
             _need(value is None or (isinstance(value, int) and value > 0), name, value, "a positive integer or unset")
         _need(self.alpha > 0, "alpha", self.alpha, "a positive number (e.g. twice the rank)")

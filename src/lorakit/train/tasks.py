@@ -180,10 +180,11 @@ class _Generative(Task):
     max_new_tokens: int = 64
 
     def evaluate(self, model, examples, batch_size: int = 32, generate: int = 0,
-                 max_new_tokens: int = 64, **kwargs) -> dict[str, float]:
-        """Loss and perplexity on every example; with `generate` > 0, also corpus BLEU and
-        ROUGE-L of greedy outputs for that many distinct inputs, against all their references."""
-        loss = self.eval_loss(model, self.encode_all(examples), batch_size)
+                 max_new_tokens: int = 64, loss_examples: int | None = None, **kwargs) -> dict[str, float]:
+        """Loss and perplexity (on the first `loss_examples` examples, default all); with
+        `generate` > 0, also corpus BLEU and ROUGE-L of greedy outputs for that many distinct
+        inputs, each against all of its references."""
+        loss = self.eval_loss(model, self.encode_all(examples[:loss_examples]), batch_size)
         scores = {"loss": loss, "perplexity": M.perplexity(loss)}
         if generate > 0:
             refs = group_references(examples, *self._ref_keys())

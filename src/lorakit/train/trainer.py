@@ -109,7 +109,8 @@ class Trainer:
         if self.config.resume:
             self._resume()
         c, state = self.config, self.state
-        start_step, t0, interrupted = state.step, time.perf_counter(), False
+        t0, interrupted = time.perf_counter(), False
+        self._session_tokens, self._session_seconds = 0, 0.0
         self._emit("on_train_begin", state, {**self.info, "max_steps": state.max_steps,
                                              "train_examples": len(self.train_encoded),
                                              "eval_examples": len(self.eval_examples),
@@ -135,16 +136,14 @@ class Trainer:
             if state.best_step is None:   # nothing evaluated: the output holds the last adapter
                 self.save_adapter(self.model, self.output)
         summary = {"steps": state.step, "interrupted": interrupted, "train_runtime_s": runtime,
-                   "tokens_per_s": (state.tokens_seen - self._tokens_at(start_step)) / max(runtime, 1e-9),
+                   # training throughput: optimizer steps only, evaluation and checkpoints excluded
+                   "tokens_per_s": self._session_tokens / max(self._session_seconds, 1e-9),
                    "best_metric": state.best_metric, "best_step": state.best_step, "metric_name": state.metric_name,
                    "final_eval": final, "baseline_eval": baseline, "adapter_dir": str(self.output),
                    "truncated": state.truncated,
                    **{k: v for k, v in self.info.items() if k.startswith(("trainable", "total"))}}
         self._emit("on_train_end", state, summary)
         return TrainResult(state, summary)
-
-    def _tokens_at(self, step: int) -> int:
-        return next((r["tokens_seen"] for r in self.state.history if r.get("step") == step and "tokens_seen" in r), 0) if step else 0
 
     def _optimizer_step(self, micro: list[list[int]]) -> None:
         """Forward/backward over the micro-batches, weighting each by its share of the step's
@@ -177,6 +176,8 @@ class Trainer:
         state.batch_in_epoch += len(micro)
         state.examples_seen += sum(len(ids) for ids in micro)
         state.tokens_seen += tokens
+        self._session_tokens += tokens
+        self._session_seconds += elapsed
         self._rng = _capture_rng()   # the step boundary: what a checkpoint here must restore
         if state.step % c.log_every == 0 or state.step == state.max_steps:
             record = {"step": state.step, "epoch": state.epoch, "loss": step_loss,
@@ -203,7 +204,8 @@ class Trainer:
         self.model.eval()
         with torch.no_grad():
             scores = self.task.evaluate(self.model, self.eval_examples, batch_size=c.eval_batch_size,
-                                        generate=c.eval_generate if final else 0, max_new_tokens=c.max_new_tokens)
+                                        generate=c.eval_generate if final else 0, max_new_tokens=c.max_new_tokens,
+                                        loss_examples=c.eval_loss_examples)
         self.model.train()
         if not log:
             return scores
