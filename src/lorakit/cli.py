@@ -70,13 +70,17 @@ def train(
     text_field: Optional[str] = typer.Option(None, help="Column holding the text / tokens / prompt / source."),
     label_field: Optional[str] = typer.Option(None, help="Column holding the label / tags / response / target."),
     pair_field: Optional[str] = typer.Option(None, help="Column holding the second text of a pair."),
+    distributed: Optional[str] = typer.Option(None, help="Under torchrun: ddp (replicated base, adapters all-reduced) or fsdp (sharded base). [default: ddp]"),
+    nproc: Optional[int] = typer.Option(None, help="Launch this many processes on this machine through torchrun (shortcut for `torchrun --nproc_per_node N -m lorakit train ...`)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Fine-tune a model with LoRA on a data set; --output becomes the adapter dir.
 
     Example: lorakit train --model minilm --task classification --data train.tsv --eval-data dev.tsv --output runs/sst2
     """
-    flags = {k: v for k, v in locals().items() if k not in ("config", "quiet", "rslora") and v is not None}
+    flags = {k: v for k, v in locals().items() if k not in ("config", "quiet", "rslora", "nproc") and v is not None}
+    if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(_torchrun(nproc))
     from .train import TrainConfig
     from .train.api import LOGS, train as run
     from .train.callbacks import default_callbacks
@@ -91,6 +95,21 @@ def train(
         console.print(f"[yellow]interrupted at step {result.summary['steps']}; a checkpoint was saved. "
                       f"Continue with: lorakit train ... --output {cfg.output} --resume[/]")
         raise typer.Exit(130)
+
+
+def _torchrun(nproc: int) -> int:
+    """Re-run this command under torchrun with `nproc` processes (gloo on CPU, NCCL on GPU)."""
+    import subprocess
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg.startswith("--nproc"):
+            skip = arg == "--nproc"          # "--nproc N": drop the value too
+            continue
+        args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "lorakit", *args]
+    console.print(f"launching: {' '.join(command[2:])}")
+    return subprocess.call(command)
 
 
 def _read_config(path: Path | None) -> dict[str, Any]:
@@ -249,6 +268,40 @@ def demo(
     """The built-in default job: LoRA-fine-tune MiniLM on the shipped demo task, offline."""
     from .demo import run_demo
     run_demo(output, steps)
+
+
+@app.command()
+def serve(
+    model: str = typer.Option(..., help=MODEL_HELP),
+    adapters: Path = typer.Option(..., help="Directory of adapter dirs: each subdirectory is served under its name."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (the default is loopback only)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    served_name: Optional[str] = typer.Option(None, help="The base model's name in requests and /v1/models. [default: --model]"),
+    task: Optional[str] = typer.Option(None, help="causal-lm | classification [default: what the adapters record]"),
+    max_adapters: int = typer.Option(8, min=1, help="Adapters held in memory at once; least recently used are evicted (and reloaded on demand)."),
+    max_batch_size: int = typer.Option(32, min=1, help="Rows in one forward pass."),
+    max_tokens: int = typer.Option(512, min=1, help="Cap on a request's max_tokens."),
+    max_concurrent: int = typer.Option(64, min=1, help="Requests in progress at once; more get 429."),
+    max_body_bytes: int = typer.Option(1 << 20, min=1, help="Largest request body; larger gets 413."),
+    timeout: float = typer.Option(120.0, min=0.1, help="Seconds a request may take (queueing included); then 504."),
+    watch_interval: float = typer.Option(2.0, min=0.0, help="Poll the adapters dir every N seconds for added, changed or removed adapters (0: off)."),
+    allow_any_path: bool = typer.Option(False, "--allow-any-path", help="Let POST /v1/adapters load from outside the adapters dir."),
+    no_mixed: bool = typer.Option(False, "--no-mixed", help="Baseline: batch only requests for the same adapter (no mixed batches)."),
+    no_admin: bool = typer.Option(False, "--no-admin", help="Leave out the adapter load/unload endpoints."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Serve many adapters on one frozen base: OpenAI-compatible HTTP, mixed-adapter batches.
+
+    Example: lorakit serve --model smollm2-135m --adapters runs/ --port 8000
+    """
+    from .serve import EngineConfig
+    from .serve.app import Limits, serve as run_server
+    config = EngineConfig(max_adapters=max_adapters, max_batch_size=max_batch_size, max_tokens=max_tokens,
+                          request_timeout_s=timeout, mixed=not no_mixed, watch_interval_s=watch_interval,
+                          allow_any_path=allow_any_path)
+    limits = Limits(max_body_bytes=max_body_bytes, max_concurrent=max_concurrent)
+    run_server(model, str(adapters), host=host, port=port, served_name=served_name, task=task, config=config,
+               limits=limits, admin=not no_admin, log_level=log_level)
 
 
 def main() -> None:

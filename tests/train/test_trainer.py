@@ -132,3 +132,23 @@ def test_lora_plus_gives_B_a_larger_learning_rate(model_dirs, data_files, tmp_pa
                       None, cfg, save_adapter=lambda m, p: None)
     lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
     assert lrs["lora_B"] == pytest.approx(16 * lrs["default"]) and lrs["head"] == pytest.approx(lrs["default"])
+
+
+@pytest.mark.parametrize("option", [{"bf16": True}, {"gradient_checkpointing": True}])
+def test_bf16_autocast_and_gradient_checkpointing_train(option, model_dirs, data_files, tmp_path):
+    result = train(config(model_dirs, data_files, "classification", tmp_path, max_steps=40, **option), callbacks=[])
+    curve = losses(result)
+    assert all(map(lambda v: v == v, curve)) and sum(curve[-5:]) / 5 < 0.8 * sum(curve[:3]) / 3, curve
+
+
+def test_overlong_sequences_are_truncated_and_counted(model_dirs, data_files, tmp_path):
+    result = train(config(model_dirs, data_files, "classification", tmp_path, max_length=4, max_steps=2), callbacks=[])
+    assert result.summary["truncated"] == 64      # every "[CLS] the x was very y [SEP]" is longer than 4
+
+
+def test_empty_training_file_is_refused(model_dirs, data_files, tmp_path):
+    from lorakit.train.data import DataError
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty.jsonl"):
+        train(config(model_dirs, data_files, "classification", tmp_path, data=str(empty)), callbacks=[])

@@ -64,7 +64,12 @@ def _tensors(model: nn.Module, name: str, config: LoraConfig) -> dict[str, torch
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """Adapter `adapter_name` as PEFT saves it: {PEFT key: tensor}."""
     config = _config(model, adapter_name)
-    return {k: v.detach().clone().contiguous() for k, v in _tensors(model, adapter_name, config).items()}
+    return {k: _whole(v).detach().clone().contiguous() for k, v in _tensors(model, adapter_name, config).items()}
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A parameter sharded across processes (FSDP's DTensor) gathered whole; a collective."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def adapter_config_dict(model: nn.Module, adapter_name: str = "default") -> dict:
@@ -98,12 +103,18 @@ def _target_spec(model: nn.Module, config: LoraConfig, layers: dict) -> list[str
     return leaves if found == set(layers) else sorted(layers)
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", *,
+                 write: bool = True) -> Path:
     """Write adapter `adapter_name` to directory `path` in PEFT's format. Each file is
-    written atomically (temp file + rename): an interrupted save leaves the old files intact."""
+    written atomically (temp file + rename): an interrupted save leaves the old files intact.
+
+    Under FSDP every process must call it (the adapter is gathered whole); only the one with
+    `write=True` (rank 0) writes."""
     path = Path(path)
     state = adapter_state_dict(model, adapter_name)
     config = adapter_config_dict(model, adapter_name)
+    if not write:
+        return path
     atomic_write_with(path / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     atomic_write_json(path / CONFIG_NAME, config)
     return path

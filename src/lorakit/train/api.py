@@ -26,6 +26,7 @@ from .config import TrainConfig
 from .data import DataError, build_label_map, read_records, resolve_fields, to_examples
 from .state import BaseCallback
 from .tasks import Task, make_task
+from .distributed import init_distributed
 from .trainer import Trainer, TrainResult
 
 TASK_FILE = "lorakit_task.json"
@@ -69,6 +70,7 @@ def lora_config(config: TrainConfig, new_modules: Sequence[str]) -> lora.LoraCon
 
 def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) -> TrainResult:
     """Fine-tune `config.model` with LoRA on `config.data`; see the module docstring."""
+    dist = init_distributed(config.distributed)
     seed_everything(config.seed)
     train_examples = read_examples(config.data, config, config.max_train_examples, "training data")
     eval_examples = read_examples(config.eval_data, config, config.max_eval_examples, "eval data") if config.eval_data else []
@@ -81,8 +83,9 @@ def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) 
     lora.inject(model, lora_config(config, new_modules))
     task = make_task(config.task, tokenizer, config.max_length, labels)
     output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-    write_task_file(output, config, labels)
+    if dist.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        write_task_file(output, config, labels)
     if callbacks is None:
         from .callbacks import default_callbacks
         callbacks = default_callbacks(output / LOGS)
@@ -91,7 +94,8 @@ def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) 
             "trainable_params": count.trainable, "total_params": count.total,
             "trainable_percent": count.trainable_percent}
     trainer = Trainer(model, task, train_examples, eval_examples, config,
-                      save_adapter=lambda m, path: lora.save_adapter(m, path), callbacks=callbacks, info=info)
+                      save_adapter=lambda m, path, write: lora.save_adapter(m, path, write=write),
+                      callbacks=callbacks, info=info, dist=dist)
     return trainer.train()
 
 

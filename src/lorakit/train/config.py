@@ -65,6 +65,8 @@ class TrainConfig:
     save_every: int | None = None             # steps; None: at eval points and the end
     keep_checkpoints: int = 2
     resume: bool = False
+    # processes (torchrun): data parallel strategy
+    distributed: str = "ddp"                  # "ddp" (replicated base) or "fsdp" (sharded base)
     # data
     text_field: str | None = None
     pair_field: str | None = None
@@ -102,6 +104,7 @@ class TrainConfig:
         _need(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         _need(self.init in ("kaiming", "gaussian"), "init", self.init, '"kaiming" or "gaussian"')
         _need(self.eval_generate >= 0, "eval_generate", self.eval_generate, ">= 0")
+        _need(self.distributed in ("ddp", "fsdp"), "distributed", self.distributed, '"ddp" or "fsdp"')
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,9 +17,11 @@ from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import metrics as M
 from .data import group_references
+from .distributed import DistContext
 
 IGNORE = -100   # label id the loss skips (prompt tokens, padding, non-first sub-tokens)
 
@@ -73,18 +75,57 @@ class Task:
         return _pad([e.labels for e in batch], width, IGNORE)
 
     # -- evaluation -------------------------------------------------------------------------
+    def loss_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many terms the model's mean loss averages over in this batch."""
+        labels = batch["labels"]
+        if labels.dim() == 1:
+            return int((labels != IGNORE).sum())
+        if self.name == "causal-lm":     # the model shifts labels by one position
+            labels = labels[:, 1:]
+        return int((labels != IGNORE).sum())
+
+    def loss_sum(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy summed over the batch's targets (not averaged: the trainer divides by
+        the whole step's target count, so accumulation and data parallelism stay exact)."""
+        logits, labels = outputs.logits, batch["labels"]
+        if self.name == "causal-lm":     # position t predicts token t+1
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                               ignore_index=IGNORE, reduction="sum")
+
     @torch.no_grad()
-    def eval_loss(self, model: nn.Module, encoded: Sequence[Encoded], batch_size: int) -> float:
-        """Mean loss over the examples (weighted by each batch's size)."""
-        total, count = 0.0, 0
+    def forward_all(self, model: nn.Module, encoded: Sequence[Encoded], batch_size: int
+                    ) -> tuple[list[torch.Tensor], float, float]:
+        """One forward per batch: each batch's argmax predictions, and the loss summed over
+        targets with the number of targets (rows without labels add nothing)."""
+        preds, total, count = [], 0.0, 0.0
         for batch in _batches(encoded, batch_size):
-            out = model(**self.collate(batch))
-            total += out.loss.item() * len(batch)
-            count += len(batch)
+            inputs = self.collate(batch)
+            n = self.loss_targets(inputs) if "labels" in inputs else 0
+            if "labels" in inputs and not n:
+                inputs.pop("labels")      # all-padding batch: HF would return a NaN mean
+            out = model(**inputs)
+            if n:
+                total, count = total + out.loss.item() * n, count + n
+            preds.append(out.logits.argmax(-1))
+        return preds, total, count
+
+    def eval_loss(self, model: nn.Module, examples: Sequence[dict], batch_size: int,
+                  dist: DistContext | None = None) -> float:
+        """Mean loss per target, computed on this rank's shard and summed across ranks."""
+        dist = dist or DistContext()
+        _, total, count = self.forward_all(model, self.encode_shard(examples, dist), batch_size)
+        total, count = dist.sum([total, count])
         return total / max(count, 1)
 
+    def encode_shard(self, examples: Sequence[dict], dist: DistContext) -> list[Encoded]:
+        """This rank's examples, encoded; rows that only pad the shard carry no loss targets."""
+        indices, real = dist.shard_indices(len(examples))
+        encoded = [self.encode(examples[i]) for i in indices]
+        return encoded[:real] + [_without_targets(e) for e in encoded[real:]]
+
     def evaluate(self, model: nn.Module, examples: Sequence[dict], batch_size: int = 32,
-                 **kwargs) -> dict[str, float]:
+                 dist: DistContext | None = None, **kwargs) -> dict[str, float]:
         raise NotImplementedError
 
 
@@ -105,23 +146,19 @@ class Classification(Task):
     def _collate_labels(self, batch, width):
         return torch.tensor([e.labels for e in batch])
 
-    @torch.no_grad()
-    def predict_ids(self, model: nn.Module, encoded: Sequence[Encoded], batch_size: int) -> list[int]:
-        preds = []
-        for batch in _batches(encoded, batch_size):
-            inputs = self.collate(batch)
-            inputs.pop("labels", None)
-            preds += model(**inputs).logits.argmax(-1).tolist()
-        return preds
-
     def predict(self, model, examples, batch_size: int = 32) -> list[str]:
-        return [self.labels[i] for i in self.predict_ids(model, self.encode_all(examples), batch_size)]
+        preds, _, _ = self.forward_all(model, self.encode_all(examples), batch_size)
+        return [self.labels[int(i)] for batch in preds for i in batch]
 
-    def evaluate(self, model, examples, batch_size: int = 32, **kwargs) -> dict[str, float]:
-        encoded = self.encode_all(examples)
-        preds = [self.labels[i] for i in self.predict_ids(model, encoded, batch_size)]
-        scores = M.classification_scores(preds, [e["label"] for e in examples], self.labels)
-        return {"loss": self.eval_loss(model, encoded, batch_size), **scores}
+    def evaluate(self, model, examples, batch_size: int = 32, dist: DistContext | None = None,
+                 **kwargs) -> dict[str, float]:
+        """Accuracy and F1 (percent) and loss, one forward pass per batch, sharded over ranks."""
+        dist = dist or DistContext()
+        preds, total, count = self.forward_all(model, self.encode_shard(examples, dist), batch_size)
+        ids = dist.gather([int(i) for batch in preds for i in batch], len(examples))
+        scores = M.classification_scores([self.labels[i] for i in ids], [e["label"] for e in examples], self.labels)
+        total, count = dist.sum([total, count])
+        return {"loss": total / max(count, 1), **scores}
 
 
 # -- token classification (NER) ------------------------------------------------------------
@@ -147,49 +184,54 @@ class TokenClassification(Task):
         return Encoded(enc["input_ids"], labels if tags is not None else None, enc.get("token_type_ids"),
                        word_ids=word_ids, truncated=len(kept) < len(example["tokens"]))
 
-    @torch.no_grad()
-    def predict_tags(self, model, examples, encoded, batch_size: int) -> list[list[str]]:
-        out: list[list[str]] = []
-        for start in range(0, len(encoded), batch_size):
-            batch = encoded[start:start + batch_size]
-            inputs = self.collate(batch)
-            inputs.pop("labels", None)
-            ids = model(**inputs).logits.argmax(-1).tolist()
-            for row, enc, ex in zip(ids, batch, examples[start:start + batch_size]):
-                tags = ["O"] * len(ex["tokens"])             # words cut by truncation stay "O"
-                previous = None
-                for pos, w in enumerate(enc.word_ids):
-                    if w is not None and w != previous:
-                        tags[w] = self.labels[row[pos]]
-                    previous = w
-                out.append(tags)
+    def _tags(self, encoded: Sequence[Encoded], preds: list[torch.Tensor], examples: Sequence[dict]) -> list[list[str]]:
+        """Per word, the tag predicted at its first sub-token; words cut by truncation stay "O"."""
+        rows = [row for batch in preds for row in batch.tolist()]
+        out = []
+        for row, enc, ex in zip(rows, encoded, examples):
+            tags, previous = ["O"] * len(ex["tokens"]), None
+            for pos, w in enumerate(enc.word_ids):
+                if w is not None and w != previous:
+                    tags[w] = self.labels[row[pos]]
+                previous = w
+            out.append(tags)
         return out
 
     def predict(self, model, examples, batch_size: int = 32) -> list[list[str]]:
-        return self.predict_tags(model, examples, self.encode_all(examples), batch_size)
-
-    def evaluate(self, model, examples, batch_size: int = 32, **kwargs) -> dict[str, float]:
         encoded = self.encode_all(examples)
-        preds = self.predict_tags(model, examples, encoded, batch_size)
-        scores = M.ner_scores(preds, [e["tags"] for e in examples])
-        return {"loss": self.eval_loss(model, encoded, batch_size), **scores}
+        preds, _, _ = self.forward_all(model, encoded, batch_size)
+        return self._tags(encoded, preds, examples)
+
+    def evaluate(self, model, examples, batch_size: int = 32, dist: DistContext | None = None,
+                 **kwargs) -> dict[str, float]:
+        """Entity-level P/R/F1 (seqeval, percent) and loss, sharded over ranks."""
+        dist = dist or DistContext()
+        encoded = self.encode_shard(examples, dist)
+        preds, total, count = self.forward_all(model, encoded, batch_size)
+        tags = dist.gather(self._tags(encoded, preds, dist.shard(examples)), len(examples))
+        scores = M.ner_scores(tags, [e["tags"] for e in examples])
+        total, count = dist.sum([total, count])
+        return {"loss": total / max(count, 1), **scores}
 
 
 # -- generation tasks ----------------------------------------------------------------------
 class _Generative(Task):
     max_new_tokens: int = 64
 
-    def evaluate(self, model, examples, batch_size: int = 32, generate: int = 0,
-                 max_new_tokens: int = 64, loss_examples: int | None = None, **kwargs) -> dict[str, float]:
+    def evaluate(self, model, examples, batch_size: int = 32, generate: int = 0, max_new_tokens: int = 64,
+                 loss_examples: int | None = None, dist: DistContext | None = None, **kwargs) -> dict[str, float]:
         """Loss and perplexity (on the first `loss_examples` examples, default all); with
         `generate` > 0, also corpus BLEU and ROUGE-L of greedy outputs for that many distinct
         inputs, each against all of its references."""
-        loss = self.eval_loss(model, self.encode_all(examples[:loss_examples]), batch_size)
+        dist = dist or DistContext()
+        loss = self.eval_loss(model, examples[:loss_examples], batch_size, dist)
         scores = {"loss": loss, "perplexity": M.perplexity(loss)}
         if generate > 0:
             refs = group_references(examples, *self._ref_keys())
             sources = list(refs)[:generate]
-            hyps = self.generate(model, sources, batch_size=batch_size, max_new_tokens=max_new_tokens)
+            mine = self.generate(model, dist.shard(sources), batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                 synced=dist.enabled and dist.strategy == "fsdp")
+            hyps = dist.gather(mine, len(sources))
             scores["bleu"] = M.bleu(hyps, [refs[s] for s in sources])
             scores["rougeL"] = M.rouge_l(hyps, [refs[s] for s in sources])
         return scores
@@ -202,7 +244,8 @@ class _Generative(Task):
         return self.generate(model, [e[key] for e in examples], batch_size=batch_size, max_new_tokens=max_new_tokens)
 
     def generate(self, model, prompts: Sequence[str], batch_size: int = 16, max_new_tokens: int = 64,
-                 adapter_names: Sequence[str | None] | None = None) -> list[str]:
+                 adapter_names: Sequence[str | None] | None = None, synced: bool = False) -> list[str]:
+        """Greedy outputs; `synced` keeps every rank decoding until all finish (FSDP)."""
         raise NotImplementedError
 
 
@@ -260,7 +303,7 @@ class CausalLM(_Generative):
 
     @torch.no_grad()
     def generate(self, model, prompts, batch_size: int = 16, max_new_tokens: int = 64,
-                 adapter_names=None) -> list[str]:
+                 adapter_names=None, synced: bool = False) -> list[str]:
         """Greedy decoding, left-padded batches; `adapter_names` gives one adapter per prompt
         (mixed batch) when set."""
         from ..lora import mixed_batch
@@ -275,7 +318,7 @@ class CausalLM(_Generative):
                 ctx = mixed_batch(model, names) if names is not None else nullcontext()
                 with ctx:
                     gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=tok.pad_token_id)
+                                         pad_token_id=tok.pad_token_id, synced_gpus=synced)
                 new = gen[:, enc["input_ids"].shape[1]:]
                 outputs += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
         finally:
@@ -302,7 +345,7 @@ class Seq2Seq(_Generative):
 
     @torch.no_grad()
     def generate(self, model, prompts, batch_size: int = 16, max_new_tokens: int = 64,
-                 adapter_names=None) -> list[str]:
+                 adapter_names=None, synced: bool = False) -> list[str]:
         from ..lora import mixed_batch
         outputs: list[str] = []
         for start in range(0, len(prompts), batch_size):
@@ -310,7 +353,7 @@ class Seq2Seq(_Generative):
                                  truncation=True, max_length=self.max_length)
             names = adapter_names[start:start + batch_size] if adapter_names is not None else None
             with (mixed_batch(model, names) if names is not None else nullcontext()):
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced)
             outputs += [t.strip() for t in self.tokenizer.batch_decode(gen, skip_special_tokens=True)]
         return outputs
 
@@ -327,6 +370,14 @@ def make_task(name: str, tokenizer, max_length: int, labels: Sequence[str] = ())
 
 
 # -- helpers -------------------------------------------------------------------------------
+def _without_targets(enc: Encoded) -> Encoded:
+    """The same inputs with every label ignored (a row that only pads a rank's shard)."""
+    if enc.labels is None:
+        return enc
+    labels = IGNORE if isinstance(enc.labels, int) else [IGNORE] * len(enc.labels)
+    return Encoded(enc.input_ids, labels, enc.token_type_ids, enc.word_ids, enc.truncated)
+
+
 def _pad(rows: Iterable[list[int]], width: int, value: int) -> torch.Tensor:
     return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
 

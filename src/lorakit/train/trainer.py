@@ -27,8 +27,10 @@ from .._fs import atomic_write_json
 from ..lora.inject import lora_layers, saved_modules
 from .config import TrainConfig
 from .data import length_grouped_batches
+from .distributed import (DistContext, full_optimizer_state, full_tensor, load_full, load_optimizer_state,
+                          sync_bytes_per_step, wrap_model)
 from .state import BaseCallback, TrainState
-from .tasks import IGNORE, Encoded, Task
+from .tasks import Task
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -53,28 +55,35 @@ class Trainer:
 
     def __init__(self, model: nn.Module, task: Task, train_examples: Sequence[dict],
                  eval_examples: Sequence[dict] | None, config: TrainConfig,
-                 save_adapter: Callable[[nn.Module, Path], Any],
-                 callbacks: Sequence[BaseCallback] = (), info: dict[str, Any] | None = None) -> None:
+                 save_adapter: Callable[[nn.Module, Path, bool], Any],
+                 callbacks: Sequence[BaseCallback] = (), info: dict[str, Any] | None = None,
+                 dist: DistContext | None = None) -> None:
         self.model, self.task, self.config = model, task, config
+        self.dist = dist or DistContext()
+        if self.dist.enabled and config.batch_size < self.dist.world:
+            raise ValueError(f"--batch-size={config.batch_size} is smaller than the {self.dist.world} processes: "
+                             "each micro-batch is split across them; raise it")
         self.output = Path(config.output)
         self.save_adapter = save_adapter
-        self.callbacks = list(callbacks)
+        self.callbacks = list(callbacks) if self.dist.is_main else []   # rank 0 reports for all
         self.info = info or {}
         self.train_encoded = task.encode_all(train_examples)
         if not self.train_encoded:
             raise ValueError("the training data is empty")
         self.eval_examples = list(eval_examples or [])
-        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if not self.params:
+        if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("no parameter requires grad: inject an adapter (or choose a method) first")
+        self.info.update(sync_bytes_per_step(model) if self.dist.enabled else {})
+        self.forward_model = wrap_model(model, self.dist)    # DDP wrapper, or the model sharded in place
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.state = TrainState(metric_name=task.metric, greater_is_better=task.greater_is_better,
                                 truncated=sum(e.truncated for e in self.train_encoded))
         self.state.max_steps = config.max_steps or config.epochs * math.ceil(len(self._epoch_batches(0)) / config.grad_accum)
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self._rng = _capture_rng()
-        if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # -- setup ------------------------------------------------------------------------------
     def _param_groups(self) -> list[dict]:
@@ -134,7 +143,7 @@ class Trainer:
             final = self._evaluate(final=True) if self.eval_examples else None
             self._checkpoint()
             if state.best_step is None:   # nothing evaluated: the output holds the last adapter
-                self.save_adapter(self.model, self.output)
+                self._save_adapter(self.output)
         summary = {"steps": state.step, "interrupted": interrupted, "train_runtime_s": runtime,
                    # training throughput: optimizer steps only, evaluation and checkpoints excluded
                    "tokens_per_s": self._session_tokens / max(self._session_seconds, 1e-9),
@@ -146,32 +155,34 @@ class Trainer:
         return TrainResult(state, summary)
 
     def _optimizer_step(self, micro: list[list[int]]) -> None:
-        """Forward/backward over the micro-batches, weighting each by its share of the step's
-        loss targets (so accumulation equals one big batch), then clip and step."""
-        c, state = self.config, self.state
+        """Forward/backward over the micro-batches, each rank on its rows of each. Every
+        rank's loss is its sum over targets divided by the whole step's target count (known
+        locally: every rank holds all the data), so the gradients summed over micro-batches
+        and ranks equal one big single-process batch; DDP/FSDP average over ranks, hence x W."""
+        c, state, d = self.config, self.state, self.dist
         t0 = time.perf_counter()
-        batches = [self.task.collate([self.train_encoded[i] for i in ids]) for ids in micro]
-        counts = [_loss_targets(self.task, b) for b in batches]
-        total = sum(counts)
-        self.model.train()
+        total = sum(self.task.loss_targets(self._collate(ids)) for ids in micro)
+        self.forward_model.train()
         step_loss = 0.0
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if c.bf16 else nullcontext()
-        for batch, count in zip(batches, counts):
-            with autocast:
-                loss = self.model(**batch).loss
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"the loss became {loss.item()} at step {state.step + 1}; stopping. The last good checkpoint is "
-                    f"{self._latest_checkpoint() or 'none (no checkpoint was written yet)'}. Lower --lr, "
-                    "or raise --max-grad-norm clipping, then resume with --resume")
-            (loss * (count / total)).backward()
-            step_loss += loss.item() * count / total
+        for i, ids in enumerate(micro):
+            batch = self._collate(ids[d.rank::d.world])
+            with self._no_sync(last=i == len(micro) - 1), autocast:
+                loss_sum = self.task.loss_sum(self.forward_model(**batch), batch)
+                if not torch.isfinite(loss_sum):
+                    raise TrainingDiverged(
+                        f"the loss became {loss_sum.item()} at step {state.step + 1}; stopping. The last good checkpoint is "
+                        f"{self._latest_checkpoint() or 'none (no checkpoint was written yet)'}. Lower --lr, "
+                        "or raise --max-grad-norm clipping, then resume with --resume")
+                (loss_sum * (d.world / max(total, 1))).backward()
+            step_loss += loss_sum.item() / max(total, 1)
+        step_loss = d.sum([step_loss])[0]
         grad_norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), c.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        tokens = sum(len(self.train_encoded[j]) for ids in micro for j in ids)   # global, all ranks
         state.step += 1
         state.batch_in_epoch += len(micro)
         state.examples_seen += sum(len(ids) for ids in micro)
@@ -181,12 +192,21 @@ class Trainer:
         self._rng = _capture_rng()   # the step boundary: what a checkpoint here must restore
         if state.step % c.log_every == 0 or state.step == state.max_steps:
             record = {"step": state.step, "epoch": state.epoch, "loss": step_loss,
-                      "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                      "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(full_tensor(grad_norm)),
                       "tokens_per_s": tokens / max(elapsed, 1e-9),
                       "examples_per_s": sum(len(ids) for ids in micro) / max(elapsed, 1e-9),
                       "tokens_seen": state.tokens_seen}
             state.history.append(record)
             self._emit("on_log", state, record)
+
+    def _collate(self, ids: Sequence[int]) -> dict[str, torch.Tensor]:
+        return self.task.collate([self.train_encoded[i] for i in ids])
+
+    def _no_sync(self, last: bool):
+        """Gradient accumulation under DDP: all-reduce once, on the step's last micro-batch."""
+        if self.dist.enabled and not last and hasattr(self.forward_model, "no_sync"):
+            return self.forward_model.no_sync()
+        return nullcontext()
 
     def _after_step(self) -> None:
         c, step = self.config, self.state.step
@@ -203,9 +223,11 @@ class Trainer:
         c, state = self.config, self.state
         self.model.eval()
         with torch.no_grad():
-            scores = self.task.evaluate(self.model, self.eval_examples, batch_size=c.eval_batch_size,
+            # DDP's replicas need no collective to run forward: evaluate the plain module.
+            model = self.model if self.dist.strategy == "ddp" else self.forward_model
+            scores = self.task.evaluate(model, self.eval_examples, batch_size=c.eval_batch_size,
                                         generate=c.eval_generate if final else 0, max_new_tokens=c.max_new_tokens,
-                                        loss_examples=c.eval_loss_examples)
+                                        loss_examples=c.eval_loss_examples, dist=self.dist)
         self.model.train()
         if not log:
             return scores
@@ -217,28 +239,42 @@ class Trainer:
                                         (value > state.best_metric if state.greater_is_better else value < state.best_metric))
         if better:
             state.best_metric, state.best_step = value, state.step
-            self.save_adapter(self.model, self.output)      # the output dir always holds the best so far
+            self._save_adapter(self.output)      # the output dir always holds the best so far
         return scores
 
     # -- checkpoints ------------------------------------------------------------------------
+    def _save_adapter(self, path: Path) -> None:
+        """Every rank gathers (a collective under FSDP); rank 0 writes."""
+        self.save_adapter(self.model, path, self.dist.is_main)
+        self.dist.barrier()
+
     def _checkpoint(self) -> Path:
-        """Write checkpoints/step-N atomically: build it in a temp dir, then rename."""
+        """Write checkpoints/step-N atomically: build it in a temp dir, then rename. Tensors
+        are gathered whole on every rank and written once, by rank 0, so a checkpoint loads
+        with any number of processes."""
         final = self.output / CHECKPOINTS / f"step-{self.state.step:07d}"
-        if final.exists():
-            return final
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        params = {n: full_tensor(p).detach().cpu().contiguous() for n, p in self.params.items()}
+        names = {id(p): n for n, p in self.params.items()}
+        optimizer = full_optimizer_state(self.optimizer, names)
+        tmp = None
+        if self.dist.is_main and not final.exists():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         try:
-            save_file({n: p.detach().contiguous() for n, p in self.params.items()}, str(tmp / "trainable.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "rng": self._rng}, tmp / "training_state.pt")
-            self.save_adapter(self.model, tmp / "adapter")
-            atomic_write_json(tmp / STATE_FILE, self.state.to_dict())
-            tmp.rename(final)
+            self.save_adapter(self.model, tmp / "adapter" if tmp else final / "adapter", tmp is not None)
+            if tmp is not None:
+                save_file(params, str(tmp / "trainable.safetensors"))
+                torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": self._rng},
+                           tmp / "training_state.pt")
+                atomic_write_json(tmp / STATE_FILE, self.state.to_dict())
+                tmp.rename(final)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self._prune_checkpoints()
-        self._emit("on_save", self.state, final)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        if self.dist.is_main:
+            self._prune_checkpoints()
+            self._emit("on_save", self.state, final)
+        self.dist.barrier()
         return final
 
     def _checkpoints(self) -> list[Path]:
@@ -262,29 +298,20 @@ class Trainer:
         if missing:
             raise ValueError(f"checkpoint {latest} does not match this model/method (missing {missing[:3]}); "
                              "resume with the same options, or use a new --output")
-        with torch.no_grad():
-            for name, p in self.params.items():
-                p.copy_(params[name])
+        for name, p in self.params.items():
+            load_full(p, params[name])
         blob = torch.load(latest / "training_state.pt", weights_only=True)
-        self.optimizer.load_state_dict(blob["optimizer"])
+        load_optimizer_state(self.optimizer, self.params, blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         _restore_rng(blob["rng"])
         self._rng = blob["rng"]
+        planned = self.state.max_steps      # from this run's options: a resumed run may go further
         self.state = TrainState.from_dict(json.loads((latest / STATE_FILE).read_text()))
+        self.state.max_steps = planned
 
     def _emit(self, event: str, *args) -> None:
         for cb in self.callbacks:
             getattr(cb, event)(*args)
-
-
-def _loss_targets(task: Task, batch: dict[str, torch.Tensor]) -> int:
-    """How many terms the model's mean loss averages over in this batch."""
-    labels = batch["labels"]
-    if labels.dim() == 1:
-        return labels.numel()
-    if task.name == "causal-lm":     # the model shifts labels by one position
-        labels = labels[:, 1:]
-    return max(int((labels != IGNORE).sum()), 1)
 
 
 def _capture_rng() -> dict[str, Any]:

@@ -1,0 +1,106 @@
+"""Two processes with gloo on CPU (torchrun): the same loss curve and adapter as one process
+with the same global batch, for DDP and FSDP; a dead rank stops the job; resume works with
+another number of processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.train import TrainConfig, train
+
+from .conftest import MODEL_FOR_TASK
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def options(model_dirs, data_files, task, out: Path, **kw) -> dict:
+    train_file, dev_file = data_files[task]
+    base = dict(model=str(model_dirs[MODEL_FOR_TASK[task]]), task=task, data=str(train_file), eval_data=str(dev_file),
+                output=str(out), batch_size=8, grad_accum=2, lr=1e-2, max_steps=8, rank=4, eval_every=4,
+                max_length=32, warmup_ratio=0.0)
+    return {**base, **kw}
+
+
+def torchrun(opts: dict, nproc: int = 2, wait: bool = True, **extra) -> subprocess.Popen | subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            "-m", "lorakit", "train", "--quiet"]
+    for key, value in {**opts, **extra}.items():
+        if value is not None:
+            args += [f"--{key.replace('_', '-')}", str(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LORAKIT_DIST_TIMEOUT": "60"}
+    if not wait:
+        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)
+
+
+def curve(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def evals(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "eval_loss" in r]
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    left, right = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert left.keys() == right.keys() and left
+    for key in left:
+        torch.testing.assert_close(left[key], right[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy,task", [("ddp", "classification"), ("fsdp", "classification"), ("ddp", "causal-lm")])
+def test_two_processes_equal_one(strategy, task, model_dirs, data_files, tmp_path):
+    from lorakit.train.callbacks import default_callbacks
+    single = options(model_dirs, data_files, task, tmp_path / "single")
+    train(TrainConfig(**single), callbacks=default_callbacks(tmp_path / "single" / "logs", progress=False))
+    run = torchrun(options(model_dirs, data_files, task, tmp_path / "multi"), distributed=strategy)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert curve(tmp_path / "multi") == pytest.approx(curve(tmp_path / "single"), rel=1e-4)
+    for a, b in zip(evals(tmp_path / "multi"), evals(tmp_path / "single")):
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-4)
+    assert_same_adapter(tmp_path / "multi", tmp_path / "single")
+    checkpoint = max((tmp_path / "multi" / "checkpoints").iterdir())
+    assert load_file(checkpoint / "adapter" / "adapter_model.safetensors")     # written once, never empty
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_a_dead_rank_stops_the_job_and_resume_works(model_dirs, data_files, tmp_path):
+    out = tmp_path / "job"
+    opts = options(model_dirs, data_files, "classification", out, max_steps=400, eval_every=None, save_every=2,
+                   batch_size=4, grad_accum=1)
+    job = torchrun(opts, wait=False)
+    deadline = time.time() + 120
+    while not list((out / "checkpoints").glob("step-*")) and time.time() < deadline:
+        time.sleep(0.5)
+    assert job.poll() is None, job.stderr.read()[-2000:]
+    workers = children(job.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    start = time.time()
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode != 0 and time.time() - start < 120
+    assert "Signals.SIGKILL" in stderr or "exitcode" in stderr
+    done = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+    # Resume with one process instead of two: the checkpoint holds whole tensors.
+    resumed = train(TrainConfig(**{**opts, "max_steps": done + 4, "resume": True}), callbacks=[])
+    assert resumed.state.step == done + 4 and not resumed.summary["interrupted"]
