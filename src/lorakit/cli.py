@@ -130,6 +130,9 @@ def _print_summary(summary: dict[str, Any], cfg) -> None:
         out.print(table)
     out.print(f"steps: {summary['steps']}  time: {summary['train_runtime_s']:.0f}s  "
               f"tokens/s: {summary['tokens_per_s']:.0f}  truncated: {summary['truncated']}")
+    if "allreduce_bytes_per_step" in summary:
+        out.print(f"all-reduced per step: {summary['allreduce_bytes_per_step']:,} bytes "
+                  f"(full fine-tuning would send {summary['full_ft_allreduce_bytes_per_step']:,})")
     out.print(f"adapter: {summary['adapter_dir']}")
 
 

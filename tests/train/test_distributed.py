@@ -104,3 +104,17 @@ def test_a_dead_rank_stops_the_job_and_resume_works(model_dirs, data_files, tmp_
     # Resume with one process instead of two: the checkpoint holds whole tensors.
     resumed = train(TrainConfig(**{**opts, "max_steps": done + 4, "resume": True}), callbacks=[])
     assert resumed.state.step == done + 4 and not resumed.summary["interrupted"]
+
+
+def test_nproc_shortcut_launches_torchrun(model_dirs, data_files, tmp_path):
+    opts = options(model_dirs, data_files, "classification", tmp_path / "np", max_steps=2, eval_every=None)
+    args = [sys.executable, "-m", "lorakit", "train", "--nproc", "2", "--quiet"]
+    for key, value in opts.items():
+        if value is not None:
+            args += [f"--{key.replace('_', '-')}", str(value)]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "torch.distributed.run" in run.stderr and "--nproc_per_node=2" in run.stderr
+    assert "all-reduced per step" in run.stdout
+    assert (tmp_path / "np" / "adapter_model.safetensors").is_file()

@@ -109,6 +109,11 @@ class EngineConfig:
     watch_interval_s: float = 2.0    # poll the adapters dir this often; 0: no watch
     allow_any_path: bool = False     # admin loads may point outside the adapters dir
 
+    def __post_init__(self) -> None:
+        for key in ("max_adapters", "max_batch_size", "max_tokens"):
+            if getattr(self, key) < 1:
+                raise EngineError(f"{key} must be at least 1, not {getattr(self, key)}")
+
 
 @dataclass
 class Sampling:
@@ -644,7 +649,7 @@ class Engine:
 
     # -- the worker loop -----------------------------------------------------------------------
     def _run(self) -> None:
-        while self._drain(block=not self._waiting and self._batch is None):
+        while self._drain(self._patience()):
             self._sweep()
             self._bind()
             try:
@@ -674,11 +679,18 @@ class Engine:
             self._end(job, closing)
         self._waiting.clear()
 
-    def _drain(self, block: bool) -> bool:
+    def _patience(self) -> float | None:
+        """How long to wait for the inbox: not at all while there is work; a little while jobs
+        wait for a slot (their deadlines still count); else until something arrives."""
+        if self._batch is not None or any(job.bound for job in self._waiting):
+            return 0.0
+        return 0.1 if self._waiting else None
+
+    def _drain(self, wait: float | None) -> bool:
         """Take everything in the inbox: jobs queue up, commands run in arrival order (jobs
         that arrived first bind their adapters first). False when asked to stop."""
         try:
-            item = self._inbox.get(block=block)
+            item = self._inbox.get(block=wait != 0.0, timeout=wait)
         except queue.Empty:
             return True
         while True:

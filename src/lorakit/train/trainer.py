@@ -150,7 +150,7 @@ class Trainer:
                    "best_metric": state.best_metric, "best_step": state.best_step, "metric_name": state.metric_name,
                    "final_eval": final, "baseline_eval": baseline, "adapter_dir": str(self.output),
                    "truncated": state.truncated,
-                   **{k: v for k, v in self.info.items() if k.startswith(("trainable", "total"))}}
+                   **{k: v for k, v in self.info.items() if k.startswith(("trainable", "total", "allreduce", "full_ft"))}}
         self._emit("on_train_end", state, summary)
         return TrainResult(state, summary)
 
