@@ -215,14 +215,15 @@ class LoraLayer(nn.Module):
         return LF.lora_forward(x_in, out, A.to(x.dtype), B.to(x.dtype), self.scaling[name])
 
     def _stacks(self, names: tuple[str, ...], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """[n+1, r_max, fan_in] and [n+1, out, r_max]; cached when no gradient is needed
-        (inference), keyed on the parameters' version counters so updates invalidate it."""
+        """[n+1, r_max, fan_in] and [n+1, out, r_max] for `names` (absent ones are zero);
+        cached when no gradient is needed, keyed on the parameters' version counters so an
+        update invalidates it."""
         present = [n for n in names if n in self.lora_A]
         params = [p for n in present for p in (self.lora_A[n], self.lora_B[n])]
         key = (names, dtype, tuple(p._version for p in params), tuple(id(p) for p in params))
         if self._stack_cache is not None and self._stack_cache[0] == key:
             return self._stack_cache[1]
-        zero_A = self.A_matrix(present[0]).new_zeros(1, self.fan_in) if present else self.weight.new_zeros(1, self.fan_in)
+        zero_A = self.weight.new_zeros(1, self.fan_in)
         zero_B = zero_A.new_zeros(self.fan_out, 1)
         As = [self.A_matrix(n) if n in self.lora_A else zero_A for n in names]
         Bs = [self.B_matrix(n) if n in self.lora_A else zero_B for n in names]
@@ -232,6 +233,20 @@ class LoraLayer(nn.Module):
             self._stack_cache = (key, stacks)
         return stacks
 
+    def _mixed_weights(self, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """Stacked weights and each row's slot in them.
+
+        Training stacks just the adapters of this batch (differentiable). Inference stacks
+        every adapter this layer holds, once, and reuses it for any mix of rows: a server's
+        batches change their adapter set all the time, the stack does not."""
+        names = self.mixed.names
+        stacked = names if torch.is_grad_enabled() else tuple(self.adapter_names)
+        A_stack, B_stack = self._stacks(stacked, dtype)
+        slot = {n: i for i, n in enumerate(stacked)}
+        zero = len(stacked)                                  # the all-zero slot: base only
+        to_layer = torch.tensor([slot.get(n, zero) for n in names] + [zero], device=device)
+        return A_stack, B_stack, to_layer[self.mixed.index_for(batch, device)]
+
     def _mixed_dropout(self, x: Tensor, names: tuple[str, ...]) -> Tensor:
         ps = {self.dropout_p[n] for n in names if n in self.lora_A}
         if len(ps) > 1 and self.training:
@@ -239,10 +254,8 @@ class LoraLayer(nn.Module):
         return self._dropout(x, ps.pop() if ps else 0.0)
 
     def _mixed_forward(self, x: Tensor, out: Tensor) -> Tensor:
-        names = self.mixed.names
-        A_stack, B_stack = self._stacks(names, x.dtype)
-        index = self.mixed.index_for(x.shape[0], x.device)
-        return LF.mixed_lora_forward(self._mixed_dropout(x, names), out, A_stack, B_stack, index)
+        A_stack, B_stack, index = self._mixed_weights(x.shape[0], x.device, x.dtype)
+        return LF.mixed_lora_forward(self._mixed_dropout(x, self.mixed.names), out, A_stack, B_stack, index)
 
     def extra_repr(self) -> str:
         ranks = {n: self.rank(n) for n in self.adapter_names}
@@ -291,8 +304,7 @@ class LoraEmbedding(LoraLayer):
         return LF.lora_forward_h(h, out, self.B_matrix(name).to(out.dtype), self.scaling[name])
 
     def _mixed_forward(self, ids: Tensor, out: Tensor) -> Tensor:
-        A_stack, B_stack = self._stacks(self.mixed.names, out.dtype)     # [n+1, r, num], [n+1, dim, r]
-        index = self.mixed.index_for(ids.shape[0], ids.device)
+        A_stack, B_stack, index = self._mixed_weights(ids.shape[0], ids.device, out.dtype)   # [n+1, r, num], [n+1, dim, r]
         rows = index.view(-1, *([1] * (ids.dim() - 1))).expand_as(ids)
         h = A_stack.transpose(1, 2)[rows, ids]                            # [b, ..., r]
         b = ids.shape[0]

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from .. import lora
+from .. import lora, methods
 from .._fs import atomic_write_json
 from ..models import load_model, load_tokenizer
 from .config import TrainConfig
@@ -78,9 +78,7 @@ def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) 
         if config.task in ("classification", "ner") else []
     model, tokenizer, new_modules = build_model(config, labels)
     seed_everything(config.seed)    # adapter init does not depend on how loading used the RNG
-    if config.method != "lora":
-        raise ValueError(f"unknown method {config.method!r}; available: lora")
-    lora.inject(model, lora_config(config, new_modules))
+    model = methods.apply_method(model, config, new_modules)   # lora: lora.inject(model, lora_config(...))
     task = make_task(config.task, tokenizer, config.max_length, labels)
     output = Path(config.output)
     if dist.is_main:
@@ -90,11 +88,14 @@ def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) 
         from .callbacks import default_callbacks
         callbacks = default_callbacks(output / LOGS)
     count = lora.count_parameters(model)
+    paper = methods.method_parameter_count(model)
     info = {"model": config.model, "task": config.task, "method": config.method,
             "trainable_params": count.trainable, "total_params": count.total,
-            "trainable_percent": count.trainable_percent}
+            "trainable_percent": count.trainable_percent,
+            # the LoRA paper's convention: the task head is not counted
+            "trainable_params_paper": paper["paper_count"], "trainable_params_head": paper["head"]}
     trainer = Trainer(model, task, train_examples, eval_examples, config,
-                      save_adapter=lambda m, path, write: lora.save_adapter(m, path, write=write),
+                      save_adapter=lambda m, path, write: methods.save_method(m, path, write=write),
                       callbacks=callbacks, info=info, dist=dist)
     return trainer.train()
 
@@ -142,7 +143,13 @@ def load_trained(model: str | None, adapter_dirs: str | Path | Sequence[str | Pa
     base = load_model(model_name, info["task"], label_names=labels or None).model
     tokenizer = load_tokenizer(model_name)
     for i, d in enumerate(dirs):
-        lora.load_adapter(base, d, adapter_name="default" if len(dirs) == 1 else _adapter_name(d, i))
+        if methods.is_method_dir(d):      # full/top2/bitfit/adapter/prefix: its trained tensors onto the base
+            if len(dirs) > 1:
+                raise ValueError(f"{d} holds a {methods.read_method_config(d)['method']} model; only LoRA adapters "
+                                 "load several at once")
+            base = methods.load_method(base, d)
+        else:
+            lora.load_adapter(base, d, adapter_name="default" if len(dirs) == 1 else _adapter_name(d, i))
     base.eval()
     return Trained(base, tokenizer, make_task(info["task"], tokenizer, max_length or info.get("max_length", 256), labels), info)
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from ..methods import METHODS
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -39,6 +41,9 @@ class TrainConfig:
     dropout: float = 0.0
     use_rslora: bool = False
     init: str = "kaiming"                     # or "gaussian" (the paper's)
+    # other methods
+    adapter_size: int = 16                    # adapter-h / adapter-l bottleneck m
+    prefix_length: int = 16                   # prefix-embed / prefix-layer positions
     # optimisation
     lr: float = 1e-3
     lora_plus_ratio: float = 1.0              # LoRA+: B's learning rate = lr * ratio (16 in the paper)
@@ -86,8 +91,9 @@ class TrainConfig:
     def validate(self) -> None:
         _need(self.task in TASKS, "task", self.task, f"one of {', '.join(TASKS)}")
         _need(bool(self.data), "data", self.data, "a training data file or dataset (--data train.jsonl)")
+        _need(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")
         for name in ("rank", "epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size",
-                     "keep_checkpoints", "log_every", "max_new_tokens"):
+                     "keep_checkpoints", "log_every", "max_new_tokens", "adapter_size", "prefix_length"):
             value = getattr(self, name)
             _need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value, "a positive integer")
         for name in ("max_steps", "eval_every", "save_every", "max_train_examples", "max_eval_examples",

@@ -1,0 +1,105 @@
+"""Bottleneck adapters: Houlsby et al. (2019) and Lin et al. (2020).
+
+    adapter(h) = h + W_up · act(W_down · norm(h))       W_down: [m, d], W_up: [d, m]
+
+W_up (and its bias) start at zero, so a fresh adapter is the identity and training starts from
+the base model. Each adapter sits on the output of a projection, before the block's residual
+sum (and, in BERT, before its LayerNorm):
+
+    adapter-h   Houlsby: after the attention output projection and after the MLP, no norm
+                per block 2·(d·m + m + m·d + d) parameters
+    adapter-l   Lin: after the MLP only, with its own LayerNorm on the adapter's input
+                per block d·m + m + m·d + d + 2·d parameters
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+from torch import Tensor
+
+from ..lora.inject import set_submodule
+from .errors import MethodError
+
+# (attention output projection, MLP output projection), as dotted path suffixes inside a block.
+SITES: dict[str, tuple[str, str]] = {
+    "BERT/RoBERTa/ELECTRA": ("attention.output.dense", "output.dense"),
+    "LLaMA/Mistral/Qwen2/Gemma": ("self_attn.o_proj", "mlp.down_proj"),
+    "GPT-2": ("attn.c_proj", "mlp.c_proj"),
+    "T5": ("SelfAttention.o", "DenseReluDense.wo"),
+    "DistilBERT": ("attention.out_lin", "ffn.lin2"),
+    "OPT/BART/Whisper": ("self_attn.out_proj", "fc2"),
+    "GPT-NeoX": ("attention.dense", "mlp.dense_4h_to_h"),
+}
+
+
+class Adapter(nn.Module):
+    """h: [..., d] -> h + up(act(down(norm(h)))): [..., d], bottleneck m; the identity at init."""
+
+    def __init__(self, d: int, m: int, layer_norm: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d) if layer_norm else nn.Identity()
+        self.down = nn.Linear(d, m)            # [m, d]
+        self.act = nn.GELU()
+        self.up = nn.Linear(m, d)              # [d, m], zero: the adapter starts as the identity
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h + self.up(self.act(self.down(self.norm(h))))
+
+
+class WithAdapter(nn.Module):
+    """`base_layer` (kept as it is) followed by an adapter on its output."""
+
+    def __init__(self, base_layer: nn.Module, adapter: Adapter) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter = adapter
+
+    @property
+    def weight(self) -> Tensor:   # models that read `proj.weight.dtype` (T5) still can
+        return self.base_layer.weight
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        return self.adapter(self.base_layer(x, *args, **kwargs))
+
+
+def out_features(module: nn.Module) -> int:
+    """The width of a projection's output: nn.Linear's out_features, GPT-2 Conv1D's nf."""
+    for attr in ("out_features", "nf"):
+        if isinstance(getattr(module, attr, None), int):
+            return getattr(module, attr)
+    raise MethodError(f"cannot put an adapter after a {type(module).__name__}: it is not a linear projection")
+
+
+def _matches(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def find_sites(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Paths of every block's attention output projection and MLP output projection, by the
+    first layout in SITES that the model has both of. The MLP pattern skips paths the attention
+    pattern took (BERT's `output.dense` also ends `attention.output.dense`)."""
+    names = [n for n, _ in model.named_modules() if n]
+    for attention, mlp in SITES.values():
+        attn_sites = [n for n in names if _matches(n, attention)]
+        mlp_sites = [n for n in names if _matches(n, mlp) and n not in attn_sites]
+        if attn_sites and mlp_sites:
+            return attn_sites, mlp_sites
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    known = "; ".join(f"{arch}: {a} + {m}" for arch, (a, m) in SITES.items())
+    raise MethodError(f"adapters: cannot find the attention and MLP output projections of this "
+                      f"{type(model).__name__} (model type {model_type!r}). Known layouts: {known}")
+
+
+def add_adapters(model: nn.Module, kind: str, adapter_size: int) -> nn.Module:
+    """Insert Houlsby ("houlsby": after attention and MLP) or Lin ("lin": after the MLP, with
+    a LayerNorm) adapters of bottleneck `adapter_size` in every block, in place; only they
+    require grad among the model's parameters."""
+    attn_sites, mlp_sites = find_sites(model)
+    sites = attn_sites + mlp_sites if kind == "houlsby" else mlp_sites
+    for name in sites:
+        base = model.get_submodule(name)
+        weight = base.weight
+        adapter = Adapter(out_features(base), adapter_size, layer_norm=kind == "lin").to(weight.device, weight.dtype)
+        set_submodule(model, name, WithAdapter(base, adapter))
+    return model

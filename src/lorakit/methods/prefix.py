@@ -1,0 +1,141 @@
+"""Prefix methods: P trainable positions in front of every sequence.
+
+    prefix-embed   P trainable input embeddings [P, d] are prepended to the token embeddings
+                   and the model is called with inputs_embeds [B, P+T, d]. The attention mask
+                   ([B, P+T], prefix always attended), token_type_ids (0 for the prefix) grow
+                   with it and the prefix takes positions 0..P-1. Token-level outputs (NER,
+                   causal-LM logits) are cut back to the T input positions, and their loss is
+                   recomputed on those, so the trainer and metrics see the usual shapes.
+                   P·d parameters.
+    prefix-layer   Every attention layer gets P trainable keys and values [H_kv, P, d_head],
+                   handed to the model as a pre-filled key/value Cache (`cache=`, transformers
+                   5.x) with the attention mask extended by P ones. BERT-style encoders and
+                   LLaMA/GPT-2-style decoders both read a given cache in every self-attention
+                   (wrapping the key/value projections would not do: in transformers 5.x the
+                   attention reshapes them to the query's length, and LLaMA rotates them).
+                   Real tokens sit at positions P..P+T-1, as if P tokens came first.
+                   2·L·P·H_kv·d_head parameters (keys and values of L layers).
+
+Both start from real tokens (Li & Liang's initialisation): prefix-embed from the embeddings of
+P random vocabulary tokens, prefix-layer from the keys and values those tokens produce in each
+layer, so the prefixed model starts exactly as the base model reading those P tokens first.
+Generation is not supported (a clear error): the prefix would have to follow the decoding cache.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import MethodError
+
+TOKEN_TASKS = ("ner", "causal-lm")    # logits per input token: cut back after prefix-embed
+IGNORE = -100
+
+
+def random_token_ids(model: nn.Module, length: int) -> Tensor:
+    """[P] random vocabulary ids (from torch's seeded RNG)."""
+    return torch.randint(model.get_input_embeddings().num_embeddings, (length,))
+
+
+@torch.no_grad()
+def layer_activations(model: nn.Module, ids: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """The keys and values, per attention layer ([H_kv, P, d_head] each), that the model
+    computes for the token ids [P], read from the cache it fills."""
+    from transformers import DynamicCache
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise MethodError(f"prefix-layer supports encoder-only and decoder-only models, not the encoder-decoder "
+                          f"{type(model).__name__}; use prefix-embed or another --method")
+    was_training = model.training
+    cache = DynamicCache()
+    try:
+        model.eval()
+        model(input_ids=ids[None].to(model.get_input_embeddings().weight.device), cache=cache)
+    finally:
+        model.train(was_training)
+    if not cache.layers or cache.get_seq_length() != len(ids):
+        raise MethodError(f"prefix-layer needs a model that reads a key/value cache (`cache=`) in its attention; "
+                          f"this {type(model).__name__} does not; use prefix-embed or another --method")
+    return [layer.keys[0].clone() for layer in cache.layers], [layer.values[0].clone() for layer in cache.layers]
+
+
+def token_loss(logits: Tensor, labels: Tensor, shift: bool) -> Tensor:
+    """Mean cross-entropy over the labelled tokens, as the model's own loss computes it
+    (causal LMs: position t predicts token t+1). logits [B, T, V], labels [B, T]."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE)
+
+
+class PrefixModel(nn.Module):
+    """`model` with a trainable prefix (kind "embed" or "layer", `length` positions), called
+    like the model itself on a batch; `task` says whether logits are per token. The base is
+    `self.model`; the prefix's parameters are `prefix` (embed) or `keys.i`/`values.i` (layer)."""
+
+    def __init__(self, model: nn.Module, kind: str, length: int, task: str) -> None:
+        super().__init__()
+        self.model, self.kind, self.length, self.task = model, kind, length, task
+        self.init_ids = random_token_ids(model, length)       # [P]: the tokens the prefix starts as
+        if kind == "embed":
+            embedding = model.get_input_embeddings().weight
+            self.prefix = nn.Parameter(embedding[self.init_ids.to(embedding.device)].detach().clone())   # [P, d]
+        else:
+            keys, values = layer_activations(model, self.init_ids)
+            self.keys = nn.ParameterList(keys)        # L x [H_kv, P, d_head]
+            self.values = nn.ParameterList(values)    # L x [H_kv, P, d_head]
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def cache(self, batch: int):
+        """A fresh Cache holding the prefix keys and values, L x [B, H_kv, P, d_head] (the
+        model appends each batch's own keys and values to it)."""
+        from transformers import DynamicCache
+        return DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+                                            for k, v in zip(self.keys, self.values)])
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, labels: Tensor | None = None, **kwargs):
+        B, T = input_ids.shape
+        P = self.length
+        self._check_positions(T)
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        inputs = {"attention_mask": torch.cat([mask.new_ones(B, P), mask], dim=1)}                  # [B, P+T]
+        if self.kind == "embed":
+            embeds = self.model.get_input_embeddings()(input_ids)                                  # [B, T, d]
+            prefix = self.prefix.to(embeds.dtype).expand(B, -1, -1)                               # [B, P, d]
+            inputs["inputs_embeds"] = torch.cat([prefix, embeds], dim=1)                           # [B, P+T, d]
+            if token_type_ids is not None:
+                inputs["token_type_ids"] = torch.cat([token_type_ids.new_zeros(B, P), token_type_ids], dim=1)
+        else:
+            inputs.update(input_ids=input_ids, cache=self.cache(B))
+            if self.task != "causal-lm":      # the text keeps its own positions 0..T-1
+                inputs["position_ids"] = torch.arange(T, device=input_ids.device)[None]          # [1, T]
+            if token_type_ids is not None:
+                inputs["token_type_ids"] = token_type_ids
+        cut = self.kind == "embed" and self.task in TOKEN_TASKS
+        out = self.model(**inputs, labels=None if cut else labels, **kwargs)
+        if cut:
+            out.logits = out.logits[:, P:]                                                         # [B, T, V]
+            if labels is not None:
+                out.loss = token_loss(out.logits, labels, shift=self.task == "causal-lm")
+        return out
+
+    def _check_positions(self, length: int) -> None:
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit and self.length + length > limit:
+            raise MethodError(f"a prefix of {self.length} plus {length} tokens exceeds the model's {limit} positions; "
+                              "lower --max-length or --prefix-length")
+
+    def generate(self, *args, **kwargs):
+        raise MethodError(f"prefix-{self.kind} models cannot generate text in lorakit (the prefix would have to "
+                          "follow the decoding cache); evaluate loss/perplexity instead (--eval-generate 0), or "
+                          "use lora, a full/top2/bitfit or an adapter method")
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        if self.kind == "layer":
+            raise MethodError("prefix-layer cannot train with --gradient-checkpointing: checkpointed layers drop "
+                              "the key/value cache that carries the prefix")
+        self.model.gradient_checkpointing_enable(**kwargs)
