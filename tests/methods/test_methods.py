@@ -80,9 +80,10 @@ NON_LORA = [m for m in methods.METHODS if m != "lora"]
 # (method, task): learning rate, steps. bitfit does not apply to LLaMA (no biases): see the errors.
 RUNS = {
     **{(m, "classification"): run for m, run in {
-        "full": (3e-3, 30), "top2": (3e-3, 30), "bitfit": (3e-2, 40), "adapter-h": (3e-2, 30),
-        "adapter-l": (3e-2, 30), "prefix-embed": (1e-1, 30), "prefix-layer": (3e-2, 40)}.items()},
-    **{(m, "causal-lm"): (3e-2, 25) for m in ["full", "top2", "adapter-h", "adapter-l", "prefix-embed", "prefix-layer"]},
+        "full": (3e-3, 30), "top2": (3e-3, 30), "bitfit": (1e-2, 40), "adapter-h": (1e-2, 40),
+        "adapter-l": (1e-2, 40), "prefix-embed": (3e-2, 40), "prefix-layer": (3e-2, 40)}.items()},
+    **{(m, "causal-lm"): (3e-2, 25) for m in ["full", "top2", "adapter-h", "adapter-l", "prefix-embed"]},
+    ("prefix-layer", "causal-lm"): (1e-1, 25),
 }
 
 
@@ -97,9 +98,9 @@ def test_every_method_trains_saves_and_loads_back(method, task, model_dirs, data
                                max_steps=steps, batch_size=8, max_length=32, warmup_ratio=0.0,
                                scheduler="constant"), callbacks=[])
     curve = [r["loss"] for r in result.state.history if "loss" in r]
-    assert sum(curve[-5:]) / 5 < 0.6 * sum(curve[:3]) / 3, curve
+    assert sum(curve[-5:]) / 5 < 0.75 * sum(curve[:3]) / 3, curve
     before, after = result.summary["baseline_eval"], result.summary["final_eval"]
-    assert after["loss"] < before["loss"]
+    assert after["loss"] < 0.75 * before["loss"]
     # The output dir holds only what the method trains, and loads onto a fresh base.
     saved = json.loads((out / methods.METHOD_CONFIG).read_text())
     assert saved["method"] == method and not (out / "adapter_config.json").exists()

@@ -239,15 +239,19 @@ def freeze_base(model: nn.Module) -> None:
             p.requires_grad_(False)
 
 
+def own_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
+    """Adapter `adapter_name`'s own parameters: A and B of every layer, its head copies."""
+    params = [p for _, layer in lora_layers(model) if adapter_name in layer.lora_A
+              for p in (layer.lora_A[adapter_name], layer.lora_B[adapter_name])]
+    params += [p for _, w in saved_modules(model) if adapter_name in w.modules_to_save
+               for p in w.modules_to_save[adapter_name].parameters()]
+    return params
+
+
 def freeze_adapter(model: nn.Module, adapter_name: str) -> None:
     """Stop adapter `adapter_name`'s own parameters (A, B, head copies) from training."""
-    for _, layer in lora_layers(model):
-        if adapter_name in layer.lora_A:
-            layer.lora_A[adapter_name].requires_grad_(False)
-            layer.lora_B[adapter_name].requires_grad_(False)
-    for _, wrapper in saved_modules(model):
-        if adapter_name in wrapper.modules_to_save:
-            wrapper.modules_to_save[adapter_name].requires_grad_(False)
+    for p in own_parameters(model, adapter_name):
+        p.requires_grad_(False)
 
 
 def _check_adapter_name(model: nn.Module, name: str) -> None:
@@ -300,13 +304,8 @@ def set_trainable(model: nn.Module, adapter_name: str) -> None:
     """Only adapter `adapter_name` trains: its A and B, its modules_to_save copies and the
     biases its config names. Set through requires_grad, by module type, not by parameter name."""
     model.requires_grad_(False)
-    for _, layer in lora_layers(model):
-        if adapter_name in layer.lora_A:
-            layer.lora_A[adapter_name].requires_grad_(True)
-            layer.lora_B[adapter_name].requires_grad_(True)
-    for _, wrapper in saved_modules(model):
-        if adapter_name in wrapper.modules_to_save:
-            wrapper.modules_to_save[adapter_name].requires_grad_(True)
+    for p in own_parameters(model, adapter_name):
+        p.requires_grad_(True)
     config = lora_configs(model).get(adapter_name)
     if config is not None:
         for name in bias_names(model, config):
