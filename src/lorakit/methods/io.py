@@ -107,8 +107,8 @@ def load_method(model: nn.Module, path: str | os.PathLike, *, is_trainable: bool
 @torch.no_grad()
 def _copy_into(model: nn.Module, state: dict[str, torch.Tensor], path) -> None:
     params = dict(model.named_parameters())
-    expected = set(_spec(model).params)
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    expected = _spec(model).params
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise MethodLoadError(f"{path} does not match the model: {len(missing)} missing ({', '.join(missing[:3])}), "
                               f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}). Was it made for another "

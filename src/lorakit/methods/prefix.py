@@ -13,15 +13,21 @@
                    LLaMA/GPT-2-style decoders both read a given cache in every self-attention
                    (wrapping the key/value projections would not do: in transformers 5.x the
                    attention reshapes them to the query's length, and LLaMA rotates them).
-                   Real tokens sit at positions P..P+T-1, as if P tokens came first.
-                   2·L·P·H_kv·d_head parameters (keys and values of L layers).
+                   Causal LMs read the input at positions P..P+T-1, after the prefix; other
+                   tasks keep the input's own positions 0..T-1 (BERT's absolute positions
+                   stay as pretrained). 2·L·P·H_kv·d_head parameters (keys and values, L layers).
 
 Both start from real tokens (Li & Liang's initialisation): prefix-embed from the embeddings of
 P random vocabulary tokens, prefix-layer from the keys and values those tokens produce in each
-layer, so the prefixed model starts exactly as the base model reading those P tokens first.
+layer (read alone), so a fresh prefix-embed model, and a fresh causal prefix-layer model, is
+exactly the base model reading those P tokens first.
 Generation is not supported (a clear error): the prefix would have to follow the decoding cache.
+prefix-embed cannot feed decoder classifiers (they find the last token from input_ids): a clear
+error points to prefix-layer.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn as nn
@@ -60,6 +66,15 @@ def layer_activations(model: nn.Module, ids: Tensor) -> tuple[list[Tensor], list
     return [layer.keys[0].clone() for layer in cache.layers], [layer.values[0].clone() for layer in cache.layers]
 
 
+def pools_last_token(model: nn.Module) -> bool:
+    """Whether a sequence classifier scores the last non-padding token (LLaMA, GPT-2 and other
+    decoder classifiers in transformers), rather than a fixed position."""
+    try:
+        return "last_non_pad_token" in inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return False
+
+
 def token_loss(logits: Tensor, labels: Tensor, shift: bool) -> Tensor:
     """Mean cross-entropy over the labelled tokens, as the model's own loss computes it
     (causal LMs: position t predicts token t+1). logits [B, T, V], labels [B, T]."""
@@ -76,6 +91,9 @@ class PrefixModel(nn.Module):
     def __init__(self, model: nn.Module, kind: str, length: int, task: str) -> None:
         super().__init__()
         self.model, self.kind, self.length, self.task = model, kind, length, task
+        if kind == "embed" and task == "classification" and pools_last_token(model):
+            raise MethodError(f"prefix-embed cannot classify with {type(model).__name__}: it scores the last "
+                              "non-padding token, which it finds from input_ids, not inputs_embeds; use prefix-layer")
         self.init_ids = random_token_ids(model, length)       # [P]: the tokens the prefix starts as
         if kind == "embed":
             embedding = model.get_input_embeddings().weight

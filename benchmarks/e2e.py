@@ -1,0 +1,141 @@
+"""End to end: fine-tuning SmolLM2-135M with LoRA on E2E, `lorakit train` vs what a user would
+otherwise write (a Hugging Face Trainer + PEFT script), same data and hyperparameters.
+
+    python benchmarks/e2e.py                      # 960 examples each; ~15-20 min on 2 cores
+    python benchmarks/e2e.py --examples 64        # a quick check
+
+Each run is a fresh subprocess (so its peak RSS is its own). Reported: training tokens/s
+(non-padding tokens of the training examples / training wall time), wall time, peak RSS, and the
+final eval loss, which both sides compute with the same code on the same 200 test examples.
+Results: benchmarks/results/e2e.json and .md. Needs ../shared/data/e2e (skips without it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "e2e"
+RESULTS = ROOT / "benchmarks" / "results"
+HPARAMS = dict(lr=1e-3, batch_size=8, max_length=128, rank=8, alpha=16, warmup_ratio=0.06, seed=0)
+
+
+def examples(split: str, limit: int) -> list[dict]:
+    from lorakit.train.data import read_records, resolve_fields, to_examples
+    records = read_records(DATA / f"{split}.txt")
+    rows = to_examples(records, resolve_fields(records, "causal-lm"))
+    return rows[:limit]
+
+
+def eval_loss(model, tokenizer, rows: list[dict]) -> float:
+    from lorakit.train.tasks import make_task
+    model.eval()
+    return make_task("causal-lm", tokenizer, HPARAMS["max_length"]).eval_loss(model, rows, batch_size=16)
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_lorakit(n: int, out: Path, bf16: bool) -> dict:
+    from lorakit.train import TrainConfig, train
+    from lorakit.train.api import load_trained
+    torch.set_num_threads(2)
+    train_file = out / "train.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in examples("train", n)))
+    config = TrainConfig(model="smollm2-135m", task="causal-lm", data=str(train_file), output=str(out / "run"),
+                         targets=["q_proj", "v_proj"], epochs=1, eval_before=False, bf16=bf16,
+                         **{k: v for k, v in HPARAMS.items()})
+    t0 = time.perf_counter()
+    result = train(config, callbacks=[])
+    wall = time.perf_counter() - t0
+    trained = load_trained(None, out / "run")
+    return {"train_tokens_per_s": result.summary["tokens_per_s"], "wall_s": wall, "peak_rss_mb": peak_mb(),
+            "eval_loss": eval_loss(trained.model, trained.tokenizer, examples("test", 200))}
+
+
+def run_hf_peft(n: int, out: Path, bf16: bool) -> dict:
+    """The baseline a user would write: tokenize with the chat template, mask the prompt, pad
+    dynamically, and hand everything to transformers' Trainer with a PEFT model."""
+    import peft
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from lorakit.models import load_model, load_tokenizer
+    torch.set_num_threads(2)
+    tokenizer = load_tokenizer("smollm2-135m")
+    model = peft.get_peft_model(load_model("smollm2-135m", "causal-lm").model,
+                                peft.LoraConfig(r=HPARAMS["rank"], lora_alpha=HPARAMS["alpha"],
+                                                target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+
+    def encode(row: dict) -> dict:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
+                                               add_generation_prompt=True)
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (p + r)[:HPARAMS["max_length"]]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ([-100] * len(p) + r)[:len(ids)]}
+
+    train_rows = [encode(r) for r in examples("train", n)]
+    args = TrainingArguments(output_dir=str(out / "hf"), per_device_train_batch_size=HPARAMS["batch_size"],
+                             learning_rate=HPARAMS["lr"], num_train_epochs=1, warmup_ratio=HPARAMS["warmup_ratio"],
+                             lr_scheduler_type="linear", logging_steps=10, save_strategy="no", report_to=[],
+                             seed=HPARAMS["seed"], bf16=bf16, use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=train_rows,
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    t0 = time.perf_counter()
+    metrics = trainer.train().metrics
+    wall = time.perf_counter() - t0
+    tokens = sum(len(r["input_ids"]) for r in train_rows)
+    return {"train_tokens_per_s": tokens / metrics["train_runtime"], "wall_s": wall, "peak_rss_mb": peak_mb(),
+            "eval_loss": eval_loss(model, tokenizer, examples("test", 200))}
+
+
+RUNS = {"lorakit": (run_lorakit, False), "lorakit-bf16": (run_lorakit, True),
+        "hf-trainer+peft": (run_hf_peft, False), "hf-trainer+peft-bf16": (run_hf_peft, True)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=960)
+    parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        print(f"skip: {DATA} not found (the E2E data set is not shipped with lorakit)")
+        return
+    if args.child:
+        fn, bf16 = RUNS[args.child]
+        print(json.dumps(fn(args.examples, Path(tempfile.mkdtemp()), bf16)))
+        return
+    results = {"examples": args.examples, "hparams": HPARAMS, "torch": torch.__version__, "runs": {}}
+    for name in args.runs.split(","):
+        print(f"[e2e] {name}", flush=True)
+        done = subprocess.run([sys.executable, __file__, "--child", name, "--examples", str(args.examples)],
+                              capture_output=True, text=True)
+        results["runs"][name] = (json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0
+                                 else {"error": done.stderr[-800:]})
+        print(results["runs"][name], flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "e2e.json").write_text(json.dumps(results, indent=1))
+    base = results["runs"].get("hf-trainer+peft", {})
+    lines = [f"# End to end: SmolLM2-135M + LoRA q,v r=8 on {args.examples} E2E examples (1 epoch, batch 8, lr 1e-3)", "",
+             "| run | train tokens/s | x HF+PEFT | wall s | peak RSS MB | eval loss (200 test) |", "|---|---|---|---|---|---|"]
+    for name, r in results["runs"].items():
+        if "error" in r:
+            lines.append(f"| {name} | error | | | | |")
+            continue
+        speed = r["train_tokens_per_s"] / base["train_tokens_per_s"] if "train_tokens_per_s" in base else float("nan")
+        lines.append(f"| {name} | {r['train_tokens_per_s']:.0f} | {speed:.2f} | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['eval_loss']:.4f} |")
+    (RESULTS / "e2e.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
