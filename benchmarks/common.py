@@ -143,6 +143,11 @@ def interleave(runs: dict[str, Callable[[], dict[str, float]]], repeats: int, wa
 
 
 def rss_mb() -> float:
-    """Peak resident memory of this process so far (ru_maxrss is in KiB on Linux)."""
+    """Peak resident memory of this process so far (VmHWM). Not ru_maxrss: Linux carries that
+    over from the parent across fork + exec, so every child would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,9 @@ def eval_loss(model, tokenizer, rows: list[dict]) -> float:
 
 
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import rss_mb   # VmHWM: ru_maxrss would report the parent's peak
+    return rss_mb()
 
 
 def run_lorakit(n: int, out: Path, bf16: bool) -> dict:
