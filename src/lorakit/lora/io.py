@@ -64,11 +64,12 @@ def _tensors(model: nn.Module, name: str, config: LoraConfig) -> dict[str, torch
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """Adapter `adapter_name` as PEFT saves it: {PEFT key: tensor}."""
     config = _config(model, adapter_name)
-    return {k: _whole(v).detach().clone().contiguous() for k, v in _tensors(model, adapter_name, config).items()}
+    return {k: whole_tensor(v).detach().clone().contiguous() for k, v in _tensors(model, adapter_name, config).items()}
 
 
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    """A parameter sharded across processes (FSDP's DTensor) gathered whole; a collective."""
+def whole_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A tensor sharded across processes (FSDP's DTensor) gathered whole, a plain tensor as it
+    is. A collective under FSDP: every rank must call it."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 

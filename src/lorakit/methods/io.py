@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import lora
 from .._fs import atomic_write_json, atomic_write_with
+from ..lora.io import whole_tensor
 from .apply import build, method_parameter_count, method_spec
 from .errors import MethodError
 from .prefix import PrefixModel
@@ -41,11 +42,7 @@ def is_method_dir(path: str | os.PathLike) -> bool:
 def method_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """{name: tensor} of what the method trains; whole tensors (a collective under FSDP)."""
     params = dict(model.named_parameters())
-    return {n: _whole(params[n]).detach().cpu().clone().contiguous() for n in _spec(model).params}
-
-
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    return {n: whole_tensor(params[n]).detach().cpu().clone().contiguous() for n in _spec(model).params}
 
 
 def method_config_dict(model: nn.Module) -> dict:

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..lora.io import whole_tensor
+
 T = TypeVar("T")
 STRATEGIES = ("ddp", "fsdp")
 
@@ -120,12 +122,6 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))) if lists else []
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A sharded (DTensor) parameter gathered whole; a plain tensor as it is. A collective under
-    FSDP: every rank must call it."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def load_full(param: torch.Tensor, full: torch.Tensor) -> None:
     """Copy a whole tensor into a parameter that may be sharded."""
     with torch.no_grad():
@@ -152,7 +148,7 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p in optimizer.state:
-                state[names[id(p)]] = {k: full_tensor(v).detach().cpu() if torch.is_tensor(v) else v
+                state[names[id(p)]] = {k: whole_tensor(v).detach().cpu() if torch.is_tensor(v) else v
                                        for k, v in optimizer.state[p].items()}
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     return {"state": state, "groups": groups}

@@ -75,14 +75,18 @@ class Task:
         return _pad([e.labels for e in batch], width, IGNORE)
 
     # -- evaluation -------------------------------------------------------------------------
-    def loss_targets(self, batch: dict[str, torch.Tensor]) -> int:
-        """How many terms the model's mean loss averages over in this batch."""
-        labels = batch["labels"]
-        if labels.dim() == 1:
-            return int((labels != IGNORE).sum())
-        if self.name == "causal-lm":     # the model shifts labels by one position
-            labels = labels[:, 1:]
-        return int((labels != IGNORE).sum())
+    def count_targets(self, encoded: Sequence[Encoded]) -> int:
+        """How many terms the loss sums over for these examples (padding adds none)."""
+        count = 0
+        for e in encoded:
+            if e.labels is None:
+                continue
+            if isinstance(e.labels, int):
+                count += e.labels != IGNORE
+                continue
+            labels = e.labels[1:] if self.name == "causal-lm" else e.labels   # causal LMs shift by one
+            count += sum(label != IGNORE for label in labels)
+        return count
 
     def loss_sum(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy summed over the batch's targets (not averaged: the trainer divides by
@@ -94,27 +98,26 @@ class Task:
                                ignore_index=IGNORE, reduction="sum")
 
     @torch.no_grad()
-    def forward_all(self, model: nn.Module, encoded: Sequence[Encoded], batch_size: int
+    def forward_all(self, model: nn.Module, encoded: Sequence[Encoded], batch_size: int, predict: bool = True
                     ) -> tuple[list[torch.Tensor], float, float]:
-        """One forward per batch: each batch's argmax predictions, and the loss summed over
-        targets with the number of targets (rows without labels add nothing)."""
+        """One forward per batch: each batch's argmax predictions (if `predict`), and the loss
+        summed over targets with the number of targets (rows without labels add nothing)."""
         preds, total, count = [], 0.0, 0.0
         for batch in _batches(encoded, batch_size):
             inputs = self.collate(batch)
-            n = self.loss_targets(inputs) if "labels" in inputs else 0
-            if "labels" in inputs and not n:
-                inputs.pop("labels")      # all-padding batch: HF would return a NaN mean
             out = model(**inputs)
-            if n:
-                total, count = total + out.loss.item() * n, count + n
-            preds.append(out.logits.argmax(-1))
+            if "labels" in inputs:
+                total += self.loss_sum(out, inputs).item()
+                count += self.count_targets(batch)
+            if predict:
+                preds.append(out.logits.argmax(-1))
         return preds, total, count
 
     def eval_loss(self, model: nn.Module, examples: Sequence[dict], batch_size: int,
                   dist: DistContext | None = None) -> float:
         """Mean loss per target, computed on this rank's shard and summed across ranks."""
         dist = dist or DistContext()
-        _, total, count = self.forward_all(model, self.encode_shard(examples, dist), batch_size)
+        _, total, count = self.forward_all(model, self.encode_shard(examples, dist), batch_size, predict=False)
         total, count = dist.sum([total, count])
         return total / max(count, 1)
 

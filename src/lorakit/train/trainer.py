@@ -27,7 +27,8 @@ from .._fs import atomic_write_json
 from ..lora.inject import lora_layers, saved_modules
 from .config import TrainConfig
 from .data import length_grouped_batches
-from .distributed import (DistContext, full_optimizer_state, full_tensor, load_full, load_optimizer_state,
+from ..lora.io import whole_tensor
+from .distributed import (DistContext, full_optimizer_state, load_full, load_optimizer_state,
                           sync_bytes_per_step, wrap_model)
 from .state import BaseCallback, TrainState
 from .tasks import Task
@@ -161,7 +162,7 @@ class Trainer:
         and ranks equal one big single-process batch; DDP/FSDP average over ranks, hence x W."""
         c, state, d = self.config, self.state, self.dist
         t0 = time.perf_counter()
-        total = sum(self.task.loss_targets(self._collate(ids)) for ids in micro)
+        total = self.task.count_targets([self.train_encoded[i] for ids in micro for i in ids])
         self.forward_model.train()
         step_loss = 0.0
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if c.bf16 else nullcontext()
@@ -192,7 +193,7 @@ class Trainer:
         self._rng = _capture_rng()   # the step boundary: what a checkpoint here must restore
         if state.step % c.log_every == 0 or state.step == state.max_steps:
             record = {"step": state.step, "epoch": state.epoch, "loss": step_loss,
-                      "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(full_tensor(grad_norm)),
+                      "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(whole_tensor(grad_norm)),
                       "tokens_per_s": tokens / max(elapsed, 1e-9),
                       "examples_per_s": sum(len(ids) for ids in micro) / max(elapsed, 1e-9),
                       "tokens_seen": state.tokens_seen}
@@ -253,7 +254,7 @@ class Trainer:
         are gathered whole on every rank and written once, by rank 0, so a checkpoint loads
         with any number of processes."""
         final = self.output / CHECKPOINTS / f"step-{self.state.step:07d}"
-        params = {n: full_tensor(p).detach().cpu().contiguous() for n, p in self.params.items()}
+        params = {n: whole_tensor(p).detach().cpu().contiguous() for n, p in self.params.items()}
         names = {id(p): n for n, p in self.params.items()}
         optimizer = full_optimizer_state(self.optimizer, names)
         tmp = None
