@@ -14,6 +14,15 @@ Both modes produce the same greedy text, so they do the same work.
 Everything stays bounded: `--requests` per run, `--time-limit` seconds per run (requests
 not started by then are skipped and counted), loopback only. Results go to
 benchmarks/results/serve_load.json and .md.
+
+    python benchmarks/serve_load.py --faults --requests 64 --max-tokens 16 --adapters 8
+
+`--faults` runs the same traffic (mixed mode, over every adapter but adapter00) while
+adapter00 and the base take faults: clients that hang up after the first streamed chunk, a
+malformed request every `--malformed-every`th, adapter00 unloaded while requests for it are
+in flight, and a client reading its stream one chunk per half second. It reports how many
+requests for the other adapters failed (must be 0), the server's RSS over time, and whether
+it still answers at the end; results in benchmarks/results/serve_faults.json and .md.
 """
 from __future__ import annotations
 
@@ -157,6 +166,124 @@ def write(results: dict) -> None:
     (RESULTS / "serve_load.md").write_text("\n".join(lines) + "\n")
 
 
+# -- fault injection ----------------------------------------------------------------------------
+MALFORMED = [b'{"model": "adapter01", "prompt": ', b'{"model": "adapter01", "prompt": "a", "max_tokens": "x"}',
+             b'{"model": "adapter01", "prompt": "a", "temperature": -1}', b"\xff\xfe garbage",
+             b'{"model": "no/such", "prompt": "a"}']
+
+
+def rss_mib() -> float:
+    """This process's resident memory (the server runs in it, in a thread)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def fault_run(args: argparse.Namespace, adapters_dir: Path) -> dict:
+    config = EngineConfig(max_adapters=max(max(args.adapters), 2), max_batch_size=args.max_batch_size,
+                          watch_interval_s=0, request_timeout_s=args.time_limit + 60)
+    engine = Engine.from_pretrained(args.model, adapters_dir, served_name="base", config=config)
+    others = [f"adapter{i:02d}" for i in range(1, max(max(args.adapters), 2))]
+    with Server(engine, args.clients + 8) as url:
+        return asyncio.run(fire_with_faults(url, "adapter00", others, args))
+
+
+async def fire_with_faults(url: str, faulted: str, others: list[str], args: argparse.Namespace) -> dict:
+    """The load test's traffic on `others`, faults on `faulted` and the base, RSS sampled."""
+    n = {"other_done": 0, "other_failed": 0, "malformed": 0, "malformed_not_4xx": 0, "disconnects": 0,
+         "slow_streams": 0, "unloaded_in_flight": 0, "unloaded_in_flight_completed": 0}
+    rss: list[tuple[float, float]] = []
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(args.requests):
+        queue.put_nowait(i)
+    start = time.perf_counter()
+    busy = True
+
+    def body(model: str, max_tokens: int, **extra) -> dict:
+        return {"model": model, "prompt": PROMPTS[len(model) % len(PROMPTS)], "max_tokens": max_tokens,
+                "temperature": 0, **extra}
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while not queue.empty() and time.perf_counter() - start < args.time_limit:
+            i = queue.get_nowait()
+            if i % args.malformed_every == args.malformed_every - 1:
+                r = await http.post("/v1/completions", content=MALFORMED[i % len(MALFORMED)],
+                                    headers={"content-type": "application/json"})
+                n["malformed"] += 1
+                n["malformed_not_4xx"] += not 400 <= r.status_code < 500
+                continue
+            try:
+                r = await http.post("/v1/completions", json=body(others[i % len(others)], args.max_tokens))
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            n["other_done" if ok else "other_failed"] += 1
+
+    async def disconnecting(http: httpx.AsyncClient) -> None:
+        while busy:
+            async with http.stream("POST", "/v1/completions", json=body(faulted, 64, stream=True)) as r:
+                if r.status_code == 404:      # unloaded: hang up on the base instead
+                    await asyncio.sleep(0.05)
+                    continue
+                await anext(r.aiter_lines())
+            n["disconnects"] += 1
+
+    async def slow(http: httpx.AsyncClient) -> None:
+        while busy:
+            async with http.stream("POST", "/v1/completions", json=body("base", args.max_tokens, stream=True)) as r:
+                async for _ in r.aiter_lines():
+                    await asyncio.sleep(0.5)
+            n["slow_streams"] += 1
+
+    async def unload(http: httpx.AsyncClient) -> None:
+        while queue.qsize() > args.requests * 2 // 3:     # a third of the traffic in: unload mid-run
+            await asyncio.sleep(0.1)
+
+        async def one() -> bool:
+            async with http.stream("POST", "/v1/completions", json=body(faulted, args.max_tokens, stream=True)) as r:
+                lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+            return r.status_code == 200 and lines[-1] == "data: [DONE]"
+        running = [asyncio.create_task(one()) for _ in range(3)]
+        await asyncio.sleep(0.5)
+        n["unloaded_in_flight"] = len(running)
+        await http.delete(f"/v1/adapters/{faulted}")
+        n["unloaded_in_flight_completed"] = sum(await asyncio.gather(*running))
+
+    async def sample(http: httpx.AsyncClient) -> None:
+        while busy:
+            rss.append((round(time.perf_counter() - start, 1), round(rss_mib(), 1)))
+            await asyncio.sleep(0.5)
+
+    async with httpx.AsyncClient(base_url=url, timeout=args.time_limit + 60) as http:
+        await http.post("/v1/completions", json={"model": "base", "prompt": PROMPTS[0], "max_tokens": 2})
+        start = time.perf_counter()
+        background = [asyncio.create_task(f(http)) for f in (disconnecting, slow, sample)]
+        await asyncio.gather(unload(http), *(client(http) for _ in range(args.clients)))
+        busy = False
+        await asyncio.gather(*background)
+        health = await http.get("/health")
+        answer = await http.post("/v1/completions", json=body(others[0], 4))
+    mib = [m for _, m in rss]
+    return {**n, "skipped": queue.qsize(), "wall_s": time.perf_counter() - start,
+            "rss_start_mib": mib[0], "rss_max_mib": max(mib), "rss_end_mib": mib[-1], "rss_samples": rss,
+            "answering_at_end": health.status_code == 200 and answer.status_code == 200}
+
+
+def write_faults(args: argparse.Namespace, r: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
+    (RESULTS / "serve_faults.json").write_text(json.dumps({"command": command, **r}, indent=2) + "\n")
+    lines = ["# lorakit serve under faults\n", f"Command: `{command}` ({args.model}, {args.clients} clients).\n",
+             "| measure | value |", "|---|---:|"]
+    for key in ("other_done", "other_failed", "skipped", "malformed", "malformed_not_4xx", "disconnects", "slow_streams",
+                "unloaded_in_flight", "unloaded_in_flight_completed", "rss_start_mib", "rss_max_mib", "rss_end_mib",
+                "answering_at_end", "wall_s"):
+        value = r[key]
+        lines.append(f"| {key} | {value:.1f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    (RESULTS / "serve_faults.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[2:]))
+    print(f"wrote {RESULTS / 'serve_faults.json'} and serve_faults.md")
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -173,12 +300,20 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per run; later requests are skipped")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (on a CPU shared with other jobs, 1 is often far faster)")
+    parser.add_argument("--faults", action="store_true", help="the fault-injection run instead (see the docstring)")
+    parser.add_argument("--malformed-every", type=int, default=5, help="with --faults: every Nth request is malformed")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.adapters = [int(a) for a in args.adapters.split(",")]
     modes = [m == "mixed" for m in args.modes.split(",")]
     load = os.getloadavg()[0]
+    if args.faults:
+        with tempfile.TemporaryDirectory(prefix="lorakit-serve-faults-") as tmp:
+            make_adapters(args.model, Path(tmp), max(max(args.adapters), 2))
+            result = fault_run(args, Path(tmp))
+        write_faults(args, result)
+        return
     with tempfile.TemporaryDirectory(prefix="lorakit-serve-load-") as tmp:
         make_adapters(args.model, Path(tmp), max(args.adapters))
         runs = []

@@ -5,7 +5,7 @@
     ...train...
     lorakit.save_adapter(model, "out/adapter")                              # PEFT's format
 """
-from .lora import (AdapterLoadError, ConfigError, LoraConfig, ParameterCount, Target, TargetError,
+from .lora import (AdapterLoadError, ConfigError, LoraConfig, MergeError, ParameterCount, Target, TargetError,
                    active_adapters, adapter_names, adapter_state_dict, add_weighted_adapter,
                    count_parameters, delete_adapter, disable_adapters, find_targets, inject,
                    load_adapter, lora_layers, merge, merge_and_unload, mixed_batch, save_adapter,
@@ -15,7 +15,7 @@ from .lora.inject import dry_run
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterLoadError", "ConfigError", "LoraConfig", "ParameterCount", "Target", "TargetError",
+    "AdapterLoadError", "ConfigError", "LoraConfig", "MergeError", "ParameterCount", "Target", "TargetError",
     "active_adapters", "adapter_names", "adapter_state_dict", "add_weighted_adapter",
     "count_parameters", "delete_adapter", "disable_adapters", "dry_run", "find_targets", "inject",
     "load_adapter", "lora_layers", "merge", "merge_and_unload", "mixed_batch", "save_adapter", "set_adapter",

@@ -219,26 +219,20 @@ def merge(
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
 ) -> None:
     """Merge an adapter into its base: a plain transformers model dir, no lorakit needed to load it."""
+    import shutil
+    from ._fs import crash_point, replace_dir
     from .lora import merge_and_unload
     from .train.api import load_trained
-    trained = load_trained(model, adapter)    # refuses NaN/inf weights: no broken merge
-    plain = merge_and_unload(trained.model)
+    trained = load_trained(model, adapter)    # refuses NaN/inf adapter weights
+    plain = merge_and_unload(trained.model)   # safe merge: refuses a NaN/inf result, nothing written
+    # Written aside, then swapped in whole: an interrupted merge leaves the old --output intact.
     tmp = output.with_name(f".{output.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)    # a killed earlier merge's leftovers
     plain.save_pretrained(tmp)
     trained.tokenizer.save_pretrained(tmp)
-    _replace_dir(tmp, output)
+    crash_point("merge.written")
+    replace_dir(tmp, output)
     console.print(f"merged model written to {output}")
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a finished directory into place; the old one is removed only after."""
-    import shutil
-    old = final.with_name(f".{final.name}.old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 @app.command()

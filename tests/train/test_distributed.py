@@ -39,7 +39,9 @@ def torchrun(opts: dict, nproc: int = 2, wait: bool = True, **extra) -> subproce
     args = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
             "-m", "lorakit", "train", "--quiet"]
     for key, value in {**opts, **extra}.items():
-        if value is not None:
+        if value is True:
+            args.append(f"--{key.replace('_', '-')}")
+        elif value is not None:
             args += [f"--{key.replace('_', '-')}", str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LORAKIT_DIST_TIMEOUT": "60"}
     if not wait:
@@ -57,24 +59,30 @@ def evals(out: Path) -> list[dict]:
     return [r for r in rows if "eval_loss" in r]
 
 
-def assert_same_adapter(a: Path, b: Path) -> None:
+def assert_same_adapter(a: Path, b: Path, bf16: bool = False) -> None:
     left, right = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
     assert left.keys() == right.keys() and left
     for key in left:
-        torch.testing.assert_close(left[key], right[key], rtol=1e-4, atol=1e-6)
+        if bf16:     # rounding differs per element, and Adam's normalised steps amplify it on
+            assert (left[key] - right[key]).norm() <= 0.15 * right[key].norm(), key     # near-zero gradients
+        else:
+            torch.testing.assert_close(left[key], right[key], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("strategy,task", [("ddp", "classification"), ("fsdp", "classification"), ("ddp", "causal-lm")])
-def test_two_processes_equal_one(strategy, task, model_dirs, data_files, tmp_path):
+@pytest.mark.parametrize("strategy,task,bf16", [("ddp", "classification", False), ("fsdp", "classification", False),
+                                               ("ddp", "causal-lm", False), ("fsdp", "causal-lm", True)])
+def test_two_processes_equal_one(strategy, task, bf16, model_dirs, data_files, tmp_path):
     from lorakit.train.callbacks import default_callbacks
-    single = options(model_dirs, data_files, task, tmp_path / "single")
+    flags = {"bf16": True} if bf16 else {}
+    single = options(model_dirs, data_files, task, tmp_path / "single", **flags)
     train(TrainConfig(**single), callbacks=default_callbacks(tmp_path / "single" / "logs", progress=False))
-    run = torchrun(options(model_dirs, data_files, task, tmp_path / "multi"), distributed=strategy)
+    run = torchrun(options(model_dirs, data_files, task, tmp_path / "multi", **flags), distributed=strategy)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert curve(tmp_path / "multi") == pytest.approx(curve(tmp_path / "single"), rel=1e-4)
+    rel = 1e-2 if bf16 else 1e-4      # bf16 rounds each rank's half-batch differently from the whole batch
+    assert curve(tmp_path / "multi") == pytest.approx(curve(tmp_path / "single"), rel=rel)
     for a, b in zip(evals(tmp_path / "multi"), evals(tmp_path / "single")):
-        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-4)
-    assert_same_adapter(tmp_path / "multi", tmp_path / "single")
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=rel)
+    assert_same_adapter(tmp_path / "multi", tmp_path / "single", bf16)
     checkpoint = max((tmp_path / "multi" / "checkpoints").iterdir())
     assert load_file(checkpoint / "adapter" / "adapter_model.safetensors")     # written once, never empty
 

@@ -6,6 +6,6 @@ from .inject import (DEFAULT_TARGETS, Target, TargetError, find_targets, inject,
                      lora_layers, set_trainable)
 from .io import AdapterLoadError, adapter_state_dict, load_adapter, read_adapter_weights, save_adapter
 from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
-from .merge import merge, merge_and_unload, unload, unmerge
+from .merge import MergeError, merge, merge_and_unload, unload, unmerge
 from .mixed import mixed_batch
 from .combine import combine_adapters

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,12 +72,37 @@ class LoraConfig:
     enable_lora: dict[str, list[bool]] | None = None
 
     def __post_init__(self) -> None:
+        self._check_types()
         self.target_modules = _as_names(self.target_modules)
         self.exclude_modules = _as_names(self.exclude_modules)
         self.modules_to_save = list(self.modules_to_save) if self.modules_to_save else None
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
         self.validate()
+
+    def _check_types(self) -> None:
+        """The container and string fields hold what they claim (an adapter_config.json may
+        hold anything): checked before they are converted or matched against module names."""
+        for name in ("target_modules", "exclude_modules", "layers_pattern"):
+            value = getattr(self, name)
+            _check(value is None or isinstance(value, str) or _is_str_list(value), name, value,
+                   "a string, a list of strings, or null")
+        _check(self.modules_to_save is None or _is_str_list(self.modules_to_save), "modules_to_save",
+               self.modules_to_save, 'a list of module names, e.g. ["classifier"], or null')
+        _check(self.layers_to_transform is None or isinstance(self.layers_to_transform, (int, list, tuple)),
+               "layers_to_transform", self.layers_to_transform, "a layer index, a list of them, or null")
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            _check(isinstance(value, dict) and all(isinstance(k, str) for k in value), name, value,
+                   '{"module pattern": value}')
+        _check(self.enable_lora is None or (isinstance(self.enable_lora, dict)
+                                            and all(isinstance(m, (list, tuple)) for m in self.enable_lora.values())),
+               "enable_lora", self.enable_lora, '{"module pattern": [True, False, True]} or null')
+        for name in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false")
+        for name in ("task_type", "base_model_name_or_path", "revision"):
+            _check(getattr(self, name) is None or isinstance(getattr(self, name), str), name,
+                   getattr(self, name), "a string or null")
 
     def validate(self) -> None:
         _check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r", self.r,
@@ -90,12 +116,12 @@ class LoraConfig:
         _check(self.init_lora_weights in (True, False, "kaiming", "gaussian"), "init_lora_weights",
                self.init_lora_weights, 'True, False, "kaiming" or "gaussian"')
         for key, value in self.rank_pattern.items():
-            _check(isinstance(value, int) and value > 0, f"rank_pattern[{key!r}]", value,
+            _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"rank_pattern[{key!r}]", value,
                    "a positive integer rank")
         for key, value in self.alpha_pattern.items():
             _check(_is_number(value) and value > 0, f"alpha_pattern[{key!r}]", value, "a positive number")
         for layer in self.layers_to_transform or []:
-            _check(isinstance(layer, int) and layer >= 0, "layers_to_transform", self.layers_to_transform,
+            _check(isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0, "layers_to_transform", self.layers_to_transform,
                    "non-negative layer indices, e.g. [0, 1]")
         for key, mask in (self.enable_lora or {}).items():
             _check(len(mask) > 0 and any(mask) and all(isinstance(m, bool) for m in mask),
@@ -103,11 +129,10 @@ class LoraConfig:
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str) and value != "all-linear":
-                try:
-                    re.compile(value)
-                except re.error as e:
-                    raise ConfigError(f"{name}={value!r} is not a valid regular expression ({e}); "
-                                      "pass a list of module names instead, e.g. ['q_proj', 'v_proj']") from e
+                _check_regex(value, name, "pass a list of module names instead, e.g. ['q_proj', 'v_proj']")
+        for name in ("rank_pattern", "alpha_pattern", "enable_lora"):
+            for key in getattr(self, name) or {}:   # keys are regexes matched against module paths
+                _check_regex(key, f"{name} key", "use a module name or a dotted path suffix")
 
     # -- serialisation in PEFT's format ------------------------------------------------------
     def to_peft_dict(self) -> dict[str, Any]:
@@ -140,15 +165,19 @@ class LoraConfig:
             raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: is this an adapter directory? "
                                     "(lorakit and PEFT write one next to adapter_model.safetensors)")
         try:
+            # ValueError: bad JSON (JSONDecodeError), bad UTF-8, an integer of more than 4300
+            # digits; RecursionError: arrays nested thousands deep. All are the file's fault.
             d = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{file} is not valid JSON: {e}") from e
+        except (ValueError, RecursionError) as e:
+            raise ConfigError(f"{file} is not valid JSON: {type(e).__name__}: {_short(e)}") from e
         if not isinstance(d, dict):
             raise ConfigError(f"{file} must hold a JSON object, found {type(d).__name__}")
         try:
             return cls.from_dict(d)
-        except TypeError as e:
+        except ConfigError as e:
             raise ConfigError(f"{file}: {e}") from e
+        except (TypeError, RecursionError) as e:   # a value of a type no check foresaw
+            raise ConfigError(f"{file}: invalid value ({type(e).__name__}: {_short(e)})") from e
 
     def replace(self, **changes: Any) -> "LoraConfig":
         return dataclasses.replace(self, **changes)
@@ -161,9 +190,32 @@ def _as_names(value: Any) -> list[str] | str | None:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    """A finite int or float: JSON allows NaN and 1e999 (inf), which would poison the scaling."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:      # an int too large for a float
+        return False
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value)
+
+
+def _check_regex(pattern: str, name: str, hint: str) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ConfigError(f"{name} {pattern!r} is not a valid regular expression ({e}); {hint}") from e
+
+
+def _short(e: BaseException, limit: int = 200) -> str:
+    """An exception's text cut to `limit` characters (a hostile file can make it huge)."""
+    text = str(e)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:
     if not ok:
-        raise ConfigError(f"LoraConfig.{name}={value!r} is invalid: expected {expected}")
+        raise ConfigError(f"LoraConfig.{name}={_short(repr(value))} is invalid: expected {expected}")

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
+import regex
 import torch.nn as nn
 
 from .config import ConfigError, LoraConfig
@@ -68,16 +69,32 @@ def name_matches(name: str, spec: list[str] | str) -> bool:
     """PEFT's rule: a regex string must match the whole path; a list entry matches exactly or
     as a dotted suffix."""
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return _matches(spec, name)
     return any(name == t or name.endswith("." + t) for t in spec)
 
 
 def pattern_value(name: str, patterns: dict, default):
     """rank_pattern / alpha_pattern lookup: the first key that matches the end of the path."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?(?:{key})$", name):
+        if _matches(rf"(.*\.)?(?:{key})$", name):
             return value
     return default
+
+
+# Patterns come from adapter_config.json files, which may be hostile: with `re`, a pattern such
+# as "(.*.*)*$x" backtracks for hours on a module path. The `regex` package (a dependency of
+# transformers) reads the same syntax, avoids most such blow-ups and times out the rest.
+PATTERN_TIMEOUT_S = 1.0
+
+
+def _matches(pattern: str, name: str) -> bool:
+    try:
+        return regex.fullmatch(pattern, name, timeout=PATTERN_TIMEOUT_S) is not None
+    except TimeoutError as e:
+        raise TargetError(f"the pattern {pattern!r} took over {PATTERN_TIMEOUT_S:g} s to match {name!r}; "
+                          "use module names or a simpler pattern") from e
+    except regex.error as e:   # valid for `re` (checked in LoraConfig), not for `regex`
+        raise TargetError(f"the pattern {pattern!r} is not a valid regular expression ({e})") from e
 
 
 def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:

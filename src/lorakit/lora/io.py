@@ -7,11 +7,21 @@
                                  base_model.model.<path>.<param>             (modules_to_save)
                                  base_model.model.<path>[.base_layer].bias   (bias="all"/"lora_only")
 Only safetensors and JSON are read by default: loading an adapter never runs code.
+
+Untrusted files. Whatever is wrong with an adapter directory's contents (truncated or
+corrupted files, hostile safetensors headers, non-finite or non-float weights, unexpected
+keys, wrong shapes, an adapter_config.json that is not JSON or holds wrong values),
+`load_adapter` raises `AdapterLoadError` (a ValueError) naming the file and the problem;
+for adapter_config.json it is `AdapterConfigError`, also a `ConfigError`. Only a missing
+directory or file is a FileNotFoundError. Nothing is allocated beyond what the file holds:
+safetensors checks every declared shape and offset against the file size before reading,
+and the adapter's own tensors are bounded by the model's layer sizes (r <= min(in, out)).
 """
 from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -21,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from .._fs import atomic_write_json, atomic_write_with
 from .adapters import delete_adapter
-from .config import CONFIG_NAME, LoraConfig
+from .config import CONFIG_NAME, ConfigError, LoraConfig, _short
 from .inject import (TargetError, add_adapter, bias_names, find_targets, freeze_adapter, freeze_base, lora_configs,
                      lora_layers, pattern_value, saved_modules, set_trainable)
 from .layers import LoraEmbedding, LoraLayer
@@ -31,8 +41,18 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 
+# What an adapter's weights may hold: a float type torch can check for NaN and copy into the
+# model (fp8 and fp4 cannot be checked with isfinite, integers and bools are not weights).
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 class AdapterLoadError(ValueError):
     """An adapter directory does not fit the model, or its files are unreadable."""
+
+
+class AdapterConfigError(AdapterLoadError, ConfigError):
+    """The adapter's adapter_config.json is unreadable or invalid (both families: a caller
+    may catch either)."""
 
 
 # -- keys ------------------------------------------------------------------------------------
@@ -137,20 +157,44 @@ def read_adapter_weights(path: str | os.PathLike, allow_pickle: bool = False) ->
     if not file.is_file():
         legacy = path / PICKLE_WEIGHTS_NAME
         if legacy.is_file() and allow_pickle:
-            try:
-                return torch.load(legacy, map_location="cpu", weights_only=True)
-            except Exception as e:  # any unpickling failure is the file's fault
-                raise AdapterLoadError(f"{legacy} could not be read safely: {e}") from e
+            return _read_pickle(legacy)
         if legacy.is_file():
             raise AdapterLoadError(f"{path} holds only a pickle file ({PICKLE_WEIGHTS_NAME}); pickle can run "
                                    "code, so lorakit does not read it by default. Pass allow_pickle=True "
                                    "(read with weights_only=True) or convert it to safetensors")
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
     try:
+        # safetensors validates the header (shapes, dtypes, offsets) against the file size
+        # before it reads a tensor, so a hostile header cannot make it allocate more than the file.
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterLoadError(f"{file} is not a readable safetensors file ({e}); it may be truncated "
+        raise AdapterLoadError(f"{file} is not a readable safetensors file ({_short(e)}); it may be truncated "
                                "or corrupted: save the adapter again") from e
+
+
+def _read_pickle(file: Path) -> dict[str, torch.Tensor]:
+    """A torch.save file read with weights_only=True (no code runs), after checks that bound
+    what it can allocate: torch's zip format only (the legacy format allocates each storage at
+    its declared size before reading it), records stored uncompressed (no zip bomb) and no
+    bigger in total than the file."""
+    size = file.stat().st_size
+    try:
+        with zipfile.ZipFile(file) as z:
+            records = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise AdapterLoadError(f"{file} is not in torch.save's zip format ({_short(e)}); lorakit reads only "
+                               "that pickle format: convert the adapter to safetensors") from e
+    if any(r.compress_type != zipfile.ZIP_STORED for r in records) or sum(r.file_size for r in records) > size:
+        raise AdapterLoadError(f"{file} holds compressed or oversized records, which torch.save never writes; "
+                               "refusing to read it")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unpickling failure is the file's fault
+        raise AdapterLoadError(f"{file} could not be read safely: {_short(e)}") from e
+    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in state.items())):
+        raise AdapterLoadError(f"{file} does not hold a {{name: tensor}} dict; not an adapter's weights")
+    return state
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, *,
@@ -163,13 +207,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     keys; nothing is half-loaded. The first adapter of a model becomes active; later ones
     are activated with `set_adapter`. Frozen unless `is_trainable`."""
     name = adapter_name or "default"
-    config = LoraConfig.from_pretrained(path)
+    try:
+        config = LoraConfig.from_pretrained(path)
+    except ConfigError as e:
+        raise AdapterConfigError(str(e)) from e
     state = read_adapter_weights(path, allow_pickle)
     try:
         add_adapter(model, config, name)
     except TargetError as e:
         raise AdapterLoadError(f"the adapter at {path} (made for {config.base_model_name_or_path or 'an unknown base'}) "
                                f"does not fit this {type(model).__name__}: {e}") from e
+    except ConfigError:
+        raise                    # the adapter name: the caller's argument, not the file
+    except ValueError as e:      # a rank larger than a layer, a slice mask that does not fit, ...
+        raise AdapterConfigError(f"{Path(path) / CONFIG_NAME} does not fit this {type(model).__name__}: {e}") from e
     try:
         _copy_into(model, name, config, state, path)
     except BaseException:
@@ -192,17 +243,25 @@ def _copy_into(model: nn.Module, name: str, config: LoraConfig, state: dict[str,
         raise AdapterLoadError(f"adapter at {path} does not match the model: "
                                f"{_few('missing', missing)}{'; ' if missing and unexpected else ''}"
                                f"{_few('unexpected', unexpected)}. Was it made for another model or config?")
+    # Shapes and dtypes of every tensor first (cheap), then values: a bad file costs no
+    # full pass over its tensors, and nothing is copied unless all of them pass.
     for key, target in targets.items():
         value = state[key]
         if value.shape != target.shape:
-            raise AdapterLoadError(f"{key}: the file has shape {tuple(value.shape)}, the model expects "
+            raise AdapterLoadError(f"{path}: {key}: the file has shape {tuple(value.shape)}, the model expects "
                                    f"{tuple(target.shape)} (adapter_config.json says r={config.r}; a rank or "
                                    "base-model size mismatch)")
-        if not value.is_floating_point():
-            raise AdapterLoadError(f"{key} has dtype {value.dtype}; adapter weights must be floating point")
-        if not torch.isfinite(value).all():
-            raise AdapterLoadError(f"{key} holds NaN or infinite values; refusing to load a broken adapter")
-        target.copy_(value)
+        # A float parameter takes any float type torch can check and cast; a non-float buffer
+        # of a saved module (BatchNorm's step count) exactly its own type.
+        ok = value.dtype in WEIGHT_DTYPES if target.is_floating_point() else value.dtype == target.dtype
+        if not ok:
+            raise AdapterLoadError(f"{path}: {key} has dtype {value.dtype}; adapter weights must be float16, "
+                                   "bfloat16, float32 or float64")
+    for key, target in targets.items():
+        if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
+            raise AdapterLoadError(f"{path}: {key} holds NaN or infinite values; refusing to load a broken adapter")
+    for key, target in targets.items():
+        target.copy_(state[key])
 
 
 def _few(label: str, keys: list[str], limit: int = 5) -> str:

@@ -21,6 +21,10 @@ from torch import Tensor
 from . import functional as LF
 
 
+class MergeError(ValueError):
+    """A merge would write NaN or infinite values into the base weights; nothing was changed."""
+
+
 def conv1d_type() -> type | None:
     """Hugging Face's GPT-2 `Conv1D` (a linear layer whose weight is stored [in, out])."""
     try:
@@ -162,12 +166,16 @@ class LoraLayer(nn.Module):
         return LF.delta_weight(self.A_matrix(name), self.B_matrix(name), self.scaling[name]).view(self.weight.shape)
 
     @torch.no_grad()
-    def set_merged(self, names: Iterable[str]) -> None:
+    def set_merged(self, names: Iterable[str], safe: bool = True) -> None:
         """Make the base weight W0 + Σ ΔW over `names`, computed in fp32 and rounded once.
 
         Exactness: the original W0 is kept aside while anything is merged (memory: one copy of
         this layer's weight), so unmerging restores it bit for bit in any dtype; repeated
-        merge/unmerge cycles cannot drift."""
+        merge/unmerge cycles cannot drift.
+
+        Safe merge (`safe`, PEFT's safe_merge, on by default): a result holding NaN or inf (a
+        broken adapter, or an overflow of the base dtype) raises MergeError and leaves the
+        layer as it was. The check is one pass over the weight, cheap next to the B·A product."""
         names = [n for n in names if n in self.lora_A]
         weight = self.weight
         if not names:
@@ -176,17 +184,28 @@ class LoraLayer(nn.Module):
                 self._original_weight = None
             self.merged_adapters = []
             return
-        if self._original_weight is None:
-            self._original_weight = weight.detach().clone()
-        merged = self._original_weight.float()
+        original = self._original_weight if self._original_weight is not None else weight.detach().clone()
+        merged = original.float()
         for name in names:
             merged = merged + self.delta_weight(name).to(merged.device)
-        weight.copy_(merged.to(weight.dtype))
+        merged = merged.to(weight.dtype)
+        if safe and not torch.isfinite(merged).all():
+            raise MergeError(self._why_not_finite(names, weight.dtype))
+        self._original_weight = original
+        weight.copy_(merged)
         self.merged_adapters = names
 
-    def merge(self, names: Sequence[str] | None = None) -> None:
+    def _why_not_finite(self, names: Sequence[str], dtype: torch.dtype) -> str:
+        broken = [n for n in names if not all(torch.isfinite(m).all() for m in (self.lora_A[n], self.lora_B[n]))]
+        if broken:
+            return (f"adapter(s) {broken} hold NaN or infinite weights; refusing to merge a broken adapter "
+                    "(retrain it, or resume from a checkpoint before the divergence)")
+        return (f"merging {list(names)} gives NaN or infinite values in the {dtype} base weight (an overflow); "
+                "merge into a float32 copy of the model, or keep the adapter unmerged")
+
+    def merge(self, names: Sequence[str] | None = None, safe: bool = True) -> None:
         names = self.active_adapters if names is None else names
-        self.set_merged(dict.fromkeys([*self.merged_adapters, *names]))
+        self.set_merged(dict.fromkeys([*self.merged_adapters, *names]), safe=safe)
 
     def unmerge(self) -> None:
         self.set_merged([])

@@ -1,24 +1,46 @@
 """Merging ΔW into the base weights (no added latency) and taking LoRA out again."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
+import torch
 import torch.nn as nn
 
 from .adapters import _require, active_adapters
 from .inject import lora_configs, lora_layers, saved_modules, set_submodule
+from .layers import LoraLayer, MergeError
 
 
-def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
+def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, safe_merge: bool = True) -> nn.Module:
     """Fold the active adapters (or `adapter_names`) into the base weights, in place.
 
-    The forward then costs what the base costs. W0 is kept aside so `unmerge` is exact."""
+    The forward then costs what the base costs. W0 is kept aside so `unmerge` is exact.
+    With `safe_merge` (the default) an adapter with NaN/inf weights, or a merge that overflows
+    the base dtype, raises MergeError and leaves every layer as it was."""
     if adapter_names is not None:
         _require(model, adapter_names)
     _refuse_tied(model)
-    for _, layer in lora_layers(model):
-        layer.merge(adapter_names)
+    _merge_all(model, lambda layer: [*layer.merged_adapters,
+                                     *(layer.active_adapters if adapter_names is None else adapter_names)], safe_merge)
     return model
+
+
+def _merge_all(model: nn.Module, names_for: Callable[[LoraLayer], Sequence[str]], safe: bool) -> None:
+    """Merge `names_for(layer)` into every layer, all or nothing: when one layer refuses (safe
+    merge), the layers already merged are set back to what they held (bit-exact: W0 is kept)."""
+    done: list[tuple[LoraLayer, list[str]]] = []
+    try:
+        for path, layer in lora_layers(model):
+            before = list(layer.merged_adapters)
+            try:
+                layer.set_merged(dict.fromkeys(names_for(layer)), safe=safe)
+            except MergeError as e:
+                raise MergeError(f"cannot merge into {path}: {e}. Nothing was merged") from None
+            done.append((layer, before))
+    except MergeError:
+        for layer, before in reversed(done):
+            layer.set_merged(before, safe=False)
+        raise
 
 
 def _refuse_tied(model: nn.Module) -> None:
@@ -42,17 +64,30 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, safe_merge: bool = True) -> nn.Module:
     """The plain model with the active adapters merged: every wrapper replaced by its
     original module class (modules_to_save by the active adapter's copy), so transformers'
-    save_pretrained/from_pretrained work on it without lorakit."""
+    save_pretrained/from_pretrained work on it without lorakit. `safe_merge` as in `merge`:
+    on refusal the model keeps its adapters, unmerged."""
     names = active_adapters(model)
     _refuse_tied(model)
+    if safe_merge:
+        _refuse_non_finite_heads(model)
+    # Merge everywhere first (all or nothing), then unwrap: a refused merge leaves the model as it was.
+    _merge_all(model, lambda layer: names, safe_merge)
     for name, layer in list(lora_layers(model)):
-        layer.set_merged(names)
         layer._original_weight = None   # the merge is final: drop the copy kept for unmerge
         set_submodule(model, name, layer.base_layer)
     return _unload_wrappers(model)
+
+
+def _refuse_non_finite_heads(model: nn.Module) -> None:
+    """The adapter's trained copies of whole modules (a new task head) become part of the model too."""
+    for path, wrapper in saved_modules(model):
+        for key, value in wrapper.active_module().state_dict().items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise MergeError(f"cannot merge: the adapter's copy of {path}.{key} holds NaN or infinite values; "
+                                 "refusing to merge a broken adapter. Nothing was merged")
 
 
 def unload(model: nn.Module) -> nn.Module:

@@ -20,10 +20,11 @@ import torch
 import torch.nn as nn
 
 from .. import lora, methods
-from .._fs import atomic_write_json
+from .._fs import atomic_write_json, remove_stale_temps
 from ..models import load_model, load_tokenizer
 from .config import TrainConfig
 from .data import DataError, build_label_map, read_records, resolve_fields, to_examples
+from . import preflight
 from .state import BaseCallback
 from .tasks import Task, make_task
 from .distributed import init_distributed
@@ -70,19 +71,26 @@ def lora_config(config: TrainConfig, new_modules: Sequence[str]) -> lora.LoraCon
 
 def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) -> TrainResult:
     """Fine-tune `config.model` with LoRA on `config.data`; see the module docstring."""
+    # Everything is checked before the first step (docs/validation.md): the options alone in
+    # TrainConfig.validate, then the output dir, the data's fields, the model, the disk.
     dist = init_distributed(config.distributed)
+    output = Path(config.output)
+    if dist.is_main:
+        preflight.check_output_dir(config)
     seed_everything(config.seed)
     train_examples = read_examples(config.data, config, config.max_train_examples, "training data")
     eval_examples = read_examples(config.eval_data, config, config.max_eval_examples, "eval data") if config.eval_data else []
     labels = build_label_map(train_examples, eval_examples, eval_source=f"eval data {config.eval_data}") \
         if config.task in ("classification", "ner") else []
     model, tokenizer, new_modules = build_model(config, labels)
+    preflight.check_lora_targets(config, model, new_modules)
     seed_everything(config.seed)    # adapter init does not depend on how loading used the RNG
     model = methods.apply_method(model, config, new_modules)   # lora: lora.inject(model, lora_config(...))
     task = make_task(config.task, tokenizer, config.max_length, labels)
-    output = Path(config.output)
     if dist.is_main:
-        output.mkdir(parents=True, exist_ok=True)
+        preflight.check_disk_space(config, model)
+        for directory in (output, output / LOGS):   # temp files a killed run left behind
+            remove_stale_temps(directory)
         write_task_file(output, config, labels)
     if callbacks is None:
         from .callbacks import default_callbacks

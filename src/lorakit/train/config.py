@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,39 @@ class TrainConfig:
         _need(self.init in ("kaiming", "gaussian"), "init", self.init, '"kaiming" or "gaussian"')
         _need(self.eval_generate >= 0, "eval_generate", self.eval_generate, ">= 0")
         _need(self.distributed in ("ddp", "fsdp"), "distributed", self.distributed, '"ddp" or "fsdp"')
+        _need(self.head_lr is None or 0 < self.head_lr < 1, "head_lr", self.head_lr, "a learning rate in (0, 1), or unset")
+        self._validate_targets()
+        self._validate_combinations()
+
+    def _validate_targets(self) -> None:
+        if isinstance(self.targets, list):
+            _need(bool(self.targets) and all(isinstance(t, str) and t for t in self.targets), "targets", self.targets,
+                  "module names, e.g. query,value (or a regex, or all-linear)")
+        elif isinstance(self.targets, str) and self.targets != "all-linear":
+            try:
+                re.compile(self.targets)
+            except re.error as e:
+                raise TrainConfigError(f"--targets={self.targets!r} is invalid: not a regular expression ({e}); "
+                                       "expected module names, e.g. query,value") from e
+
+    def _validate_combinations(self) -> None:
+        """Options that are fine alone but wrong together: each would be silently ignored."""
+        if self.eval_generate and self.task not in ("causal-lm", "seq2seq"):
+            raise TrainConfigError(f"--eval-generate={self.eval_generate} is invalid with --task={self.task}: BLEU/ROUGE-L "
+                                   "score generated text (causal-lm, seq2seq only); drop --eval-generate")
+        if self.eval_every and not self.eval_data:
+            raise TrainConfigError(f"--eval-every={self.eval_every} is invalid without --eval-data: there is nothing to "
+                                   "evaluate; give --eval-data, or use --save-every for checkpoints alone")
+        if self.method != "lora":
+            lora_only = {"targets": self.targets is not None, "use_rslora": self.use_rslora,
+                         "lora_plus_ratio": self.lora_plus_ratio != 1}
+            for name, given in lora_only.items():
+                if given:
+                    raise TrainConfigError(f"--{name.replace('_', '-')}={getattr(self, name)!r} is invalid with "
+                                           f"--method={self.method}: it is a LoRA option; drop it or use --method=lora")
+        if self.method.startswith("prefix") and self.gradient_checkpointing:
+            raise TrainConfigError(f"--gradient-checkpointing is invalid with --method={self.method}: prefix methods "
+                                   "change the attention inputs that checkpointing recomputes; drop one of them")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,20 +159,58 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise TrainConfigError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
     try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text))
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
-        raise TrainConfigError(f"config file {path} could not be parsed: {e}") from e
-    if not isinstance(data, dict):
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if path.suffix == ".toml" else (json.loads(text) if path.suffix == ".json" else yaml.load(text, _NoAliasLoader))
+    # ValueError: bad UTF-8, an integer of more than 4300 digits (and JSON's own errors);
+    # RecursionError: lists nested thousands deep. All are the file's fault.
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, ValueError, RecursionError) as e:
+        message = str(e) if len(str(e)) < 300 else str(e)[:300] + "..."
+        raise TrainConfigError(f"config file {path} could not be parsed: {type(e).__name__}: {message}") from e
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise TrainConfigError(f"config file {path} must hold a mapping of option: value")
     data = {k.replace("-", "_"): v for k, v in data.items()}
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise TrainConfigError(f"config file {path}: unknown option(s) {', '.join(unknown)}; "
-                               f"known options: {', '.join(sorted(known))}")
+                               f"known options: {', '.join(sorted(fields))}")
+    for key, value in data.items():
+        expected = str(fields[key].type)
+        if not _has_type(value, expected):
+            raise TrainConfigError(f"config file {path}: {key}={value!r:.100} is invalid: expected {expected}")
     return data
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without anchors and aliases: nested aliases (a "billion laughs" file) cost
+    nothing to parse but expand exponentially when the config is copied (to_dict)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError(f"YAML aliases (*name) are not allowed in a training config "
+                                 f"({self.peek_event().start_mark})")
+        return super().compose_node(parent, index)
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    """Whether a config file's value fits a TrainConfig field's annotation ("float | None",
+    "list[str] | str | None", ...), before validate() compares it with numbers."""
+    for part in (p.strip() for p in annotation.split("|")):
+        if part == "None" and value is None:
+            return True
+        if isinstance(value, bool):
+            if part == "bool":
+                return True
+            continue
+        if part == "int" and isinstance(value, int):
+            return True
+        if part == "float" and isinstance(value, (int, float)) and value == value and abs(value) != float("inf"):
+            return True
+        if (part == "str" and isinstance(value, str)) or (part.startswith("list") and isinstance(value, list)) \
+                or (part.startswith("dict") and isinstance(value, dict)):
+            return True
+    return False
 
 
 def _looks_like_regex(text: str) -> bool:

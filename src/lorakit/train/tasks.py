@@ -11,6 +11,7 @@ list of encoded examples into a padded batch (dynamic padding: only to the batch
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -88,12 +89,15 @@ class Task:
             count += sum(label != IGNORE for label in labels)
         return count
 
+    def model_inputs(self, batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        """What `model` is called with: the batch without its labels (the task computes the
+        loss itself; given labels, a Hugging Face model would compute a second one)."""
+        return {k: v for k, v in batch.items() if k != "labels"}
+
     def loss_sum(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy summed over the batch's targets (not averaged: the trainer divides by
         the whole step's target count, so accumulation and data parallelism stay exact)."""
         logits, labels = outputs.logits, batch["labels"]
-        if self.name == "causal-lm":     # position t predicts token t+1
-            logits, labels = logits[:, :-1], labels[:, 1:]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                ignore_index=IGNORE, reduction="sum")
 
@@ -105,7 +109,7 @@ class Task:
         preds, total, count = [], 0.0, 0.0
         for batch in _batches(encoded, batch_size):
             inputs = self.collate(batch)
-            out = model(**inputs)
+            out = model(**self.model_inputs(inputs, model))
             if "labels" in inputs:
                 total += self.loss_sum(out, inputs).item()
                 count += self.count_targets(batch)
@@ -304,6 +308,23 @@ class CausalLM(_Generative):
         truncated = len(ids) > self.max_length
         return Encoded(ids[:self.max_length], labels[:self.max_length], truncated=truncated)
 
+    def model_inputs(self, batch, model):
+        inputs = super().model_inputs(batch, model)
+        if "labels" in batch and _takes_logits_mask(model):
+            # Logits only where the loss has a target: the LM head and the softmax over the
+            # vocabulary (49k wide for SmolLM2) are a large share of a step, and most
+            # positions are prompt tokens. Output: (targets, vocab) instead of (B, T, vocab).
+            inputs["logits_to_keep"] = _predicting_positions(batch["labels"])
+        return inputs
+
+    def loss_sum(self, outputs, batch):
+        logits, targets = outputs.logits, batch["labels"][:, 1:]      # position t predicts token t+1
+        if logits.ndim == 2:                                         # (targets, vocab): already selected
+            targets = targets[targets != IGNORE]
+        else:                                                        # (B, T, vocab)
+            logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+        return F.cross_entropy(logits.float(), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+
     @torch.no_grad()
     def generate(self, model, prompts, batch_size: int = 16, max_new_tokens: int = 64,
                  adapter_names=None, synced: bool = False) -> list[str]:
@@ -346,6 +367,13 @@ class Seq2Seq(_Generative):
     def _collate_labels(self, batch, width):
         return _pad([e.labels for e in batch], max(len(e.labels) for e in batch), IGNORE)
 
+    def model_inputs(self, batch, model):
+        inputs = super().model_inputs(batch, model)
+        if "labels" in batch:    # the decoder reads the targets shifted right (teacher forcing)
+            inputs["decoder_input_ids"] = getattr(model, "module", model).prepare_decoder_input_ids_from_labels(
+                labels=batch["labels"])
+        return inputs
+
     @torch.no_grad()
     def generate(self, model, prompts, batch_size: int = 16, max_new_tokens: int = 64,
                  adapter_names=None, synced: bool = False) -> list[str]:
@@ -373,6 +401,31 @@ def make_task(name: str, tokenizer, max_length: int, labels: Sequence[str] = ())
 
 
 # -- helpers -------------------------------------------------------------------------------
+def _predicting_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: positions whose next token is a loss target (row-major order matches
+    `labels[:, 1:][labels[:, 1:] != IGNORE]`)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    return keep
+
+
+_LOGITS_MASK: dict[type, bool] = {}
+
+
+def _takes_logits_mask(model: nn.Module) -> bool:
+    """Whether `model` (or the module a DDP wrapper holds) takes a boolean (B, T)
+    `logits_to_keep` (transformers' causal LMs since `slice_logits_to_keep` exists)."""
+    model = getattr(model, "module", model)
+    kind = type(model)
+    if kind not in _LOGITS_MASK:
+        try:
+            from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401
+            _LOGITS_MASK[kind] = "logits_to_keep" in inspect.signature(model.forward).parameters
+        except (ImportError, TypeError, ValueError):
+            _LOGITS_MASK[kind] = False
+    return _LOGITS_MASK[kind]
+
+
 def _without_targets(enc: Encoded) -> Encoded:
     """The same inputs with every label ignored (a row that only pads a rank's shard)."""
     if enc.labels is None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .._fs import atomic_write_json
+from .._fs import atomic_write_json, crash_point, fsync_tree, remove_stale_temps
 from ..lora.inject import lora_layers, saved_modules
 from .config import TrainConfig
 from .data import length_grouped_batches
@@ -38,7 +38,7 @@ STATE_FILE = "trainer_state.json"
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss or the gradients became NaN or infinite."""
 
 
 @dataclass
@@ -77,6 +77,8 @@ class Trainer:
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("no parameter requires grad: inject an adapter (or choose a method) first")
         self.info.update(sync_bytes_per_step(model) if self.dist.enabled else {})
+        if config.bf16:
+            hold_frozen_in_bf16(model)
         self.forward_model = wrap_model(model, self.dist)    # DDP wrapper, or the model sharded in place
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.state = TrainState(metric_name=task.metric, greater_is_better=task.greater_is_better,
@@ -116,6 +118,8 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self) -> TrainResult:
+        if self.dist.is_main:   # what a killed run left half-written: temp dirs, half-pruned checkpoints
+            remove_stale_temps(self.output / CHECKPOINTS)
         if self.config.resume:
             self._resume()
         c, state = self.config, self.state
@@ -165,20 +169,22 @@ class Trainer:
         total = self.task.count_targets([self.train_encoded[i] for ids in micro for i in ids])
         self.forward_model.train()
         step_loss = 0.0
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if c.bf16 else nullcontext()
         for i, ids in enumerate(micro):
             batch = self._collate(ids[d.rank::d.world])
-            with self._no_sync(last=i == len(micro) - 1), autocast:
-                loss_sum = self.task.loss_sum(self.forward_model(**batch), batch)
+            with self._no_sync(last=i == len(micro) - 1), self._autocast():
+                loss_sum = self.task.loss_sum(self.forward_model(**self.task.model_inputs(batch, self.forward_model)), batch)
                 if not torch.isfinite(loss_sum):
-                    raise TrainingDiverged(
-                        f"the loss became {loss_sum.item()} at step {state.step + 1}; stopping. The last good checkpoint is "
-                        f"{self._latest_checkpoint() or 'none (no checkpoint was written yet)'}. Lower --lr, "
-                        "or raise --max-grad-norm clipping, then resume with --resume")
+                    raise self._diverged(f"the loss became {loss_sum.item()}")
                 (loss_sum * (d.world / max(total, 1))).backward()
             step_loss += loss_sum.item() / max(total, 1)
         step_loss = d.sum([step_loss])[0]
         grad_norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), c.max_grad_norm or float("inf"))
+        # A finite loss can still give inf/NaN gradients (overflow in backward); clipping would
+        # turn them into NaN weights, and the next checkpoint would save them. Stop before the update.
+        norm = float(whole_tensor(grad_norm))
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise self._diverged(f"the gradient norm became {norm}")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -193,15 +199,30 @@ class Trainer:
         self._rng = _capture_rng()   # the step boundary: what a checkpoint here must restore
         if state.step % c.log_every == 0 or state.step == state.max_steps:
             record = {"step": state.step, "epoch": state.epoch, "loss": step_loss,
-                      "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(whole_tensor(grad_norm)),
+                      "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": norm,
                       "tokens_per_s": tokens / max(elapsed, 1e-9),
                       "examples_per_s": sum(len(ids) for ids in micro) / max(elapsed, 1e-9),
                       "tokens_seen": state.tokens_seen}
             state.history.append(record)
             self._emit("on_log", state, record)
 
+    def _diverged(self, what: str) -> TrainingDiverged:
+        """The error for a non-finite loss or gradient, naming the step and the last good checkpoint
+        (checkpoints are written only after finite steps, so the newest one is good)."""
+        return TrainingDiverged(
+            f"{what} at step {self.state.step + 1}; stopping before the weights are updated. The last good "
+            f"checkpoint is {self._latest_checkpoint() or 'none (no checkpoint was written yet)'}. Lower --lr, "
+            "or raise --max-grad-norm clipping, then resume with --resume")
+
     def _collate(self, ids: Sequence[int]) -> dict[str, torch.Tensor]:
         return self.task.collate([self.train_encoded[i] for i in ids])
+
+    def _autocast(self):
+        """--bf16: matmuls and activations in bf16; the frozen weights are already bf16
+        (`hold_frozen_in_bf16`), the trainable ones are cast once per step by autocast."""
+        if not self.config.bf16:
+            return nullcontext()
+        return torch.autocast(next(self.model.parameters()).device.type, dtype=torch.bfloat16)
 
     def _no_sync(self, last: bool):
         """Gradient accumulation under DDP: all-reduce once, on the step's last micro-batch."""
@@ -223,7 +244,7 @@ class Trainer:
     def _evaluate(self, final: bool, log: bool = True) -> dict[str, float]:
         c, state = self.config, self.state
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             # DDP's replicas need no collective to run forward: evaluate the plain module.
             model = self.model if self.dist.strategy == "ddp" else self.forward_model
             scores = self.task.evaluate(model, self.eval_examples, batch_size=c.eval_batch_size,
@@ -264,11 +285,17 @@ class Trainer:
         try:
             self.save_adapter(self.model, tmp / "adapter" if tmp else final / "adapter", tmp is not None)
             if tmp is not None:
+                crash_point("checkpoint.adapter_written")
                 save_file(params, str(tmp / "trainable.safetensors"))
+                crash_point("checkpoint.params_written")
                 torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": self._rng},
                            tmp / "training_state.pt")
+                crash_point("checkpoint.optimizer_written")
                 atomic_write_json(tmp / STATE_FILE, self.state.to_dict())
+                fsync_tree(tmp)       # contents on disk before the rename makes them a checkpoint
+                crash_point("checkpoint.before_rename")
                 tmp.rename(final)
+                crash_point("checkpoint.renamed")
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -287,8 +314,13 @@ class Trainer:
         return found[-1] if found else None
 
     def _prune_checkpoints(self) -> None:
+        """Delete all but the newest `keep_checkpoints`. Each is first renamed to a hidden name
+        (atomic), so a crash mid-delete never leaves a step-N directory with files missing."""
         for old in self._checkpoints()[:-self.config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+            doomed = old.with_name(f".{old.name}.deleting")
+            old.rename(doomed)
+            crash_point("checkpoint.pruning")
+            shutil.rmtree(doomed, ignore_errors=True)
 
     def _resume(self) -> None:
         latest = self._latest_checkpoint()
@@ -313,6 +345,21 @@ class Trainer:
     def _emit(self, event: str, *args) -> None:
         for cb in self.callbacks:
             getattr(cb, event)(*args)
+
+
+def hold_frozen_in_bf16(model: nn.Module) -> int:
+    """--bf16: store every frozen floating-point weight in bf16 and return how many bytes
+    that saves. Autocast alone re-casts frozen fp32 weights on every forward (it caches casts
+    of trainable leaves only) and keeps the fp32 copies: slower and larger than plain fp32 on
+    CPU. Held in bf16, the base costs half the memory and its matmuls run on AMX / tensor
+    cores with no cast. Trainable weights, their gradients and the optimizer state stay fp32
+    (the adapter is saved in fp32). The in-memory base stays bf16 after training."""
+    saved = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.dtype in (torch.float32, torch.float64):
+            saved += param.numel() * (param.element_size() - 2)
+            param.data = param.data.to(torch.bfloat16)
+    return saved
 
 
 def _capture_rng() -> dict[str, Any]:
