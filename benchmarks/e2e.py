@@ -46,20 +46,48 @@ def peak_mb() -> float:
     return rss_mb()
 
 
-def run_lorakit(n: int, out: Path, bf16: bool) -> dict:
+def switch_off(what: str) -> None:
+    """Turn one lorakit fast path off in this (child) process, to measure what it buys."""
+    import functools
+    from lorakit.lora import layers
+    from lorakit.train import tasks, trainer
+    if what == "fused":                 # FusedLoraLinear -> three autograd ops
+        layers.FUSED_TRAINING = False
+    elif what == "logits-at-targets":   # LM head and softmax at every position
+        tasks._takes_logits_mask = lambda model: False
+    elif what == "length-grouping":     # random batches (a chunk of one batch sorts nothing)
+        trainer.length_grouped_batches = functools.partial(trainer.length_grouped_batches, mega_batches=1)
+    elif what == "sdpa":                # eager attention
+        import lorakit.models as models
+        load = models.load_model
+        def eager(*args, **kwargs):
+            loaded = load(*args, **kwargs)
+            loaded.model.config._attn_implementation = "eager"
+            return loaded
+        models.load_model = eager
+        import lorakit.train.api as api
+        api.load_model = eager
+    else:
+        raise ValueError(what)
+
+
+def run_lorakit(n: int, out: Path, bf16: bool, gradient_checkpointing: bool = False, off: tuple[str, ...] = ()) -> dict:
     from lorakit.train import TrainConfig, train
     from lorakit.train.api import load_trained
     torch.set_num_threads(2)
+    for what in off:
+        switch_off(what)
     train_file = out / "train.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in examples("train", n)))
     config = TrainConfig(model="smollm2-135m", task="causal-lm", data=str(train_file), output=str(out / "run"),
                          targets=["q_proj", "v_proj"], epochs=1, eval_before=False, bf16=bf16,
-                         **{k: v for k, v in HPARAMS.items()})
+                         gradient_checkpointing=gradient_checkpointing, **{k: v for k, v in HPARAMS.items()})
     t0 = time.perf_counter()
     result = train(config, callbacks=[])
     wall = time.perf_counter() - t0
-    trained = load_trained(None, out / "run")
-    return {"train_tokens_per_s": result.summary["tokens_per_s"], "wall_s": wall, "peak_rss_mb": peak_mb(),
+    peak = peak_mb()
+    trained = load_trained(None, out / "run")        # eval in fp32 on a fresh fp32 base, as the baseline's
+    return {"train_tokens_per_s": result.summary["tokens_per_s"], "wall_s": wall, "peak_rss_mb": peak,
             "eval_loss": eval_loss(trained.model, trained.tokenizer, examples("test", 200))}
 
 
@@ -99,25 +127,36 @@ def run_hf_peft(n: int, out: Path, bf16: bool) -> dict:
             "eval_loss": eval_loss(model, tokenizer, examples("test", 200))}
 
 
-RUNS = {"lorakit": (run_lorakit, False), "lorakit-bf16": (run_lorakit, True),
-        "hf-trainer+peft": (run_hf_peft, False), "hf-trainer+peft-bf16": (run_hf_peft, True)}
+RUNS = {
+    "hf-trainer+peft": (run_hf_peft, dict(bf16=False)),
+    "hf-trainer+peft-bf16": (run_hf_peft, dict(bf16=True)),
+    "lorakit": (run_lorakit, dict(bf16=False)),
+    "lorakit-bf16": (run_lorakit, dict(bf16=True)),
+    # each fast path of lorakit-bf16 switched off in turn, and gradient checkpointing on
+    "lorakit-bf16 -fused": (run_lorakit, dict(bf16=True, off=("fused",))),
+    "lorakit-bf16 -logits-at-targets": (run_lorakit, dict(bf16=True, off=("logits-at-targets",))),
+    "lorakit-bf16 -length-grouping": (run_lorakit, dict(bf16=True, off=("length-grouping",))),
+    "lorakit-bf16 -sdpa": (run_lorakit, dict(bf16=True, off=("sdpa",))),
+    "lorakit-bf16 +grad-ckpt": (run_lorakit, dict(bf16=True, gradient_checkpointing=True)),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=960)
     parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--name", default="e2e", help="results file stem under benchmarks/results/")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not DATA.is_dir():
         print(f"skip: {DATA} not found (the E2E data set is not shipped with lorakit)")
         return
     if args.child:
-        fn, bf16 = RUNS[args.child]
-        print(json.dumps(fn(args.examples, Path(tempfile.mkdtemp()), bf16)))
+        fn, options = RUNS[args.child]
+        print(json.dumps(fn(args.examples, Path(tempfile.mkdtemp()), **options)))
         return
     results = {"examples": args.examples, "hparams": HPARAMS, "torch": torch.__version__, "runs": {}}
-    previous = RESULTS / "e2e.json"
+    previous = RESULTS / f"{args.name}.json"
     if previous.is_file() and json.loads(previous.read_text()).get("examples") == args.examples:
         results["runs"] = json.loads(previous.read_text())["runs"]     # keep the runs not redone
     for name in args.runs.split(","):
@@ -127,22 +166,22 @@ def main() -> None:
         results["runs"][name] = (json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0
                                  else {"error": done.stderr[-800:]})
         print(results["runs"][name], flush=True)
-    write_results(results)
+        write_results(results, args.name)      # after each run: a stopped benchmark keeps what it measured
 
 
-def write_results(results: dict) -> None:
+def write_results(results: dict, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "e2e.json").write_text(json.dumps(results, indent=1))
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1))
     base = results["runs"].get("hf-trainer+peft", {})
     lines = [f"# End to end: SmolLM2-135M + LoRA q,v r=8 on {results['examples']} E2E examples (1 epoch, batch 8, lr 1e-3)", "",
              "| run | train tokens/s | x HF+PEFT | wall s | peak RSS MB | eval loss (200 test) |", "|---|---|---|---|---|---|"]
-    for name, r in results["runs"].items():
+    for run, r in results["runs"].items():
         if "error" in r:
-            lines.append(f"| {name} | error | | | | |")
+            lines.append(f"| {run} | error | | | | |")
             continue
         speed = r["train_tokens_per_s"] / base["train_tokens_per_s"] if "train_tokens_per_s" in base else float("nan")
-        lines.append(f"| {name} | {r['train_tokens_per_s']:.0f} | {speed:.2f} | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['eval_loss']:.4f} |")
-    (RESULTS / "e2e.md").write_text("\n".join(lines) + "\n")
+        lines.append(f"| {run} | {r['train_tokens_per_s']:.0f} | {speed:.2f} | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['eval_loss']:.4f} |")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 if __name__ == "__main__":

@@ -69,13 +69,13 @@ def test_svd_combination_is_the_best_rank_k_approximation():
         torch.testing.assert_close(layer.delta_weight("svd3"), best, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [["b", None, "a", "b"], ["c"] * 4, [None] * 4], ids=["mixed", "one", "none"])
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bert", "t5"])
-def test_mixed_batch_rows_equal_each_adapter_alone(kind):
+def test_mixed_batch_rows_equal_each_adapter_alone(kind, rows):
     model = tiny(kind)
     for name in ("a", "b", "c"):
         lorakit.inject(model, lorakit.LoraConfig(r=2, init_lora_weights=False), adapter_name=name)
     inputs = tiny_inputs(kind, batch=4)
-    rows = ["b", None, "a", "b"]
     with lorakit.mixed_batch(model, rows):
         mixed = logits(model, inputs)
     for i, name in enumerate(rows):

@@ -120,12 +120,14 @@ def test_mixed_forward_matches_each_row_alone():
     torch.manual_seed(0)
     As = [torch.randn(r, 6) for r in (2, 4)]
     Bs = [torch.randn(5, r) for r in (2, 4)]
-    A_stack, B_stack = LF.stack_adapters(As, Bs, [0.5, 2.0])
-    x, base_out = torch.randn(3, 7, 6), torch.randn(3, 7, 5)
-    out = LF.mixed_lora_forward(x, base_out, A_stack, B_stack, torch.tensor([1, 2, 0]))
-    torch.testing.assert_close(out[0], base_out[0] + 2.0 * x[0] @ As[1].T @ Bs[1].T)
-    torch.testing.assert_close(out[1], base_out[1])                   # slot n = no adapter
-    torch.testing.assert_close(out[2], base_out[2] + 0.5 * x[2] @ As[0].T @ Bs[0].T)
+    At, Bt = LF.stack_adapters(As, Bs, [0.5, 2.0])
+    for tokens in (7, 1):            # one token per row (decoding) takes the embedding_bag path
+        x, base_out = torch.randn(3, tokens, 6), torch.randn(3, tokens, 5)
+        with torch.no_grad():
+            out = LF.mixed_lora_forward(x, base_out, At, Bt, torch.tensor([1, 2, 0]))
+        torch.testing.assert_close(out[0], base_out[0] + 2.0 * x[0] @ As[1].T @ Bs[1].T)
+        torch.testing.assert_close(out[1], base_out[1])                   # slot n = no adapter
+        torch.testing.assert_close(out[2], base_out[2] + 0.5 * x[2] @ As[0].T @ Bs[0].T)
 
 
 def test_adapter_runs_in_the_compute_dtype():
@@ -146,3 +148,61 @@ def test_public_api_names_exist():
     for name in ("LoraConfig", "inject", "save_adapter", "load_adapter", "merge", "unmerge",
                  "merge_and_unload", "mixed_batch"):
         assert callable(getattr(lorakit, name))
+
+
+def test_fused_lora_linear_gradients_are_exact():
+    """gradcheck (finite differences in float64) of the fused node: x, A, B get gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    W, bias = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    A = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, A, B: LF.FusedLoraLinear.apply(x, W, bias, A, B, 0.7), (x, A, B))
+    torch.testing.assert_close(LF.fused_lora_linear(x, W, None, A, B, 0.7), x @ W.T + 0.7 * (x @ A.T @ B.T))
+
+
+def _frozen_layer(dtype=torch.float32):
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(6, 5).to(dtype).requires_grad_(False))
+    _random_adapter(layer, r=3, alpha=6.0)
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_training_path_equals_the_plain_one(dtype, monkeypatch):
+    from lorakit.lora import layers
+    layer = _frozen_layer(dtype)
+    x0 = torch.randn(2, 4, 6, dtype=dtype)
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(layers, "FUSED_TRAINING", fused)
+        assert (layer._fusable_adapter(x0) == "default") is fused
+        x = x0.clone().requires_grad_(True)
+        layer.zero_grad()
+        y = layer(x)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        results[fused] = (y.detach(), x.grad, layer.lora_A["default"].grad, layer.lora_B["default"].grad)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else {}
+    for a, b in zip(results[True], results[False]):
+        assert a is not None and b is not None
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+def test_fused_path_applies_only_where_exact():
+    layer = _frozen_layer()
+    x = torch.randn(3, 6)
+    assert layer._fusable_adapter(x) == "default"
+    assert layer.eval()._fusable_adapter(x) is None            # inference: the plain path
+    layer.train()
+    with torch.no_grad():
+        assert layer._fusable_adapter(x) is None
+    assert layer._fusable_adapter(x.double()) is None          # dtypes differ: autocast's business
+    layer.dropout_p["default"] = 0.1
+    assert layer._fusable_adapter(x) is None                   # dropout feeds A another input
+    layer.dropout_p["default"] = 0.0
+    _random_adapter(layer, "second")
+    layer.active_adapters = ["default", "second"]
+    assert layer._fusable_adapter(x) is None
+    trainable = LoraLinear(nn.Linear(6, 5))                     # the base trains too
+    _random_adapter(trainable)
+    assert trainable._fusable_adapter(x) is None

@@ -32,6 +32,43 @@ def lora_forward(x: Tensor, base_out: Tensor, A: Tensor, B: Tensor, scaling: flo
     return lora_forward_h(x @ A.t(), base_out, B, scaling)              # x·Aᵀ: [..., r]
 
 
+class FusedLoraLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b + scaling·(x·Aᵀ)·Bᵀ for a frozen W (no dropout) as one autograd node.
+
+    What autograd would do with the three ops apart, minus its waste: the up-projection is
+    accumulated into the base GEMM's output (no copy of y), and in backward the adapter's
+    share of the input gradient is accumulated into g·W by the same GEMM (no separate add).
+    Saves only what the adapter's gradients need: x and h = x·Aᵀ (plus W, B, A: parameters,
+    not copies); W's own gradient is never formed.
+
+    x: [N, in], W: [out, in], bias: [out] or None, A: [r, in], B: [out, r] -> [N, out]."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float) -> Tensor:
+        h = x @ A.t()                                                            # [N, r]
+        y = torch.addmm(bias, x, W.t()) if bias is not None else x @ W.t()       # [N, out]
+        y.addmm_(h, B.t(), alpha=scaling)
+        ctx.save_for_backward(x, W, A, B, h)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):                                                # g: [N, out]
+        x, W, A, B, h = ctx.saved_tensors
+        s = ctx.scaling
+        g_h = (g @ B).mul_(s)                                                    # [N, r]
+        g_x = (g @ W).addmm_(g_h, A) if ctx.needs_input_grad[0] else None        # [N, in]
+        g_A = g_h.t() @ x if ctx.needs_input_grad[3] else None                  # [r, in]
+        g_B = (g.t() @ h).mul_(s) if ctx.needs_input_grad[4] else None          # [out, r]
+        return g_x, None, None, g_A, g_B, None
+
+
+def fused_lora_linear(x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float) -> Tensor:
+    """`FusedLoraLinear` for x: [..., in] -> [..., out]."""
+    y = FusedLoraLinear.apply(x.reshape(-1, x.shape[-1]), W, bias, A, B, scaling)
+    return y.view(*x.shape[:-1], W.shape[0])
+
+
 def expand_sliced_B(B: Tensor, mask: Sequence[bool], r: int) -> Tensor:
     """The per-slice LoRA of a fused projection (loralib's `enable_lora`) as one ordinary B.
 
@@ -50,25 +87,39 @@ def stack_adapters(As: Sequence[Tensor], Bs: Sequence[Tensor], scalings: Sequenc
     """Stack n adapters for a gathered batched matmul, plus one all-zero slot for "no adapter".
 
     Ranks are zero-padded to r_max and each scaling is folded into its B, so every slot is
-    used the same way. Returns A_stack: [n+1, r_max, in], B_stack: [n+1, out, r_max]."""
+    used the same way. Stored transposed, as the batched matmuls read them (a gather of
+    contiguous slots, no transposed copy): At: [n+1, in, r_max], Bt: [n+1, r_max, out]."""
     r_max = max(A.shape[0] for A in As)
     A_pad = [F.pad(A, (0, 0, 0, r_max - A.shape[0])) for A in As]          # [r_max, in]
     B_pad = [F.pad(B * s, (0, r_max - B.shape[1])) for B, s in zip(Bs, scalings)]  # [out, r_max]
-    A_stack = torch.stack(A_pad + [torch.zeros_like(A_pad[0])])
-    B_stack = torch.stack(B_pad + [torch.zeros_like(B_pad[0])])
-    return A_stack, B_stack
+    At = torch.stack(A_pad + [torch.zeros_like(A_pad[0])]).transpose(1, 2).contiguous()
+    Bt = torch.stack(B_pad + [torch.zeros_like(B_pad[0])]).transpose(1, 2).contiguous()
+    return At, Bt
 
 
-def mixed_lora_forward(x: Tensor, base_out: Tensor, A_stack: Tensor, B_stack: Tensor,
-                       index: Tensor) -> Tensor:
+def mixed_lora_forward(x: Tensor, base_out: Tensor, At: Tensor, Bt: Tensor, index: Tensor) -> Tensor:
     """Each row of the batch through its own adapter: one gathered bmm per projection.
 
-    x: [b, ..., in], base_out: [b, ..., out], index: [b] (slot per row; the last slot is
-    all-zero = base only). No Python loop over adapters: the cost does not grow with n."""
+    x: [b, ..., in], base_out: [b, ..., out], At: [n+1, in, r], Bt: [n+1, r, out], index: [b]
+    (slot per row; the last slot is all-zero = base only). No Python loop over adapters: the
+    cost does not grow with n."""
     b = x.shape[0]
-    h = torch.bmm(x.reshape(b, -1, x.shape[-1]), A_stack[index].transpose(1, 2))   # [b, t, r]
-    delta = torch.bmm(h, B_stack[index].transpose(1, 2))                          # [b, t, out]
+    x3 = x.reshape(b, -1, x.shape[-1])                                            # [b, t, in]
+    if x3.shape[1] == 1 and not torch.is_grad_enabled():                          # decoding: one token a row
+        delta = per_row_matmul(per_row_matmul(x3[:, 0], At, index), Bt, index)   # [b, out]
+    else:
+        h = torch.bmm(x3, At.index_select(0, index))                              # [b, t, r]
+        delta = torch.bmm(h, Bt.index_select(0, index))                           # [b, t, out]
     return base_out + delta.view(base_out.shape)
+
+
+def per_row_matmul(v: Tensor, W: Tensor, index: Tensor) -> Tensor:
+    """v[i] @ W[index[i]] for every row i, without gathering a [b, k, m] copy of the W's:
+    `embedding_bag` sums the k rows of W[index[i]] weighted by v[i], in one pass (half the
+    time of gather + bmm when each row is a single token). v: [b, k], W: [n, k, m] -> [b, m]."""
+    k = W.shape[1]
+    rows = index[:, None] * k + torch.arange(k, device=index.device)             # [b, k] rows of W as [n·k, m]
+    return F.embedding_bag(rows, W.reshape(-1, W.shape[-1]), mode="sum", per_sample_weights=v)
 
 
 def lora_forward_h(h: Tensor, base_out: Tensor, B: Tensor, scaling: float) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
@@ -39,6 +39,22 @@ class MixedRows:
     """Which adapter each batch row uses: `names[index[i]]`, index == len(names) for none."""
     names: tuple[str, ...]
     index: Tensor  # [batch] long
+
+    uniform: bool = field(init=False)     # every row on the same adapter (or every row on none)
+    _routes: dict = field(init=False, default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.uniform = len(set(self.index.tolist())) <= 1
+
+    def route(self, stacked: tuple[str, ...], batch: int, device: torch.device) -> Tensor:
+        """[batch]: each row's slot in a layer stack of the adapters `stacked` (+ a final zero
+        slot). Layers stacking the same adapters share it; decoding steps reuse it."""
+        key = (stacked, batch, device)
+        if key not in self._routes:
+            slot = {n: i for i, n in enumerate(stacked)}
+            to_stack = torch.tensor([slot.get(n, len(stacked)) for n in self.names] + [len(stacked)], device=device)
+            self._routes[key] = to_stack[self.index_for(batch, device)]
+        return self._routes[key]
 
     def index_for(self, batch: int, device: torch.device) -> Tensor:
         index = self.index.to(device)
@@ -218,7 +234,11 @@ class LoraLayer(nn.Module):
         if self.mixed is not None:
             if self.merged_adapters:
                 raise RuntimeError("mixed_batch needs unmerged adapters; call lorakit.unmerge(model) first")
-            return self._mixed_forward(x, out)
+            if not self.mixed.uniform:
+                return self._mixed_forward(x, out)
+            # Every row on one adapter (or none): the ordinary path, no gathering.
+            name = self.mixed.names[0] if self.mixed.names else None
+            return self._adapter_forward(x, out, name) if name in self.lora_A else out
         for name in self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
                 out = self._adapter_forward(x, out, name)
@@ -234,7 +254,7 @@ class LoraLayer(nn.Module):
         return LF.lora_forward(x_in, out, A.to(x.dtype), B.to(x.dtype), self.scaling[name])
 
     def _stacks(self, names: tuple[str, ...], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """[n+1, r_max, fan_in] and [n+1, out, r_max] for `names` (absent ones are zero);
+        """At: [n+1, fan_in, r_max] and Bt: [n+1, r_max, out] for `names` (absent ones are zero);
         cached when no gradient is needed, keyed on the parameters' version counters so an
         update invalidates it."""
         present = [n for n in names if n in self.lora_A]
@@ -260,11 +280,8 @@ class LoraLayer(nn.Module):
         batches change their adapter set all the time, the stack does not."""
         names = self.mixed.names
         stacked = names if torch.is_grad_enabled() else tuple(self.adapter_names)
-        A_stack, B_stack = self._stacks(stacked, dtype)
-        slot = {n: i for i, n in enumerate(stacked)}
-        zero = len(stacked)                                  # the all-zero slot: base only
-        to_layer = torch.tensor([slot.get(n, zero) for n in names] + [zero], device=device)
-        return A_stack, B_stack, to_layer[self.mixed.index_for(batch, device)]
+        At, Bt = self._stacks(stacked, dtype)
+        return At, Bt, self.mixed.route(stacked, batch, device)
 
     def _mixed_dropout(self, x: Tensor, names: tuple[str, ...]) -> Tensor:
         ps = {self.dropout_p[n] for n in names if n in self.lora_A}
@@ -273,12 +290,16 @@ class LoraLayer(nn.Module):
         return self._dropout(x, ps.pop() if ps else 0.0)
 
     def _mixed_forward(self, x: Tensor, out: Tensor) -> Tensor:
-        A_stack, B_stack, index = self._mixed_weights(x.shape[0], x.device, x.dtype)
-        return LF.mixed_lora_forward(self._mixed_dropout(x, self.mixed.names), out, A_stack, B_stack, index)
+        At, Bt, index = self._mixed_weights(x.shape[0], x.device, x.dtype)
+        return LF.mixed_lora_forward(self._mixed_dropout(x, self.mixed.names), out, At, Bt, index)
 
     def extra_repr(self) -> str:
         ranks = {n: self.rank(n) for n in self.adapter_names}
         return f"adapters={ranks}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+# Training through `FusedLoraLinear` where it applies; set False to measure the plain path.
+FUSED_TRAINING = True
 
 
 class LoraLinear(LoraLayer):
@@ -293,6 +314,32 @@ class LoraLinear(LoraLayer):
     def delta_weight(self, name: str) -> Tensor:
         delta = LF.delta_weight(self.A_matrix(name), self.B_matrix(name), self.scaling[name])
         return delta.t() if self.fan_in_fan_out else delta
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        name = self._fusable_adapter(x)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        A, B = self.A_matrix(name), self.B_matrix(name)
+        base = self.base_layer
+        return LF.fused_lora_linear(x, base.weight, base.bias, A.to(x.dtype), B.to(x.dtype), self.scaling[name])
+
+    def _fusable_adapter(self, x: Tensor) -> str | None:
+        """The one adapter the fused training path (`FusedLoraLinear`) can run, else None.
+        It covers the common case exactly: a plain frozen nn.Linear (no hooks) in training,
+        one active unmerged adapter without dropout, everything in x's dtype."""
+        if not (FUSED_TRAINING and self.training and torch.is_grad_enabled()) or self.disabled or self.mixed is not None:
+            return None
+        base = self.base_layer
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+            return None
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return None
+        names = [n for n in self.active_adapters if n in self.lora_A]
+        if len(names) != 1 or self.merged_adapters or self.dropout_p[names[0]] > 0:
+            return None
+        if x.dtype != base.weight.dtype or (base.bias is not None and base.bias.dtype != x.dtype):
+            return None
+        return names[0]
 
 
 class LoraEmbedding(LoraLayer):
@@ -323,11 +370,11 @@ class LoraEmbedding(LoraLayer):
         return LF.lora_forward_h(h, out, self.B_matrix(name).to(out.dtype), self.scaling[name])
 
     def _mixed_forward(self, ids: Tensor, out: Tensor) -> Tensor:
-        A_stack, B_stack, index = self._mixed_weights(ids.shape[0], ids.device, out.dtype)   # [n+1, r, num], [n+1, dim, r]
+        At, Bt, index = self._mixed_weights(ids.shape[0], ids.device, out.dtype)   # [n+1, num, r], [n+1, r, dim]
         rows = index.view(-1, *([1] * (ids.dim() - 1))).expand_as(ids)
-        h = A_stack.transpose(1, 2)[rows, ids]                            # [b, ..., r]
+        h = At[rows, ids]                                                 # [b, ..., r]
         b = ids.shape[0]
-        delta = torch.bmm(h.reshape(b, -1, h.shape[-1]), B_stack[index].transpose(1, 2))
+        delta = torch.bmm(h.reshape(b, -1, h.shape[-1]), Bt.index_select(0, index))
         return out + delta.view(out.shape)
 
 
@@ -408,6 +455,10 @@ class ModulesToSave(nn.Module):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.mixed is None or self.disabled:
             return self.active_module()(x, *args, **kwargs)
+        if self.mixed.uniform:
+            name = self.mixed.names[0] if self.mixed.names else None
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            return module(x, *args, **kwargs)
         # Heads are small: each adapter's copy runs on its own rows.
         index = self.mixed.index_for(x.shape[0], x.device)
         names = self.mixed.names
