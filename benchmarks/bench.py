@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from lorakit.train.trainer import adamw   # fused AdamW, the same for every row
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SPECS, Spec, batch_for, configure, gpt2_shaped, interleave, rss_mb, timed  # noqa: E402
@@ -50,7 +51,7 @@ def bench_train(spec: Spec, base, repeats: int) -> dict:
     for how in TRAIN_CONFIGS:
         model = configure(base, spec, how).train()
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+        optimizer = adamw([{"params": params}], lr=1e-4) if params else None
         runs[how] = lambda m=model, o=optimizer: train_step(m, batch, o)
     timer = interleave(runs, repeats)
     tokens = spec.batch * spec.seq
@@ -73,7 +74,7 @@ def memory_child(model_key: str, how: str, steps: int = 3) -> dict:
     model = configure(base, spec, how).train()
     del base
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    optimizer = adamw([{"params": params}], lr=1e-4) if params else None
     for _ in range(steps):
         train_step(model, batch_for(spec), optimizer)
     every = {id(p): p for p in model.parameters()}.values()

@@ -76,3 +76,20 @@ def toy() -> Toy:
 def toy_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(2)
     return torch.randint(0, 20, (3, 5), generator=g), torch.randn(3, 3, 8, 8, generator=g)
+
+
+@pytest.fixture
+def captured_trainer(monkeypatch) -> dict:
+    """A dict that will hold, under "trainer", the Trainer the next `train()` call builds (for
+    callbacks that reach into it)."""
+    from lorakit.train import trainer as trainer_module
+    ref: dict = {}
+    original = trainer_module.Trainer.__init__
+
+    def remember(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        ref["trainer"] = self
+
+    monkeypatch.setattr(trainer_module.Trainer, "__init__", remember)
+    return ref
+

@@ -51,3 +51,12 @@ def report(request, label: str) -> None:
         parts = ", ".join(f"{key.split(':', 1)[1]} {n}" for key, n in counts.items())
         with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
             terminal.write_line(f"\n{label}: {sum(counts.values())} fuzz cases ({parts})")
+
+
+def valid_adapter_files(directory) -> dict[str, bytes]:
+    """A valid adapter's files (r=2 on q_proj, v_proj of the tiny llama), as bytes."""
+    import lorakit
+    from tests.conftest import tiny
+    lorakit.save_adapter(lorakit.inject(tiny("llama"), lorakit.LoraConfig(r=2)), directory)
+    return {path.name: path.read_bytes() for path in directory.iterdir() if path.is_file()}
+

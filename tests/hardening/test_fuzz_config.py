@@ -26,7 +26,7 @@ from lorakit.lora.io import AdapterConfigError, AdapterLoadError
 from lorakit.train.config import TrainConfig, TrainConfigError
 from tests.conftest import tiny
 
-from .fuzzing import COUNTS, QUICK, SLOW, report, time_limit
+from .fuzzing import COUNTS, QUICK, SLOW, report, time_limit, valid_adapter_files
 
 LORA_FIELDS = ["r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_rslora", "modules_to_save",
                "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
@@ -53,9 +53,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory) -> tuple[dict, bytes]:
-    directory = tmp_path_factory.mktemp("adapter")
-    lorakit.save_adapter(lorakit.inject(tiny("llama"), lorakit.LoraConfig(r=2)), directory)
-    return json.loads((directory / CONFIG_NAME).read_text()), (directory / "adapter_model.safetensors").read_bytes()
+    files = valid_adapter_files(tmp_path_factory.mktemp("adapter"))
+    return json.loads(files[CONFIG_NAME]), files["adapter_model.safetensors"]
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,14 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import lorakit
 from lorakit.lora import delete_adapter
 from lorakit.lora.io import WEIGHT_DTYPES, AdapterConfigError, AdapterLoadError
 from tests.conftest import tiny
 
-from .fuzzing import COUNTS, QUICK, SLOW, peak_rss_mib, report, time_limit
+from .fuzzing import COUNTS, QUICK, SLOW, peak_rss_mib, report, time_limit, valid_adapter_files
 
 WEIGHTS, CONFIG, PICKLE = "adapter_model.safetensors", "adapter_config.json", "adapter_model.bin"
 DTYPES = ["BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F16", "BF16", "F32", "F64",
@@ -40,9 +40,8 @@ def model():
 @pytest.fixture(scope="module")
 def original(tmp_path_factory) -> dict[str, bytes]:
     """A valid adapter's files (r=2 on q_proj, v_proj of the tiny llama), as bytes."""
-    directory = tmp_path_factory.mktemp("original")
-    lorakit.save_adapter(lorakit.inject(tiny("llama"), lorakit.LoraConfig(r=2)), directory)
-    return {name: (directory / name).read_bytes() for name in (WEIGHTS, CONFIG)}
+    files = valid_adapter_files(tmp_path_factory.mktemp("original"))
+    return {name: files[name] for name in (WEIGHTS, CONFIG)}
 
 
 @pytest.fixture(scope="module")

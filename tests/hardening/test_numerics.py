@@ -30,16 +30,8 @@ class Grab(BaseCallback):
             next(iter(trainer.params.values())).register_hook(lambda g: torch.full_like(g, float("inf")))
 
 
-def test_inf_gradient_stops_before_the_update_naming_step_and_checkpoint(model_dirs, data_files, tmp_path, monkeypatch):
-    from lorakit.train import trainer as trainer_module
-    ref = {}
-    original = trainer_module.Trainer.__init__
-
-    def remember(self, *a, **k):
-        original(self, *a, **k)
-        ref["trainer"] = self
-
-    monkeypatch.setattr(trainer_module.Trainer, "__init__", remember)
+def test_inf_gradient_stops_before_the_update_naming_step_and_checkpoint(model_dirs, data_files, tmp_path, captured_trainer):
+    ref = captured_trainer
     train_file, _ = data_files["classification"]
     cfg = TrainConfig(model=str(model_dirs["bert"]), data=str(train_file), output=str(tmp_path / "out"), batch_size=8,
                       max_steps=20, save_every=5, rank=4, max_length=32, max_grad_norm=1.0)

@@ -95,16 +95,8 @@ class PoisonAt(BaseCallback):
                     p.fill_(float("nan"))
 
 
-def test_nan_loss_stops_with_the_last_good_checkpoint(model_dirs, data_files, tmp_path, monkeypatch):
-    from lorakit.train import trainer as trainer_module
-    ref = {}
-    original = trainer_module.Trainer.__init__
-
-    def remember(self, *a, **k):
-        original(self, *a, **k)
-        ref["trainer"] = self
-
-    monkeypatch.setattr(trainer_module.Trainer, "__init__", remember)
+def test_nan_loss_stops_with_the_last_good_checkpoint(model_dirs, data_files, tmp_path, captured_trainer):
+    ref = captured_trainer
     cfg = config(model_dirs, data_files, "classification", tmp_path, save_every=5, eval_every=None)
     with pytest.raises(TrainingDiverged, match=r"at step 8.*step-0000005.*--resume"):
         train(cfg, callbacks=[PoisonAt(ref, 7)])

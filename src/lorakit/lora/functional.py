@@ -123,9 +123,12 @@ def per_row_matmul(v: Tensor, W: Tensor, index: Tensor) -> Tensor:
 
 
 def lora_forward_h(h: Tensor, base_out: Tensor, B: Tensor, scaling: float) -> Tensor:
-    """base_out + scaling · h·Bᵀ for an already down-projected h: [..., r] (embeddings)."""
-    out2d = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=scaling)
-    return out2d.view(base_out.shape)
+    """base_out + scaling · h·Bᵀ for an already down-projected h: [..., r] (embeddings).
+    Without autograd the sum is accumulated into base_out (the base layer's fresh output)."""
+    out2d, h2d = base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1])
+    if not torch.is_grad_enabled() and base_out.is_contiguous():
+        return out2d.addmm_(h2d, B.t(), alpha=scaling).view(base_out.shape)
+    return torch.addmm(out2d, h2d, B.t(), alpha=scaling).view(base_out.shape)
 
 
 def combine_factors(terms: Sequence[tuple[Tensor, Tensor, float]], combination: str, rank: int

@@ -19,7 +19,6 @@ and the adapter's own tensors are bounded by the model's layer sizes (r <= min(i
 """
 from __future__ import annotations
 
-import json
 import os
 import zipfile
 from pathlib import Path

@@ -1,0 +1,82 @@
+"""The experiment scripts (experiments/*.py): the subspace-similarity measure, and a clean
+skip without the real data sets (no ../shared needed; nothing trains here)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+SCRIPTS = ["methods_table.py", "methods_e2e.py", "which_weights.py", "which_rank.py", "subspace.py", "task_switching.py"]
+
+
+def _module(name: str):
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"experiments_{name}", EXPERIMENTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+
+
+def _phi_by_formula(a1: np.ndarray, a2: np.ndarray, i: int, j: int) -> float:
+    u1 = np.linalg.svd(a1)[2].T[:, :i]     # right-singular vectors, top i
+    u2 = np.linalg.svd(a2)[2].T[:, :j]
+    return float(np.linalg.norm(u1.T @ u2, "fro") ** 2 / min(i, j))
+
+
+def test_subspace_similarity_matches_the_formula():
+    subspace_similarity = _module("subspace").subspace_similarity
+    rng = np.random.default_rng(0)
+    a1, a2 = rng.standard_normal((4, 12)), rng.standard_normal((6, 12))
+    phi = subspace_similarity(a1, a2)
+    assert phi.shape == (4, 6)
+    for i in range(1, 5):
+        for j in range(1, 7):
+            assert phi[i - 1, j - 1] == pytest.approx(_phi_by_formula(a1, a2, i, j), abs=1e-10)
+    assert np.all(phi >= -1e-12) and np.all(phi <= 1 + 1e-12)
+
+
+def test_subspace_similarity_on_known_subspaces():
+    subspace_similarity = _module("subspace").subspace_similarity
+    d = 10
+    eye = np.eye(d)
+    # rows scaled so the singular directions come out in a known order: e0 first, then e1, ...
+    a = np.diag([5.0, 4.0, 3.0]) @ eye[:3]
+    assert np.allclose(subspace_similarity(a, a), 1.0)                       # same subspace: 1 everywhere
+    b = np.diag([5.0, 4.0]) @ eye[5:7]
+    assert np.allclose(subspace_similarity(a, b), 0.0)                       # orthogonal: 0
+    c = np.diag([9.0, 1.0]) @ eye[[1, 0]]                                    # top direction e1, then e0
+    phi = subspace_similarity(a, c)
+    assert phi[0, 0] == pytest.approx(0.0)          # e0 vs e1
+    assert phi[0, 1] == pytest.approx(1.0)          # e0 within span(e1, e0)
+    assert phi[1, 0] == pytest.approx(1.0)          # e1 within span(e0, e1)
+    assert phi[2, 1] == pytest.approx(1.0)          # span(e0, e1) inside span(e0, e1, e2), / min(3, 2)
+    assert subspace_similarity(c * 3, a)[0, 0] == pytest.approx(0.0)        # scale-free, argument order swaps i, j
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_skip_cleanly_without_the_data(script, tmp_path):
+    env = {**os.environ, "LORAKIT_DATA": str(tmp_path / "no-such-data")}
+    done = subprocess.run([sys.executable, str(EXPERIMENTS / script)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("skip:") and "not found" in done.stdout
+    assert "Traceback" not in done.stderr
+
+
+def test_summary_helpers():
+    common = _module("common")
+    mean, std, n = common.mean_std([80.0, 82.0, None])
+    assert (mean, n) == (81.0, 2) and std == pytest.approx(2 ** 0.5)
+    assert common.fmt_ms(*common.mean_std([])) == "–"
+    assert common.markdown_table(["a", "b"], [[1, 2]]).splitlines() == ["| a | b |", "| --- | --- |", "| 1 | 2 |"]
+    assert common.key_of("sst2", common.sst2_config("lora", 1, rank=4), False) == "sst2-lora-q+v-r4-s1"
+    assert common.sst2_config("full")["targets"] is None      # LoRA options only go to LoRA runs
