@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip -q --disable-pip-version-check
 # library itself asks for a range (torch>=2.4).
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-slow clean
+.PHONY: demo test test-slow experiments clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
+
+# The LoRA-paper experiments on real data (docs/results.md); each skips cleanly without ../shared/data.
+experiments: $(VENV)/.installed
+	for e in methods_table which_rank which_weights subspace task_switching methods_e2e; do \
+	  $(PY) experiments/$$e.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
