@@ -46,23 +46,20 @@ def peak_mb() -> float:
     return rss_mb()
 
 
-def switch_off(what: str) -> None:
-    """Turn one lorakit fast path off in this (child) process, to measure what it buys."""
-    import functools
+def ablate(what: str) -> None:
+    """Flip one lorakit fast path from its default in this (child) process, to measure it."""
     from lorakit.lora import layers
-    from lorakit.train import tasks, trainer
-    if what == "fused":                 # FusedLoraLinear -> three autograd ops
-        layers.FUSED_TRAINING = False
+    from lorakit.train import tasks
+    if what == "fused":                 # FusedLoraLinear (off by default) on
+        layers.FUSED_TRAINING = True
     elif what == "logits-at-targets":   # LM head and softmax at every position
         tasks._takes_logits_mask = lambda model: False
-    elif what == "length-grouping":     # random batches (a chunk of one batch sorts nothing)
-        trainer.length_grouped_batches = functools.partial(trainer.length_grouped_batches, mega_batches=1)
     elif what == "sdpa":                # eager attention
         import lorakit.models as models
         load = models.load_model
         def eager(*args, **kwargs):
             loaded = load(*args, **kwargs)
-            loaded.model.config._attn_implementation = "eager"
+            loaded.model.set_attn_implementation("eager")
             return loaded
         models.load_model = eager
         import lorakit.train.api as api
@@ -71,17 +68,19 @@ def switch_off(what: str) -> None:
         raise ValueError(what)
 
 
-def run_lorakit(n: int, out: Path, bf16: bool, gradient_checkpointing: bool = False, off: tuple[str, ...] = ()) -> dict:
+def run_lorakit(n: int, out: Path, bf16: bool, gradient_checkpointing: bool = False, group_by_length: bool = True,
+                attention: str | None = None, ablations: tuple[str, ...] = ()) -> dict:
     from lorakit.train import TrainConfig, train
     from lorakit.train.api import load_trained
     torch.set_num_threads(2)
-    for what in off:
-        switch_off(what)
+    for what in ablations:
+        ablate(what)
     train_file = out / "train.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in examples("train", n)))
     config = TrainConfig(model="smollm2-135m", task="causal-lm", data=str(train_file), output=str(out / "run"),
                          targets=["q_proj", "v_proj"], epochs=1, eval_before=False, bf16=bf16,
-                         gradient_checkpointing=gradient_checkpointing, **{k: v for k, v in HPARAMS.items()})
+                         gradient_checkpointing=gradient_checkpointing, group_by_length=group_by_length, attention=attention,
+                         **{k: v for k, v in HPARAMS.items()})
     t0 = time.perf_counter()
     result = train(config, callbacks=[])
     wall = time.perf_counter() - t0
@@ -132,11 +131,14 @@ RUNS = {
     "hf-trainer+peft-bf16": (run_hf_peft, dict(bf16=True)),
     "lorakit": (run_lorakit, dict(bf16=False)),
     "lorakit-bf16": (run_lorakit, dict(bf16=True)),
-    # each fast path of lorakit-bf16 switched off in turn, and gradient checkpointing on
-    "lorakit-bf16 -fused": (run_lorakit, dict(bf16=True, off=("fused",))),
-    "lorakit-bf16 -logits-at-targets": (run_lorakit, dict(bf16=True, off=("logits-at-targets",))),
-    "lorakit-bf16 -length-grouping": (run_lorakit, dict(bf16=True, off=("length-grouping",))),
-    "lorakit-bf16 -sdpa": (run_lorakit, dict(bf16=True, off=("sdpa",))),
+    "lorakit-bf16-eager": (run_lorakit, dict(bf16=True, attention="eager")),
+    "lorakit-bf16-eager -length-grouping": (run_lorakit, dict(bf16=True, attention="eager", group_by_length=False)),
+    # lorakit-bf16 with one option flipped at a time
+    "lorakit-bf16 +fused": (run_lorakit, dict(bf16=True, ablations=("fused",))),
+    "lorakit-bf16 -logits-at-targets": (run_lorakit, dict(bf16=True, ablations=("logits-at-targets",))),
+    "lorakit-bf16 -length-grouping": (run_lorakit, dict(bf16=True, group_by_length=False)),
+    "lorakit -length-grouping": (run_lorakit, dict(bf16=False, group_by_length=False)),
+    "lorakit-bf16 -sdpa": (run_lorakit, dict(bf16=True, ablations=("sdpa",))),
     "lorakit-bf16 +grad-ckpt": (run_lorakit, dict(bf16=True, gradient_checkpointing=True)),
 }
 

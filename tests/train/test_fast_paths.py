@@ -87,3 +87,23 @@ def test_bf16_training_tracks_fp32_and_saves_an_fp32_adapter(model_dirs, data_fi
     assert runs[True].summary["final_eval"]["loss"] == pytest.approx(runs[False].summary["final_eval"]["loss"], rel=0.05)
     weights = load_file(tmp_path / "bf16-True" / "adapter_model.safetensors")
     assert weights and all(t.dtype == torch.float32 for t in weights.values())
+
+
+def test_group_by_length_can_be_turned_off(model_dirs, data_files, tmp_path):
+    from lorakit.train.api import build_model, read_examples
+    from lorakit.train.trainer import Trainer
+    train_file, _ = data_files["causal-lm"]
+    spreads = {}
+    for grouped in (True, False):
+        cfg = TrainConfig(model=str(model_dirs["llama"]), task="causal-lm", data=str(train_file), batch_size=4,
+                          output=str(tmp_path / "out"), group_by_length=grouped, max_length=32)
+        examples = read_examples(cfg.data, cfg, None, "training data")
+        examples = [{**e, "response": e["response"] + " a" * (i % 7)} for i, e in enumerate(examples)]   # varied lengths
+        model, tok, _ = build_model(cfg, [])
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+        trainer = Trainer(model, make_task("causal-lm", tok, 32), examples, None, cfg, save_adapter=lambda *a: None)
+        batches = trainer._epoch_batches(0)
+        assert sorted(i for b in batches for i in b) == list(range(len(examples)))     # each example once
+        lengths = [[len(trainer.train_encoded[i]) for i in b] for b in batches]
+        spreads[grouped] = sum(max(b) - min(b) for b in lengths)
+    assert spreads[True] < spreads[False]      # grouping pads less; plain shuffling mixes lengths

@@ -298,8 +298,10 @@ class LoraLayer(nn.Module):
         return f"adapters={ranks}, active={self.active_adapters}, merged={self.merged_adapters}"
 
 
-# Training through `FusedLoraLinear` where it applies; set False to measure the plain path.
-FUSED_TRAINING = True
+# Train through `FusedLoraLinear` where it applies. Off by default: measured on this project's
+# CPUs (benchmarks/e2e.py, bench.py) it did not beat F.linear + two small matmuls (whose oneDNN
+# kernels are faster than the plain matmuls it uses); set True to measure it on other hardware.
+FUSED_TRAINING = False
 
 
 class LoraLinear(LoraLayer):

@@ -59,6 +59,8 @@ def build_model(config: TrainConfig, labels: Sequence[str]) -> tuple[nn.Module, 
     """Tokenizer, pretrained model with the task's head, and the names of new head modules."""
     tokenizer = load_tokenizer(config.model)
     loaded = load_model(config.model, config.task, label_names=list(labels) or None)
+    if config.attention:      # e.g. eager: on CPU in bf16 at short lengths, faster than SDPA (benchmarks/e2e.py)
+        loaded.model.set_attn_implementation(config.attention)
     return loaded.model, tokenizer, loaded.new_modules
 
 

@@ -60,6 +60,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     bf16: bool = False
     gradient_checkpointing: bool = False
+    group_by_length: bool = True              # length-grouped batches (off: plain shuffled batches)
+    attention: str | None = None              # attention kernel: sdpa | eager | ...; None: the model's default
     seed: int = 0
     # evaluation and checkpoints
     eval_every: int | None = None             # steps; None: only at the end

@@ -112,9 +112,11 @@ class Trainer:
         return max(0.0, 1 - progress)
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        """Micro-batches of similar lengths; a pure function of (seed, epoch)."""
+        """Micro-batches of similar lengths (or, without --group-by-length, shuffled ones: a
+        sorting chunk of one batch sorts nothing); a pure function of (seed, epoch)."""
         lengths = [len(e) for e in self.train_encoded]
-        return length_grouped_batches(lengths, self.config.batch_size, seed=self.config.seed * 1000 + epoch)
+        return length_grouped_batches(lengths, self.config.batch_size, seed=self.config.seed * 1000 + epoch,
+                                      mega_batches=50 if self.config.group_by_length else 1)
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self) -> TrainResult:
