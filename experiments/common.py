@@ -290,24 +290,23 @@ DOMAIN_STEPS, DOMAIN_BATCH = 40, 16
 
 
 def sst2_config(method: str = "lora", seed: int = 0, quick: bool = False, **over: Any) -> dict:
-    steps = 4 if quick else SST2_STEPS
-    config = dict(model="minilm", task="classification", data=str(SST2 / "train.tsv"), eval_data=str(SST2 / "dev.tsv"),
-                  method=method, targets=["query", "value"] if method == "lora" else None, rank=8, alpha=16.0,
-                  lr=METHOD_LR[method], head_lr=2e-3,
-                  batch_size=SST2_BATCH, max_length=64, max_steps=steps, max_train_examples=steps * SST2_BATCH,
-                  max_eval_examples=64 if quick else None, seed=seed, **METHOD_OPTIONS)
-    config.update(over)
-    return config
+    return _classification_config(SST2, 4 if quick else SST2_STEPS, SST2_BATCH, 64 if quick else None,
+                                  method, seed, over)
 
 
 def domain_config(domain: str, method: str = "lora", seed: int = 0, quick: bool = False, **over: Any) -> dict:
-    steps = 4 if quick else DOMAIN_STEPS
-    d = DOMAINS_DIR / domain
-    config = dict(model="minilm", task="classification", data=str(d / "train.tsv"), eval_data=str(d / "dev.tsv"),
-                  method=method, targets=["query", "value"] if method == "lora" else None, rank=8, alpha=16.0,
-                  lr=METHOD_LR[method], head_lr=2e-3,
-                  batch_size=DOMAIN_BATCH, max_length=64, max_steps=steps, max_train_examples=steps * DOMAIN_BATCH,
-                  max_eval_examples=32 if quick else None, seed=seed, **METHOD_OPTIONS)
+    return _classification_config(DOMAINS_DIR / domain, 4 if quick else DOMAIN_STEPS, DOMAIN_BATCH,
+                                  32 if quick else None, method, seed, over)
+
+
+def _classification_config(data_dir: Path, steps: int, batch: int, max_eval: int | None, method: str, seed: int,
+                           over: dict) -> dict:
+    """MiniLM on a train.tsv / dev.tsv pair: `steps` steps of `batch` on a random subset."""
+    config = dict(model="minilm", task="classification", data=str(data_dir / "train.tsv"),
+                  eval_data=str(data_dir / "dev.tsv"), method=method,
+                  targets=["query", "value"] if method == "lora" else None, rank=8, alpha=16.0,
+                  lr=METHOD_LR[method], head_lr=2e-3, batch_size=batch, max_length=64, max_steps=steps,
+                  max_train_examples=steps * batch, max_eval_examples=max_eval, seed=seed, **METHOD_OPTIONS)
     config.update(over)
     return config
 
