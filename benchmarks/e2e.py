@@ -54,16 +54,6 @@ def ablate(what: str) -> None:
         layers.FUSED_TRAINING = True
     elif what == "logits-at-targets":   # LM head and softmax at every position
         tasks._takes_logits_mask = lambda model: False
-    elif what == "sdpa":                # eager attention
-        import lorakit.models as models
-        load = models.load_model
-        def eager(*args, **kwargs):
-            loaded = load(*args, **kwargs)
-            loaded.model.set_attn_implementation("eager")
-            return loaded
-        models.load_model = eager
-        import lorakit.train.api as api
-        api.load_model = eager
     else:
         raise ValueError(what)
 
@@ -138,7 +128,7 @@ RUNS = {
     "lorakit-bf16 -logits-at-targets": (run_lorakit, dict(bf16=True, ablations=("logits-at-targets",))),
     "lorakit-bf16 -length-grouping": (run_lorakit, dict(bf16=True, group_by_length=False)),
     "lorakit -length-grouping": (run_lorakit, dict(bf16=False, group_by_length=False)),
-    "lorakit-bf16 -sdpa": (run_lorakit, dict(bf16=True, ablations=("sdpa",))),
+    "lorakit-bf16 -sdpa": (run_lorakit, dict(bf16=True, attention="eager")),
     "lorakit-bf16 +grad-ckpt": (run_lorakit, dict(bf16=True, gradient_checkpointing=True)),
 }
 

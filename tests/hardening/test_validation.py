@@ -21,6 +21,7 @@ CONFIG_CHECKS = {
     "dropout_negative": ({"dropout": -0.1}, "--dropout=-0.1 is invalid: expected a probability in [0, 1)"),
     "unknown_task": ({"task": "translation"}, "--task='translation' is invalid: expected one of classification"),
     "unknown_method": ({"method": "dora"}, "--method='dora' is invalid: expected one of lora"),
+    "unknown_attention": ({"attention": "fast"}, "--attention='fast' is invalid: expected one of eager"),
     "no_data": ({"data": ""}, "--data='' is invalid: expected a training data file"),
     "lr": ({"lr": 5.0}, "--lr=5.0 is invalid: expected a learning rate in (0, 1)"),
     "head_lr": ({"head_lr": -1.0}, "--head-lr=-1.0 is invalid: expected a learning rate in (0, 1)"),

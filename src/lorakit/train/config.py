@@ -109,6 +109,8 @@ class TrainConfig:
         _need(self.lora_plus_ratio >= 1, "lora_plus_ratio", self.lora_plus_ratio, ">= 1 (1 = plain LoRA, 16 = LoRA+)")
         _need(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "a fraction in [0, 1)")
         _need(self.scheduler in SCHEDULERS, "scheduler", self.scheduler, f"one of {', '.join(SCHEDULERS)}")
+        _need(self.attention is None or self.attention in attention_kernels(), "attention", self.attention,
+              f"one of {', '.join(attention_kernels())}")
         _need(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0 disables clipping)")
         _need(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         _need(self.init in ("kaiming", "gaussian"), "init", self.init, '"kaiming" or "gaussian"')
@@ -213,6 +215,12 @@ def _has_type(value: Any, annotation: str) -> bool:
                 or (part.startswith("dict") and isinstance(value, dict)):
             return True
     return False
+
+
+def attention_kernels() -> list[str]:
+    """The attention implementations transformers knows ("eager" plus its registered kernels)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    return ["eager", *ALL_ATTENTION_FUNCTIONS.keys()]
 
 
 def _looks_like_regex(text: str) -> bool:
