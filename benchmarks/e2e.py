@@ -58,8 +58,9 @@ def ablate(what: str) -> None:
         raise ValueError(what)
 
 
-def run_lorakit(n: int, out: Path, bf16: bool, gradient_checkpointing: bool = False, group_by_length: bool = True,
-                attention: str | None = None, ablations: tuple[str, ...] = ()) -> dict:
+def run_lorakit(n: int, out: Path, bf16: bool, gradient_checkpointing: bool = False, packing: bool = True,
+                group_by_length: bool | None = None, attention: str | None = None,
+                ablations: tuple[str, ...] = ()) -> dict:
     from lorakit.train import TrainConfig, train
     from lorakit.train.api import load_trained
     torch.set_num_threads(2)
@@ -69,7 +70,8 @@ def run_lorakit(n: int, out: Path, bf16: bool, gradient_checkpointing: bool = Fa
     train_file.write_text("".join(json.dumps(r) + "\n" for r in examples("train", n)))
     config = TrainConfig(model="smollm2-135m", task="causal-lm", data=str(train_file), output=str(out / "run"),
                          targets=["q_proj", "v_proj"], epochs=1, eval_before=False, bf16=bf16,
-                         gradient_checkpointing=gradient_checkpointing, group_by_length=group_by_length, attention=attention,
+                         gradient_checkpointing=gradient_checkpointing, packing=packing, group_by_length=group_by_length,
+                         attention=attention,
                          **{k: v for k, v in HPARAMS.items()})
     t0 = time.perf_counter()
     result = train(config, callbacks=[])
@@ -121,15 +123,14 @@ RUNS = {
     "hf-trainer+peft-bf16": (run_hf_peft, dict(bf16=True)),
     "lorakit": (run_lorakit, dict(bf16=False)),
     "lorakit-bf16": (run_lorakit, dict(bf16=True)),
-    "lorakit-bf16-eager": (run_lorakit, dict(bf16=True, attention="eager")),
-    "lorakit-bf16-eager -length-grouping": (run_lorakit, dict(bf16=True, attention="eager", group_by_length=False)),
-    # lorakit-bf16 with one option flipped at a time
+    # lorakit-bf16 (packed batches, eager attention, no length grouping) with one option flipped at a time
+    "lorakit-bf16 -packing": (run_lorakit, dict(bf16=True, packing=False, group_by_length=False)),
+    "lorakit-bf16 -packing +length-grouping": (run_lorakit, dict(bf16=True, packing=False, group_by_length=True)),
+    "lorakit-bf16 +sdpa": (run_lorakit, dict(bf16=True, attention="sdpa")),
     "lorakit-bf16 +fused": (run_lorakit, dict(bf16=True, ablations=("fused",))),
     "lorakit-bf16 -logits-at-targets": (run_lorakit, dict(bf16=True, ablations=("logits-at-targets",))),
-    "lorakit-bf16 -length-grouping": (run_lorakit, dict(bf16=True, group_by_length=False)),
-    "lorakit -length-grouping": (run_lorakit, dict(bf16=False, group_by_length=False)),
-    "lorakit-bf16 -sdpa": (run_lorakit, dict(bf16=True, attention="eager")),
     "lorakit-bf16 +grad-ckpt": (run_lorakit, dict(bf16=True, gradient_checkpointing=True)),
+    "lorakit -packing": (run_lorakit, dict(bf16=False, packing=False, group_by_length=False)),
 }
 
 

@@ -22,6 +22,7 @@ CONFIG_CHECKS = {
     "unknown_task": ({"task": "translation"}, "--task='translation' is invalid: expected one of classification"),
     "unknown_method": ({"method": "dora"}, "--method='dora' is invalid: expected one of lora"),
     "unknown_attention": ({"attention": "fast"}, "--attention='fast' is invalid: expected one of eager"),
+    "unknown_device": ({"device": "gpu"}, "--device='gpu' is invalid: expected cpu, cuda or cuda:N"),
     "no_data": ({"data": ""}, "--data='' is invalid: expected a training data file"),
     "lr": ({"lr": 5.0}, "--lr=5.0 is invalid: expected a learning rate in (0, 1)"),
     "head_lr": ({"head_lr": -1.0}, "--head-lr=-1.0 is invalid: expected a learning rate in (0, 1)"),
@@ -139,3 +140,10 @@ def test_cli_prints_a_model_dependent_error_as_one_red_line(model_dirs, data_fil
     assert result.returncode == 2
     assert "--rank=64 is invalid" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_device_without_a_gpu(no_training, data_files, tmp_path):  # noqa: F811
+    train_file, _ = data_files["classification"]
+    with pytest.raises(TrainConfigError, match=r"--device='cuda' is invalid: this machine has no CUDA GPU .*use --device=cpu"):
+        train(TrainConfig(model="does-not-matter", data=str(train_file), output=str(tmp_path / "out"), device="cuda"))

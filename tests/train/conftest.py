@@ -49,6 +49,14 @@ def make_model_dir(root: Path, kind: str) -> Path:
                                 num_key_value_heads=2, max_position_embeddings=64, bos_token_id=2,
                                 initializer_range=0.3, **common)   # a frozen lm_head with range: the loss can move
         model = tf.LlamaForCausalLM(config)
+    elif kind == "llama-gqa":     # grouped-query attention: 4 query heads share 2 key/value heads
+        config = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=64, bos_token_id=2, **common)
+        model = tf.LlamaForCausalLM(config)
+    elif kind == "gpt2":          # learned positions, fused c_attn Conv1D
+        config = tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                               attn_pdrop=0.0, bos_token_id=2, **common)
+        model = tf.GPT2LMHeadModel(config)
     elif kind == "t5":
         config = tf.T5Config(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0,
                              dropout_rate=0.0, **common)

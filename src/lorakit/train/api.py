@@ -11,6 +11,7 @@ eval metric, else the last) plus `lorakit_task.json` (task, labels, base model),
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,9 +60,31 @@ def build_model(config: TrainConfig, labels: Sequence[str]) -> tuple[nn.Module, 
     """Tokenizer, pretrained model with the task's head, and the names of new head modules."""
     tokenizer = load_tokenizer(config.model)
     loaded = load_model(config.model, config.task, label_names=list(labels) or None)
-    if config.attention:      # e.g. eager: on CPU in bf16 at short lengths, faster than SDPA (benchmarks/e2e.py)
-        loaded.model.set_attn_implementation(config.attention)
+    attention = config.attention or default_attention(config)
+    if attention:
+        loaded.model.set_attn_implementation(attention)
     return loaded.model, tokenizer, loaded.new_modules
+
+
+def training_device(config: TrainConfig) -> torch.device:
+    """--device, else this process's GPU (LOCAL_RANK under torchrun) when CUDA is there, else the CPU."""
+    if config.device:
+        device = torch.device(config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise preflight.TrainConfigError(f"--device={config.device!r} is invalid: this machine has no CUDA GPU "
+                                             "(or this torch build has no CUDA); use --device=cpu")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def default_attention(config: TrainConfig) -> str | None:
+    """Causal LMs training in bf16 on CPU: eager attention (plain matmuls and a softmax), whose
+    forward + backward beat SDPA's CPU kernel there (+15-30% tokens/s on SmolLM2,
+    benchmarks/results/e2e_ablations.md). Otherwise the model's own choice."""
+    on_cpu = training_device(config).type == "cpu"
+    return "eager" if config.bf16 and on_cpu and config.task == "causal-lm" else None
 
 
 def lora_config(config: TrainConfig, new_modules: Sequence[str]) -> lora.LoraConfig:
@@ -79,6 +102,7 @@ def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) 
     output = Path(config.output)
     if dist.is_main:
         preflight.check_output_dir(config)
+    device = training_device(config)       # a --device this machine lacks fails here, not after loading
     seed_everything(config.seed)
     train_examples = read_examples(config.data, config, config.max_train_examples, "training data")
     eval_examples = read_examples(config.eval_data, config, config.max_eval_examples, "eval data") if config.eval_data else []
@@ -88,6 +112,7 @@ def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) 
     preflight.check_lora_targets(config, model, new_modules)
     seed_everything(config.seed)    # adapter init does not depend on how loading used the RNG
     model = methods.apply_method(model, config, new_modules)   # lora: lora.inject(model, lora_config(...))
+    model.to(device)
     task = make_task(config.task, tokenizer, config.max_length, labels)
     if dist.is_main:
         preflight.check_disk_space(config, model)

@@ -60,9 +60,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     bf16: bool = False
     gradient_checkpointing: bool = False
-    group_by_length: bool = True              # length-grouped batches (off: plain shuffled batches)
+    packing: bool = True                      # causal-lm: padding-free batches (same gradients, no padding compute)
+    group_by_length: bool | None = None       # length-grouped batches; None: on unless batches are packed
     attention: str | None = None              # attention kernel: sdpa | eager | ...; None: the model's default
     seed: int = 0
+    device: str | None = None                 # cpu | cuda | cuda:N; None: this process's GPU if there is one, else cpu
     # evaluation and checkpoints
     eval_every: int | None = None             # steps; None: only at the end
     eval_before: bool = True                  # score the model before training too
@@ -111,6 +113,8 @@ class TrainConfig:
         _need(self.scheduler in SCHEDULERS, "scheduler", self.scheduler, f"one of {', '.join(SCHEDULERS)}")
         _need(self.attention is None or self.attention in attention_kernels(), "attention", self.attention,
               f"one of {', '.join(attention_kernels())}")
+        _need(self.device is None or re.fullmatch(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?", str(self.device)) is not None,
+              "device", self.device, "cpu, cuda or cuda:N (or unset: the GPU if there is one)")
         _need(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0 disables clipping)")
         _need(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         _need(self.init in ("kaiming", "gaussian"), "init", self.init, '"kaiming" or "gaussian"')

@@ -50,6 +50,7 @@ class Task:
     name: str = ""
     metric: str = "loss"                                 # what picks the best checkpoint
     greater_is_better: bool = False
+    pack_batches = False     # causal-lm: padding-free rows (train/packing.py); the trainer sets it
 
     # -- encoding ---------------------------------------------------------------------------
     def encode(self, example: dict) -> Encoded:
@@ -108,7 +109,7 @@ class Task:
         summed over targets with the number of targets (rows without labels add nothing)."""
         preds, total, count = [], 0.0, 0.0
         for batch in _batches(encoded, batch_size):
-            inputs = self.collate(batch)
+            inputs = on_device(self.collate(batch), model)
             out = model(**self.model_inputs(inputs, model))
             if "labels" in inputs:
                 total += self.loss_sum(out, inputs).item()
@@ -308,6 +309,12 @@ class CausalLM(_Generative):
         truncated = len(ids) > self.max_length
         return Encoded(ids[:self.max_length], labels[:self.max_length], truncated=truncated)
 
+    def collate(self, batch):
+        if self.pack_batches:
+            from .packing import pack
+            return pack(batch)
+        return super().collate(batch)
+
     def model_inputs(self, batch, model):
         inputs = super().model_inputs(batch, model)
         if "labels" in batch and _takes_logits_mask(model):
@@ -337,7 +344,7 @@ class CausalLM(_Generative):
         try:
             for start in range(0, len(prompts), batch_size):
                 chunk = [self.prompt_text(p) for p in prompts[start:start + batch_size]]
-                enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = on_device(tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False), model)
                 names = adapter_names[start:start + batch_size] if adapter_names is not None else None
                 ctx = mixed_batch(model, names) if names is not None else nullcontext()
                 with ctx:
@@ -380,8 +387,8 @@ class Seq2Seq(_Generative):
         from ..lora import mixed_batch
         outputs: list[str] = []
         for start in range(0, len(prompts), batch_size):
-            enc = self.tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True,
-                                 truncation=True, max_length=self.max_length)
+            enc = on_device(self.tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True,
+                                           truncation=True, max_length=self.max_length), model)
             names = adapter_names[start:start + batch_size] if adapter_names is not None else None
             with (mixed_batch(model, names) if names is not None else nullcontext()):
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced)
@@ -424,6 +431,12 @@ def _takes_logits_mask(model: nn.Module) -> bool:
         except (ImportError, TypeError, ValueError):
             _LOGITS_MASK[kind] = False
     return _LOGITS_MASK[kind]
+
+
+def on_device(batch: Any, model: nn.Module) -> dict[str, Any]:
+    """The batch's tensors on the device of `model`'s parameters (a no-op on CPU)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in dict(batch).items()}
 
 
 def _without_targets(enc: Encoded) -> Encoded:

@@ -30,8 +30,9 @@ from .data import length_grouped_batches
 from ..lora.io import whole_tensor
 from .distributed import (DistContext, full_optimizer_state, load_full, load_optimizer_state,
                           sync_bytes_per_step, wrap_model)
+from .packing import packing_support, use_packed_attention
 from .state import BaseCallback, TrainState
-from .tasks import Task
+from .tasks import Task, on_device
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -77,6 +78,7 @@ class Trainer:
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("no parameter requires grad: inject an adapter (or choose a method) first")
         self.info.update(sync_bytes_per_step(model) if self.dist.enabled else {})
+        self.packing = self._packing_works()      # probed in fp32, before the base goes to bf16
         if config.bf16:
             hold_frozen_in_bf16(model)
         self.forward_model = wrap_model(model, self.dist)    # DDP wrapper, or the model sharded in place
@@ -100,6 +102,18 @@ class Trainer:
         lrs = {"default": c.lr, "lora_B": c.lr * c.lora_plus_ratio, "head": c.head_lr or c.lr}
         return [{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps]
 
+    def _packing_works(self) -> bool:
+        """--packing (causal LMs): on when the model gives the same logits on a packed row as on
+        its examples one by one (train/packing.py); the reason lands in the run's info if not."""
+        if self.task.name != "causal-lm":
+            return False
+        if not self.config.packing:
+            self.info["packing"] = "off: --no-packing"
+            return False
+        why = packing_support(self.model, self.task.max_length)
+        self.info["packing"] = f"off: {why}" if why else "on"
+        return why is None
+
     def _lr_factor(self, step: int) -> float:
         warmup = int(self.config.warmup_ratio * self.state.max_steps)
         if step < warmup:
@@ -113,13 +127,27 @@ class Trainer:
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         """Micro-batches of similar lengths (or, without --group-by-length, shuffled ones: a
-        sorting chunk of one batch sorts nothing); a pure function of (seed, epoch)."""
+        sorting chunk of one batch sorts nothing); a pure function of (seed, epoch). Grouping
+        is off by default for packed batches: they carry no padding for it to save."""
+        grouped = self.config.group_by_length
+        grouped = not self.packing if grouped is None else grouped
         lengths = [len(e) for e in self.train_encoded]
         return length_grouped_batches(lengths, self.config.batch_size, seed=self.config.seed * 1000 + epoch,
-                                      mega_batches=50 if self.config.group_by_length else 1)
+                                      mega_batches=50 if grouped else 1)
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self) -> TrainResult:
+        """Run to max_steps (or from the newest checkpoint with --resume), evaluate, save. With
+        packing, the model and task switch to packed batches for the run and back after it."""
+        use_packed_attention(self.model, self.packing)
+        self.task.pack_batches = self.packing
+        try:
+            return self._train()
+        finally:
+            use_packed_attention(self.model, False)
+            self.task.pack_batches = False
+
+    def _train(self) -> TrainResult:
         if self.dist.is_main:   # what a killed run left half-written: temp dirs, half-pruned checkpoints
             remove_stale_temps(self.output / CHECKPOINTS)
         if self.config.resume:
@@ -157,7 +185,7 @@ class Trainer:
                    "best_metric": state.best_metric, "best_step": state.best_step, "metric_name": state.metric_name,
                    "final_eval": final, "baseline_eval": baseline, "adapter_dir": str(self.output),
                    "truncated": state.truncated,
-                   **{k: v for k, v in self.info.items() if k.startswith(("trainable", "total", "allreduce", "full_ft"))}}
+                   **{k: v for k, v in self.info.items() if k.startswith(("trainable", "total", "allreduce", "full_ft", "packing"))}}
         self._emit("on_train_end", state, summary)
         return TrainResult(state, summary)
 
@@ -216,8 +244,8 @@ class Trainer:
             f"checkpoint is {self._latest_checkpoint() or 'none (no checkpoint was written yet)'}. Lower --lr, "
             "or raise --max-grad-norm clipping, then resume with --resume")
 
-    def _collate(self, ids: Sequence[int]) -> dict[str, torch.Tensor]:
-        return self.task.collate([self.train_encoded[i] for i in ids])
+    def _collate(self, ids: Sequence[int]) -> dict[str, Any]:
+        return on_device(self.task.collate([self.train_encoded[i] for i in ids]), self.model)
 
     def _autocast(self):
         """--bf16: matmuls and activations in bf16; the frozen weights are already bf16

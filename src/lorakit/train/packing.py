@@ -1,0 +1,216 @@
+"""Padding-free batches for causal-LM training: a micro-batch's examples laid end to end in one
+row, so no layer spends time on padding, with the same gradients as the padded batch.
+
+    padded  (B, W):  [a a a a . .]      packed (1, N):  [a a a a b b b c c c c c]
+                     [b b b . . .]      position_ids    [0 1 2 3 0 1 2 0 1 2 3 4]
+                     [c c c c c .]      cu_seq_lens     [0, 4, 7, 12]
+
+Every linear layer (most of a step) then runs on N real tokens instead of B x W. Attention
+must not cross examples: `packed_attention` (registered with transformers as
+`lorakit_packed_<kernel>`) scatters q, k, v back to (B, H, W, D), runs causal attention
+there and gathers the N rows back. Right padding under a causal mask never reaches a real
+token, so no padding mask is needed (which also lets SDPA take its `is_causal` kernel).
+Positions restart at 0 per example, so RoPE / learned positions match the padded batch.
+
+A model opts in only after a probe shows that its logits on a packed row equal its logits
+on the examples one by one (`packing_support`); anything else (no kwargs pass-through, a
+prefix method, sliding windows, an older transformers) trains padded.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .tasks import IGNORE, Encoded
+
+PACKED = "lorakit_packed_"      # + the kernel run on the re-padded q, k, v: "sdpa" or "eager"
+
+
+# -- batches -------------------------------------------------------------------------------
+def pack(batch: Sequence[Encoded]) -> dict[str, Any]:
+    """Causal-LM examples as one padding-free row. Each example's first label is dropped
+    (the previous example's last token must not learn to predict it); in a padded batch
+    that label is never a target anyway (position t predicts t+1), so the loss is the same."""
+    ids, positions, labels, bounds = [], [], [], [0]
+    for e in batch:
+        ids += e.input_ids
+        positions += range(len(e))
+        labels += [IGNORE, *e.labels[1:]] if e.labels is not None else [IGNORE] * len(e)
+        bounds.append(bounds[-1] + len(e))
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    longest = max(len(e) for e in batch)
+    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
+            "labels": torch.tensor([labels]),
+            # transformers' names for variable-length attention: they reach every attention call
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+# -- attention -----------------------------------------------------------------------------
+class _PaddingIndex:
+    """Where each packed token sits in the (B, W) padded layout: row * W + column. Computed
+    once per batch (every layer gets the same `cu_seq_lens` tensor) and reused."""
+
+    def __init__(self) -> None:
+        self._key: torch.Tensor | None = None
+        self._value: tuple[torch.Tensor, int, int] = (torch.empty(0), 0, 0)
+
+    def __call__(self, cu: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int, int]:
+        if cu is not self._key:
+            lengths = cu.diff().long()
+            rows, width = len(lengths), int(lengths.max())
+            starts = cu[:-1].long().repeat_interleave(lengths)
+            token = torch.arange(int(cu[-1]))
+            row = torch.arange(rows).repeat_interleave(lengths)
+            self._key, self._value = cu, ((row * width + token - starts).to(device), rows, width)
+        return self._value
+
+
+_padding_index = _PaddingIndex()
+
+
+def _repad(x: torch.Tensor, index: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """(1, H, N, D) packed -> (rows, H, width, D), zeros after each example."""
+    tokens = x[0].transpose(0, 1)                                          # (N, H, D)
+    padded = tokens.new_zeros(rows * width, *tokens.shape[1:]).index_copy(0, index, tokens)
+    return padded.view(rows, width, *tokens.shape[1:]).transpose(1, 2)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                     groups: int) -> torch.Tensor:
+    """Plain causal softmax attention, (B, H, T, D) q and (B, H/groups, T, D) k, v ->
+    (B, T, H, D). Matmuls and a softmax: on CPU in bf16 forward + backward run faster than
+    SDPA's fused kernel (measured on SmolLM2 in benchmarks/e2e.py)."""
+    if groups > 1:                                                         # grouped-query attention
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    length = q.shape[2]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling                # (B, H, T, T)
+    future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+    scores = scores.masked_fill(future, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v).transpose(1, 2)
+
+
+def _sdpa(module: nn.Module, q, k, v, scaling: float, groups: int) -> torch.Tensor:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward(module, q, k, v, None, scaling=scaling, is_causal=True)[0]
+
+
+def _eager(module: nn.Module, q, k, v, scaling: float, groups: int) -> torch.Tensor:
+    return causal_attention(q, k, v, scaling, groups)
+
+
+KERNELS: dict[str, Callable[..., torch.Tensor]] = {"sdpa": _sdpa, "eager": _eager}
+
+
+def packed_attention(kernel: str) -> Callable:
+    """A transformers attention function: packed rows (with `cu_seq_lens_q`) go through
+    `kernel` on re-padded q, k, v; anything else (generation, padded evaluation) goes to the
+    model's own `kernel` implementation, so the model keeps working outside training."""
+    run = KERNELS[kernel]
+
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                  **kwargs) -> tuple[torch.Tensor, None]:
+        cu = kwargs.get("cu_seq_lens_q")
+        if cu is None or query.shape[0] != 1:
+            return _unpacked(kernel)(module, query, key, value, attention_mask, dropout=dropout,
+                                     scaling=scaling, **kwargs)
+        if dropout:
+            raise ValueError("attention dropout is not supported with packed batches; train with --no-packing")
+        index, rows, width = _padding_index(cu, query.device)
+        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+        groups = query.shape[1] // key.shape[1]
+        out = run(module, *(_repad(x, index, rows, width) for x in (query, key, value)), scaling, groups)
+        # out: (rows, width, H, D) -> back to the packed (1, N, H, D) the model expects
+        return out.reshape(rows * width, *out.shape[2:]).index_select(0, index).unsqueeze(0), None
+
+    return attention
+
+
+def _unpacked(kernel: str) -> Callable:
+    if kernel == "sdpa":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward
+
+    def eager(module, *args, **kwargs):     # each modeling file has its own eager function
+        return sys.modules[type(module).__module__].eager_attention_forward(module, *args, **kwargs)
+    return eager
+
+
+def _register(kernel: str) -> str:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import eager_mask, sdpa_mask
+    name = PACKED + kernel
+    AttentionInterface.register(name, packed_attention(kernel))
+    AttentionMaskInterface.register(name, eager_mask if kernel == "eager" else sdpa_mask)
+    return name
+
+
+# -- opting a model in ---------------------------------------------------------------------
+def packing_support(model: nn.Module, max_length: int | None = None) -> str | None:
+    """None if `model` trains correctly on packed rows of examples up to `max_length` tokens,
+    else why not. Runs a probe (three tiny forwards) and leaves the model as it found it."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current is None:
+        return "not a transformers model"
+    kernel = current.removeprefix(PACKED)
+    if kernel not in KERNELS:
+        return f"attention kernel {current!r} has no packed variant (sdpa, eager)"
+    window = getattr(config, "sliding_window", None)
+    if window and (max_length is None or window < max_length):     # a window that never binds is harmless
+        return f"sliding-window attention (window {window} < --max-length {max_length})"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "soft-capped attention logits"
+    try:
+        name = _register(kernel)
+    except ImportError:
+        return "this transformers version has no attention registry"
+    try:
+        matches = _probe(model, name, kernel)
+    except (TypeError, ValueError, RuntimeError, IndexError) as e:
+        return f"a packed forward failed ({type(e).__name__}: {e})"
+    return None if matches else "packed logits differ from one-by-one logits"
+
+
+def use_packed_attention(model: nn.Module, on: bool) -> None:
+    """Switch `model` between its plain attention kernel and the packed variant of it."""
+    current = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    kernel = current.removeprefix(PACKED)
+    _set_attention(model, _register(kernel) if on else kernel)
+
+
+def _set_attention(model: nn.Module, name: str) -> None:
+    # set_attn_implementation validates names against the registry (transformers >= 4.56);
+    # the config field is what the attention layers read, on every version.
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = name
+
+
+@torch.no_grad()
+def _probe(model: nn.Module, packed_name: str, kernel: str) -> bool:
+    """Two short examples: logits on the packed row == logits of each alone (plain kernel)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    examples = [Encoded(torch.randint(vocab, (n,), generator=generator).tolist(), [IGNORE] * n) for n in (5, 3)]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        alone = torch.cat([model(input_ids=torch.tensor([e.input_ids], device=device)).logits[0] for e in examples])
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in pack(examples).items()}
+        del batch["labels"]
+        _set_attention(model, packed_name)
+        packed = model(**batch).logits[0]
+    finally:
+        _set_attention(model, kernel)
+        model.train(was_training)
+    if packed.shape != alone.shape:
+        return False
+    scale = alone.abs().max().clamp_min(1.0)
+    return bool(((packed - alone).abs().max() / scale) < 1e-3)
