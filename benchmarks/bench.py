@@ -265,9 +265,14 @@ def main() -> None:
     if args.quick:
         args.repeats, args.models = 3, "gpt2"
     sections, models = args.sections.split(","), args.models.split(",")
-    results: dict = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                                 "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()},
-                     "date": time.strftime("%Y-%m-%d %H:%M"), "repeats": args.repeats}
+    out = Path(args.output)
+    # Sections not rerun keep their previous results (and their own date and repeats).
+    results: dict = json.loads(out.read_text()) if out.is_file() else {}
+    results.update({"machine": {"python": platform.python_version(), "torch": torch.__version__,
+                                "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()},
+                    "date": time.strftime("%Y-%m-%d %H:%M"), "repeats": args.repeats})
+    for section in sections:
+        results.setdefault("section_runs", {})[section] = {"date": results["date"], "repeats": args.repeats}
     import peft
     results["machine"]["peft"] = peft.__version__
     for key in models:
@@ -284,7 +289,6 @@ def main() -> None:
     if "mixed" in sections:
         print("[mixed] GPT-2-shaped 4L/384, 64 rows x 32 tokens", flush=True)
         results["mixed"] = bench_mixed(args.repeats)
-    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     out.with_suffix(".md").write_text(report(results))
@@ -295,6 +299,9 @@ def report(r: dict) -> str:
     """The results as markdown tables (what the README quotes)."""
     lines = [f"# lorakit benchmarks ({r['date']}, torch {r['machine']['torch']}, PEFT {r['machine'].get('peft')}, "
              f"{r['machine']['threads']} threads, fp32, r=8, alpha=16; medians of {r['repeats']} interleaved steps)", ""]
+    if "section_runs" in r:
+        lines += ["Sections last run: " + "; ".join(f"{name} {v['date']} ({v['repeats']} repeats)"
+                                                 for name, v in r["section_runs"].items()), ""]
     if "train" in r:
         lines += ["## Training step (ms: forward / backward / optimizer = total; x floor; tokens/s)", "",
                   "| model | config | forward | backward | optimizer | total | x floor | tokens/s | spread |", "|---|---|---|---|---|---|---|---|---|"]

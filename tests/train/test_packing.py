@@ -95,7 +95,15 @@ def test_probe_refuses_short_sliding_windows_and_non_transformers_models(tmp_pat
     model = MistralForCausalLM(config)
     assert "sliding" in packing_support(model, max_length=32)
     assert packing_support(model, max_length=8) is None      # the window never binds: packing is exact
-    assert packing_support(torch.nn.Linear(2, 2)) == "not a transformers model"
+    assert packing_support(torch.nn.Linear(2, 2)).startswith("not a transformers model")
+
+
+def test_prefix_methods_train_padded(tmp_path):
+    from lorakit import methods
+    model, _ = tiny(tmp_path, "llama")
+    for name in ("prefix-embed", "prefix-layer"):
+        wrapped = methods.build(model, name, {"prefix_length": 2, "task": "causal-lm"})
+        assert packing_support(wrapped) is not None, name
 
 
 def test_packed_training_run_equals_the_padded_run(model_dirs, data_files, tmp_path):

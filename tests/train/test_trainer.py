@@ -126,6 +126,23 @@ def test_lora_plus_gives_B_a_larger_learning_rate(model_dirs, data_files, tmp_pa
     assert lrs["lora_B"] == pytest.approx(16 * lrs["default"]) and lrs["head"] == pytest.approx(lrs["default"])
 
 
+@pytest.mark.parametrize("method", ["lora", "bitfit", "adapter-h", "full"])
+def test_head_lr_reaches_the_new_head_under_every_method(method, model_dirs, data_files, tmp_path):
+    from lorakit import methods
+    from lorakit.train.api import build_model
+    from lorakit.train.tasks import make_task
+    from lorakit.train.trainer import Trainer
+    cfg = config(model_dirs, data_files, "classification", tmp_path, method=method, head_lr=5e-2)
+    model, tok, new = build_model(cfg, ["neg", "pos"])
+    model = methods.apply_method(model, cfg, new)
+    trainer = Trainer(model, make_task("classification", tok, 32, ["neg", "pos"]), [{"text": "good", "label": "pos"}],
+                      None, cfg, save_adapter=lambda m, p: None)
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    head = {id(p) for name, p in model.named_parameters() if p.requires_grad and "classifier" in name}
+    assert head and {id(p) for p in groups["head"]["params"]} == head
+    assert groups["head"]["lr"] == pytest.approx(5e-2) and groups["default"]["lr"] == pytest.approx(1e-2)
+
+
 @pytest.mark.parametrize("option", [{"bf16": True}, {"gradient_checkpointing": True}])
 def test_bf16_autocast_and_gradient_checkpointing_train(option, model_dirs, data_files, tmp_path):
     result = train(config(model_dirs, data_files, "classification", tmp_path, max_steps=40, **option), callbacks=[])

@@ -6,7 +6,7 @@ Shapes: x: [..., in], A: [r, in], B: [out, r], base_out: [..., out].
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -97,28 +97,37 @@ def stack_adapters(As: Sequence[Tensor], Bs: Sequence[Tensor], scalings: Sequenc
     return At, Bt
 
 
-def mixed_lora_forward(x: Tensor, base_out: Tensor, At: Tensor, Bt: Tensor, index: Tensor) -> Tensor:
+def mixed_lora_forward(x: Tensor, base_out: Tensor, At: Tensor, Bt: Tensor, index: Tensor,
+                       rows_for: Callable[[Tensor, int], Tensor] | None = None) -> Tensor:
     """Each row of the batch through its own adapter: one gathered bmm per projection.
 
     x: [b, ..., in], base_out: [b, ..., out], At: [n+1, in, r], Bt: [n+1, r, out], index: [b]
     (slot per row; the last slot is all-zero = base only). No Python loop over adapters: the
-    cost does not grow with n."""
+    cost does not grow with n. `rows_for` may memoise `bag_rows(index, k)` across layers.
+    Without autograd, a one-token step accumulates into `base_out` (a layer's fresh output)."""
     b = x.shape[0]
     x3 = x.reshape(b, -1, x.shape[-1])                                            # [b, t, in]
     if x3.shape[1] == 1 and not torch.is_grad_enabled():                          # decoding: one token a row
-        delta = per_row_matmul(per_row_matmul(x3[:, 0], At, index), Bt, index)   # [b, out]
-    else:
-        h = torch.bmm(x3, At.index_select(0, index))                              # [b, t, r]
-        delta = torch.bmm(h, Bt.index_select(0, index))                           # [b, t, out]
+        rows_for = rows_for or bag_rows
+        h = per_row_matmul(x3[:, 0], At, rows_for(index, At.shape[1]))           # [b, r]
+        delta = per_row_matmul(h, Bt, rows_for(index, Bt.shape[1])).view(base_out.shape)   # [b, ..., out]
+        # Without autograd, accumulate into the base layer's fresh output (no new tensor).
+        return base_out.add_(delta) if base_out.is_contiguous() else base_out + delta
+    h = torch.bmm(x3, At.index_select(0, index))                                  # [b, t, r]
+    delta = torch.bmm(h, Bt.index_select(0, index))                               # [b, t, out]
     return base_out + delta.view(base_out.shape)
 
 
-def per_row_matmul(v: Tensor, W: Tensor, index: Tensor) -> Tensor:
+def bag_rows(index: Tensor, k: int) -> Tensor:
+    """[b, k]: the rows of a stacked [n, k, m] weight, viewed as [n·k, m], that row i reads."""
+    return index[:, None] * k + torch.arange(k, device=index.device)
+
+
+def per_row_matmul(v: Tensor, W: Tensor, rows: Tensor) -> Tensor:
     """v[i] @ W[index[i]] for every row i, without gathering a [b, k, m] copy of the W's:
     `embedding_bag` sums the k rows of W[index[i]] weighted by v[i], in one pass (half the
-    time of gather + bmm when each row is a single token). v: [b, k], W: [n, k, m] -> [b, m]."""
-    k = W.shape[1]
-    rows = index[:, None] * k + torch.arange(k, device=index.device)             # [b, k] rows of W as [n·k, m]
+    time of gather + bmm when each row is a single token). v: [b, k], W: [n, k, m],
+    rows = bag_rows(index, k) -> [b, m]."""
     return F.embedding_bag(rows, W.reshape(-1, W.shape[-1]), mode="sum", per_sample_weights=v)
 
 

@@ -42,6 +42,7 @@ class MixedRows:
 
     uniform: bool = field(init=False)     # every row on the same adapter (or every row on none)
     _routes: dict = field(init=False, default_factory=dict, repr=False)
+    _bags: dict = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.uniform = len(set(self.index.tolist())) <= 1
@@ -55,6 +56,14 @@ class MixedRows:
             to_stack = torch.tensor([slot.get(n, len(stacked)) for n in self.names] + [len(stacked)], device=device)
             self._routes[key] = to_stack[self.index_for(batch, device)]
         return self._routes[key]
+
+    def bag_rows(self, route: Tensor, k: int) -> Tensor:
+        """`LF.bag_rows(route, k)`, computed once per (route, k) for the whole batch: every
+        layer and decoding step reuses it. Keyed by the route object, which `_routes` holds."""
+        key = (id(route), k)
+        if key not in self._bags:
+            self._bags[key] = LF.bag_rows(route, k)
+        return self._bags[key]
 
     def index_for(self, batch: int, device: torch.device) -> Tensor:
         index = self.index.to(device)
@@ -122,6 +131,7 @@ class LoraLayer(nn.Module):
         self._init_pair(A, B, r, init)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
+        self._stack_cache = None
         self.scaling[name] = LF.lora_scaling(r, alpha, use_rslora)
         self.dropout_p[name] = float(dropout)
         self.slices[name] = tuple(slices) if slices is not None else None
@@ -257,11 +267,12 @@ class LoraLayer(nn.Module):
         """At: [n+1, fan_in, r_max] and Bt: [n+1, r_max, out] for `names` (absent ones are zero);
         cached when no gradient is needed, keyed on the parameters' version counters so an
         update invalidates it."""
-        present = [n for n in names if n in self.lora_A]
-        params = [p for n in present for p in (self.lora_A[n], self.lora_B[n])]
-        key = (names, dtype, tuple(p._version for p in params), tuple(id(p) for p in params))
-        if self._stack_cache is not None and self._stack_cache[0] == key:
-            return self._stack_cache[1]
+        cache = self._stack_cache          # (names, dtype, params, their versions, stacks)
+        # A decoding step calls this once per layer: the hit path reads only the version counters
+        # (looking 2n parameters up in the ParameterDicts costs more than the matmuls).
+        if cache is not None and cache[:2] == (names, dtype) and [p._version for p in cache[2]] == cache[3]:
+            return cache[4]
+        params = [p for n in names if n in self.lora_A for p in (self.lora_A[n], self.lora_B[n])]
         zero_A = self.weight.new_zeros(1, self.fan_in)
         zero_B = zero_A.new_zeros(self.fan_out, 1)
         As = [self.A_matrix(n) if n in self.lora_A else zero_A for n in names]
@@ -269,7 +280,7 @@ class LoraLayer(nn.Module):
         scalings = [self.scaling.get(n, 0.0) for n in names]
         stacks = tuple(s.to(dtype) for s in LF.stack_adapters(As, Bs, scalings))
         if not torch.is_grad_enabled():
-            self._stack_cache = (key, stacks)
+            self._stack_cache = (names, dtype, params, [p._version for p in params], stacks)
         return stacks
 
     def _mixed_weights(self, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -284,6 +295,8 @@ class LoraLayer(nn.Module):
         return At, Bt, self.mixed.route(stacked, batch, device)
 
     def _mixed_dropout(self, x: Tensor, names: tuple[str, ...]) -> Tensor:
+        if not self.training:
+            return x
         ps = {self.dropout_p[n] for n in names if n in self.lora_A}
         if len(ps) > 1 and self.training:
             raise ValueError(f"mixed-batch training needs one lora_dropout for all adapters, got {sorted(ps)}")
@@ -291,7 +304,7 @@ class LoraLayer(nn.Module):
 
     def _mixed_forward(self, x: Tensor, out: Tensor) -> Tensor:
         At, Bt, index = self._mixed_weights(x.shape[0], x.device, x.dtype)
-        return LF.mixed_lora_forward(self._mixed_dropout(x, self.mixed.names), out, At, Bt, index)
+        return LF.mixed_lora_forward(self._mixed_dropout(x, self.mixed.names), out, At, Bt, index, self.mixed.bag_rows)
 
     def extra_repr(self) -> str:
         ranks = {n: self.rank(n) for n in self.adapter_names}

@@ -155,8 +155,8 @@ def packing_support(model: nn.Module, max_length: int | None = None) -> str | No
     else why not. Runs a probe (three tiny forwards) and leaves the model as it found it."""
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
-    if current is None:
-        return "not a transformers model"
+    if current is None or not hasattr(model, "get_input_embeddings"):
+        return "not a transformers model (or one wrapped, e.g. by a prefix method)"
     kernel = current.removeprefix(PACKED)
     if kernel not in KERNELS:
         return f"attention kernel {current!r} has no packed variant (sdpa, eager)"
@@ -171,7 +171,7 @@ def packing_support(model: nn.Module, max_length: int | None = None) -> str | No
         return "this transformers version has no attention registry"
     try:
         matches = _probe(model, name, kernel)
-    except (TypeError, ValueError, RuntimeError, IndexError) as e:
+    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
         return f"a packed forward failed ({type(e).__name__}: {e})"
     return None if matches else "packed logits differ from one-by-one logits"
 

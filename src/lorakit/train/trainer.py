@@ -92,9 +92,12 @@ class Trainer:
 
     # -- setup ------------------------------------------------------------------------------
     def _param_groups(self) -> list[dict]:
-        """LoRA+ gives B a larger learning rate than A; new heads may have their own."""
+        """LoRA+ gives B a larger learning rate than A; new task heads (any method) may have their own."""
+        from ..methods import method_spec
         b_ids = {id(p) for _, layer in lora_layers(self.model) for p in layer.lora_B.values()}
         head_ids = {id(p) for _, w in saved_modules(self.model) for p in w.modules_to_save.parameters()}
+        spec = method_spec(self.model)          # the other methods train the new head in place
+        head_ids |= {id(self.params[n]) for n in (spec.head_params if spec else ()) if n in self.params}
         c = self.config
         groups: dict[str, list] = {"default": [], "lora_B": [], "head": []}
         for p in self.params.values():
