@@ -41,10 +41,9 @@ def length_profiles(encoded: list, seed: int = 1) -> dict[str, list]:
 
 
 def step_seconds(model, task, batch_rows: list, packed: bool) -> float:
-    from lorakit.train.packing import use_packed_attention
+    from lorakit.train.packing import pack, use_packed_attention
     use_packed_attention(model, packed)
-    task.pack_batches = packed
-    batch = task.collate(batch_rows)
+    batch = pack(batch_rows) if packed else task.collate(batch_rows)    # each layout forced, whatever the padding
     t0 = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = task.loss_sum(model(**task.model_inputs(batch, model)), batch)

@@ -24,6 +24,18 @@ def test_pack_lays_examples_end_to_end_with_restarting_positions():
     assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5] and batch["max_length_q"] == 3
 
 
+def test_only_batches_with_enough_padding_are_packed(tmp_path):
+    from lorakit.train.tasks import PACK_FROM_PADDING, padding_share
+    _, tok = tiny(tmp_path, "llama")
+    task = make_task("causal-lm", tok, 32)
+    task.pack_batches = True
+    even = [Encoded([5, 6, 7, 8], [IGNORE, 6, 7, 8])] * 3                       # no padding to save
+    uneven = [Encoded([5, 6, 7, 8, 9, 10], [IGNORE] * 6), Encoded([5, 6], [IGNORE, 6])]
+    assert padding_share(even) == 0 and padding_share(uneven) >= PACK_FROM_PADDING
+    assert task.collate(even)["input_ids"].shape == (3, 4) and "attention_mask" in task.collate(even)
+    assert task.collate(uneven)["input_ids"].shape == (1, 8) and "cu_seq_lens_q" in task.collate(uneven)
+
+
 def _loss_and_grads(model, task, batch):
     model.zero_grad()
     loss = task.loss_sum(model(**task.model_inputs(batch, model)), batch)
