@@ -88,7 +88,7 @@ def test_probe_refuses_attention_that_leaks_across_examples(tmp_path, monkeypatc
     model, _ = tiny(tmp_path, "llama")
     model.set_attn_implementation("eager")
 
-    def leaky(module, q, k, v, scaling, groups):
+    def leaky(module, q, k, v, scaling, groups, dropout):
         """Causal attention over the whole packed row: example 2 sees example 1."""
         rows, heads, width, dim = q.shape
         joined = [x.transpose(0, 1).reshape(1, x.shape[1], rows * width, dim) for x in (q, k, v)]
@@ -108,6 +108,25 @@ def test_probe_refuses_short_sliding_windows_and_non_transformers_models(tmp_pat
     assert "sliding" in packing_support(model, max_length=32)
     assert packing_support(model, max_length=8) is None      # the window never binds: packing is exact
     assert packing_support(torch.nn.Linear(2, 2)).startswith("not a transformers model")
+
+
+def test_packed_training_keeps_attention_dropout(tmp_path):
+    """GPT-2 checkpoints train with attention dropout (attn_pdrop 0.1): packed rows apply it too."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32,
+                                       attn_pdrop=0.5, resid_pdrop=0.0, embd_pdrop=0.0))
+    model.set_attn_implementation("eager")
+    assert packing_support(model) is None
+    use_packed_attention(model, True)
+    batch = pack([Encoded(list(range(1, 9)), [IGNORE] * 8), Encoded(list(range(3, 9)), [IGNORE] * 6)])
+    del batch["labels"]
+    model.train()
+    torch.manual_seed(0)
+    first = model(**batch).logits
+    second = model(**batch).logits
+    assert not torch.allclose(first, second)          # dropout masks differ between calls
+    model.eval()
+    torch.testing.assert_close(model(**batch).logits, model(**batch).logits)
 
 
 def test_prefix_methods_train_padded(tmp_path):

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .tasks import IGNORE, Encoded
 
@@ -79,7 +80,7 @@ def _repad(x: torch.Tensor, index: torch.Tensor, rows: int, width: int) -> torch
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
-                     groups: int) -> torch.Tensor:
+                     groups: int, dropout: float = 0.0) -> torch.Tensor:
     """Plain causal softmax attention, (B, H, T, D) q and (B, H/groups, T, D) k, v ->
     (B, T, H, D). Matmuls and a softmax: on CPU in bf16 forward + backward run faster than
     SDPA's fused kernel (measured on SmolLM2 in benchmarks/e2e.py)."""
@@ -90,16 +91,18 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling:
     future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
     scores = scores.masked_fill(future, float("-inf"))
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout:                                                            # attention dropout (training)
+        weights = F.dropout(weights, dropout)
     return torch.matmul(weights, v).transpose(1, 2)
 
 
-def _sdpa(module: nn.Module, q, k, v, scaling: float, groups: int) -> torch.Tensor:
+def _sdpa(module: nn.Module, q, k, v, scaling: float, groups: int, dropout: float) -> torch.Tensor:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    return sdpa_attention_forward(module, q, k, v, None, scaling=scaling, is_causal=True)[0]
+    return sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True)[0]
 
 
-def _eager(module: nn.Module, q, k, v, scaling: float, groups: int) -> torch.Tensor:
-    return causal_attention(q, k, v, scaling, groups)
+def _eager(module: nn.Module, q, k, v, scaling: float, groups: int, dropout: float) -> torch.Tensor:
+    return causal_attention(q, k, v, scaling, groups, dropout)
 
 
 KERNELS: dict[str, Callable[..., torch.Tensor]] = {"sdpa": _sdpa, "eager": _eager}
@@ -118,12 +121,10 @@ def packed_attention(kernel: str) -> Callable:
         if cu is None or query.shape[0] != 1:
             return _unpacked(kernel)(module, query, key, value, attention_mask, dropout=dropout,
                                      scaling=scaling, **kwargs)
-        if dropout:
-            raise ValueError("attention dropout is not supported with packed batches; train with --no-packing")
         index, rows, width = _padding_index(cu, query.device)
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         groups = query.shape[1] // key.shape[1]
-        out = run(module, *(_repad(x, index, rows, width) for x in (query, key, value)), scaling, groups)
+        out = run(module, *(_repad(x, index, rows, width) for x in (query, key, value)), scaling, groups, dropout)
         # out: (rows, width, H, D) -> back to the packed (1, N, H, D) the model expects
         return out.reshape(rows * width, *out.shape[2:]).index_select(0, index).unsqueeze(0), None
 
