@@ -104,7 +104,7 @@ def mixed_lora_forward(x: Tensor, base_out: Tensor, At: Tensor, Bt: Tensor, inde
     x: [b, ..., in], base_out: [b, ..., out], At: [n+1, in, r], Bt: [n+1, r, out], index: [b]
     (slot per row; the last slot is all-zero = base only). No Python loop over adapters: the
     cost does not grow with n. `rows_for` may memoise `bag_rows(index, k)` across layers.
-    Without autograd, a one-token step accumulates into `base_out` (a layer's fresh output)."""
+    Without autograd the sum is accumulated into `base_out` (a layer's fresh output)."""
     b = x.shape[0]
     x3 = x.reshape(b, -1, x.shape[-1])                                            # [b, t, in]
     if x3.shape[1] == 1 and not torch.is_grad_enabled():                          # decoding: one token a row
@@ -114,8 +114,12 @@ def mixed_lora_forward(x: Tensor, base_out: Tensor, At: Tensor, Bt: Tensor, inde
         # Without autograd, accumulate into the base layer's fresh output (no new tensor).
         return base_out.add_(delta) if base_out.is_contiguous() else base_out + delta
     h = torch.bmm(x3, At.index_select(0, index))                                  # [b, t, r]
-    delta = torch.bmm(h, Bt.index_select(0, index))                               # [b, t, out]
-    return base_out + delta.view(base_out.shape)
+    B_rows = Bt.index_select(0, index)                                            # [b, r, out]
+    # The up-projection accumulates into the base output inside the GEMM (baddbmm): one pass
+    # over the [b, t, out] output instead of writing a delta and adding it in a second pass.
+    if not torch.is_grad_enabled() and base_out.is_contiguous():
+        return base_out.view(b, -1, base_out.shape[-1]).baddbmm_(h, B_rows).view(base_out.shape)
+    return torch.baddbmm(base_out.reshape(b, -1, base_out.shape[-1]), h, B_rows).view(base_out.shape)
 
 
 def bag_rows(index: Tensor, k: int) -> Tensor:
