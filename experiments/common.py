@@ -280,8 +280,8 @@ def latency_table(lat: dict) -> str:
 
 # -- the shared MiniLM set-ups (identical configs share cached runs across experiments) --------
 # Learning rates per method: not tuned here (no budget for it); the usual orders of magnitude
-# (full fine-tuning small, bias/prefix tuning large). head_lr=2e-3 reaches LoRA's head only: lorakit
-# applies head_lr to LoRA's modules_to_save; the other methods' heads train at the method's lr.
+# (full fine-tuning small, bias/prefix tuning large). head_lr=2e-3 trains every method's new head
+# (before lorakit applied it to every method, it reached LoRA's head only: see HEAD_LR_FOR_ALL).
 METHOD_LR = {"lora": 2e-3, "full": 1e-4, "top2": 2e-4, "bitfit": 5e-3, "adapter-h": 2e-3, "adapter-l": 2e-3,
              "prefix-embed": 1e-2, "prefix-layer": 5e-3}
 METHOD_OPTIONS = {"adapter_size": 8, "prefix_length": 16}
@@ -311,9 +311,15 @@ def _classification_config(data_dir: Path, steps: int, batch: int, max_eval: int
     return config
 
 
+# Cached runs of the non-LoRA methods from before head_lr reached their heads trained those heads at
+# the method's lr: a new key suffix keeps them from being reused as if they were current.
+HEAD_LR_FOR_ALL = "-hl"
+
+
 def key_of(prefix: str, config: dict, quick: bool) -> str:
     t = config.get("targets") or []
-    what = config["method"] + (f"-{'+'.join(x[0] for x in t)}-r{config['rank']}" if config["method"] == "lora" else "")
+    what = config["method"] + (f"-{'+'.join(x[0] for x in t)}-r{config['rank']}" if config["method"] == "lora"
+                               else HEAD_LR_FOR_ALL)
     return ("quick-" if quick else "") + f"{prefix}-{what}-s{config['seed']}"
 
 

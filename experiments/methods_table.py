@@ -62,9 +62,8 @@ def main() -> None:
              f"{SST2_STEPS * SST2_BATCH}-sentence subset of the training set, max length 64, full GLUE dev (872). "
              f"{args.domain}: {DOMAIN_STEPS} steps of batch {DOMAIN_BATCH} ({DOMAIN_STEPS * DOMAIN_BATCH} reviews), max "
              f"length 64, full dev. Seeds {list(seeds)}. LoRA r=8 on Wq,Wv (alpha 16); adapters bottleneck 8; "
-             f"prefixes 16 positions. Learning rates (untuned): {METHOD_LR}. LoRA's new classifier head trains at "
-             "head_lr 2e-3; the other methods' heads train at the method's own lr (lorakit applies head_lr to LoRA's "
-             "modules_to_save only). Trainable params: the paper's count (head excluded). Tokens/s: training steps only "
+             f"prefixes 16 positions. Learning rates (untuned): {METHOD_LR}. Every method's new classifier head "
+             "trains at head_lr 2e-3. Trainable params: the paper's count (head excluded). Tokens/s: training steps only "
              "(lorakit's own measure), one thread, on a machine shared with other jobs: treat as rough. Peak RSS: "
              "VmHWM of the fresh process of each run (Python + torch + model + optimizer state + activations). "
              + wall_note(results['wall_s']) + (" QUICK SMOKE RUN: numbers meaningless." if args.quick else ""))
