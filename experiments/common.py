@@ -177,10 +177,13 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def write_results(name: str, title: str, sections: Sequence[tuple[str, str]], data: Any, notes: str = "") -> Path:
+def write_results(name: str, title: str, sections: Sequence[tuple[str, str]], data: Any, notes: str = "",
+                  quick: bool = False) -> Path:
     """experiments/results/<name>.md (title, notes, then each (heading, markdown) section) and
-    <name>.json (`data`)."""
+    <name>.json (`data`); a --quick smoke run writes <name>_quick.* and says so in the notes."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if quick:
+        name, notes = name + "_quick", notes + " QUICK SMOKE RUN: numbers meaningless."
     parts = [f"# {title}", ""] + ([notes.strip(), ""] if notes else [])
     for heading, body in sections:
         parts += [f"## {heading}", "", body.strip(), ""]
@@ -191,10 +194,11 @@ def write_results(name: str, title: str, sections: Sequence[tuple[str, str]], da
     return md
 
 
-def savefig(fig, name: str) -> Path:
+def savefig(fig, name: str, quick: bool = False) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.png"
-    fig.tight_layout()
+    path = RESULTS / f"{name}{'_quick' if quick else ''}.png"
+    if fig.get_layout_engine() is None:      # figures built with constrained_layout keep it
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path.relative_to(ROOT)}")
     return path

@@ -67,13 +67,13 @@ def main() -> None:
              "(lorakit's prefix models do not generate), so eval loss is the metric that covers every method. LoRA "
              "r=8 on Wq,Wv (alpha 16); adapters bottleneck 8; prefixes 16 positions. BitFit: not applicable (no "
              f"biases). Learning rates (untuned): {LR}. " + wall_note(wall)
-             + (" QUICK SMOKE RUN: numbers meaningless." if args.quick else ""))
-    write_results("methods_e2e" + ("_quick" if args.quick else ""), "Methods on E2E (Table 3 in small)",
+            )
+    write_results("methods_e2e", "Methods on E2E (Table 3 in small)",
                   [("SmolLM2-135M on E2E", table),
                    (f"Inference latency, SmolLM2-135M, batch 1, {LATENCY_TOKENS} tokens, 1 thread (median of {reps} forwards, "
                     "round robin)",
                     latency_table(lat))],
-                  {"e2e": rows, f"latency_smollm2_batch1_{LATENCY_TOKENS}tokens": lat, "wall_s": wall}, notes)
+                  {"e2e": rows, f"latency_smollm2_batch1_{LATENCY_TOKENS}tokens": lat, "wall_s": wall}, notes, args.quick)
 
 
 def plot(rows: list[dict], lat: dict, quick: bool) -> None:
@@ -94,7 +94,7 @@ def plot(rows: list[dict], lat: dict, quick: bool) -> None:
     axes[1].set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
     axes[1].set_ylabel(f"ms per forward (batch 1, {LATENCY_TOKENS} tokens)")
     axes[1].set_title("inference latency (median, p10-p90)")
-    savefig(fig, "methods_e2e" + ("_quick" if quick else ""))
+    savefig(fig, "methods_e2e", quick)
 
 
 if __name__ == "__main__":

@@ -66,9 +66,9 @@ def main() -> None:
              "trains at head_lr 2e-3. Trainable params: the paper's count (head excluded). Tokens/s: training steps only "
              "(lorakit's own measure), one thread, on a machine shared with other jobs: treat as rough. Peak RSS: "
              "VmHWM of the fresh process of each run (Python + torch + model + optimizer state + activations). "
-             + wall_note(results['wall_s']) + (" QUICK SMOKE RUN: numbers meaningless." if args.quick else ""))
-    write_results("methods_table" + ("_quick" if args.quick else ""), "Methods table (Tables 2/3 in small)", sections,
-                  results, notes)
+             + wall_note(results['wall_s']))
+    write_results("methods_table", "Methods table (Tables 2/3 in small)", sections,
+                  results, notes, args.quick)
 
 
 def plot(results: dict, domain: str, quick: bool) -> None:
@@ -92,7 +92,7 @@ def plot(results: dict, domain: str, quick: bool) -> None:
     axes[2].set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
     axes[2].set_ylabel("ms per forward (batch 1, 32 tokens)")
     axes[2].set_title("inference latency (median, p10-p90)")
-    savefig(fig, "methods_table" + ("_quick" if quick else ""))
+    savefig(fig, "methods_table", quick)
 
 
 if __name__ == "__main__":

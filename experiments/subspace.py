@@ -47,7 +47,6 @@ def _load_a(adapter_dir: str, config: dict) -> dict:
     """{(module, layer): (A, A_init)} for one kept adapter; A_init is what lorakit's trainer
     starts from with the same seed (seed, load model, reseed, inject)."""
     import re
-    import torch
     from safetensors.torch import load_file
     from lorakit import lora
     from lorakit.train.api import build_model, lora_config, seed_everything
@@ -87,7 +86,7 @@ def main() -> None:
     pairs = {"r8 vs r64 (seed 0)": ((8, 0), (64, 0)), "r8 vs r64 (seed 1)": ((8, 1), (64, 1)),
              "r8: seed 0 vs seed 1": ((8, 0), (8, 1)), "r64: seed 0 vs seed 1": ((64, 0), (64, 1))}
     rng = np.random.default_rng(0)
-    summary, md, data = [], [], {"d": d, "layers": layers, "pairs": {}}
+    md, data = [], {"d": d, "layers": layers, "pairs": {}}
     for label, (p, q) in pairs.items():
         for module in ("query", "value"):
             for what in ("A", "dA"):
@@ -114,16 +113,15 @@ def main() -> None:
              "max(i, j) / d, for (1, 1), (8, 8) and the full pair. 'A' is the paper's measure on the learned A; "
              "'dA' is the same on the change A - A_init. Relative change ||A - A_init|| / ||A_init|| "
              f"(seed 0): {', '.join(f'{k}: {v:.3f}' for k, v in moved.items())}. " + wall_note(wall)
-             + (" QUICK SMOKE RUN: numbers meaningless." if args.quick else ""))
-    write_results("subspace" + ("_quick" if args.quick else ""), "Subspace similarity (Section 7 in small)",
+            )
+    write_results("subspace", "Subspace similarity (Section 7 in small)",
                   [("Normalized subspace similarity phi, mean over layers", markdown_table(
                       ["pair", "matrix", "of", "phi(1,1)", "phi(8,8)", "phi(r1,r2)", "random: (1,1) / (8,8) / full"],
-                      md))], data, notes)
+                      md))], data, notes, args.quick)
 
 
 def plots(adapters: dict, layers: list[int], d: int, rng, quick: bool) -> None:
     plt = pyplot()
-    suffix = "_quick" if quick else ""
     last = layers[-1]
     # Figure 3: r=8 vs r=64, i <= 8, j <= 64, for Wq and Wv; A and dA; first and last layer
     fig, axes = plt.subplots(4, 2, figsize=(13, 11), constrained_layout=True)
@@ -140,8 +138,7 @@ def plots(adapters: dict, layers: list[int], d: int, rng, quick: bool) -> None:
     for ax in axes[-1]:
         ax.set_xlabel("j (r=64)")
     fig.colorbar(im, ax=axes, shrink=0.6)
-    fig.savefig(Path(__file__).resolve().parent / "results" / f"subspace_r8_vs_r64{suffix}.png", dpi=110)
-    print(f"wrote experiments/results/subspace_r8_vs_r64{suffix}.png")
+    savefig(fig, "subspace_r8_vs_r64", quick)
     # Figure 4: across seeds, r=64, top 16 x 16 directions, last layer; random Gaussian baseline
     fig, axes = plt.subplots(2, 3, figsize=(13, 8), constrained_layout=True)
     for col, module in enumerate(("query", "value")):
@@ -160,8 +157,7 @@ def plots(adapters: dict, layers: list[int], d: int, rng, quick: bool) -> None:
         ax.set_xlabel("j")
         ax.set_ylabel("i")
     fig.colorbar(im, ax=axes, shrink=0.6)
-    fig.savefig(Path(__file__).resolve().parent / "results" / f"subspace_seeds{suffix}.png", dpi=110)
-    print(f"wrote experiments/results/subspace_seeds{suffix}.png")
+    savefig(fig, "subspace_seeds", quick)
 
 
 if __name__ == "__main__":

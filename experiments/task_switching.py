@@ -120,10 +120,10 @@ def main() -> None:
              "lorakit.lora.set_adapter and scored on every domain's full dev set. Own-domain mean "
              f"{out['own_domain_mean']:.1f}%, other-domain mean {out['other_domain_mean']:.1f}%. Switch times: "
              "median, 1 thread, shared machine. " + wall_note(wall)
-             + (" QUICK SMOKE RUN: numbers meaningless." if args.quick else ""))
-    write_results("task_switching" + ("_quick" if args.quick else ""), "Task switching on one base",
+            )
+    write_results("task_switching", "Task switching on one base",
                   [("Dev accuracy %: each domain's adapter (rows) on each domain (columns)", matrix),
-                   ("Storage", sizes), ("Switching", times)], out, notes)
+                   ("Storage", sizes), ("Switching", times)], out, notes, args.quick)
 
 
 def plot(acc: dict, quick: bool) -> None:
@@ -141,7 +141,7 @@ def plot(acc: dict, quick: bool) -> None:
     ax.set_ylabel("adapter trained on")
     ax.set_title("Task switching: dev accuracy %")
     fig.colorbar(im)
-    savefig(fig, "task_switching" + ("_quick" if quick else ""))
+    savefig(fig, "task_switching", quick)
 
 
 if __name__ == "__main__":

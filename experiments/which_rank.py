@@ -48,9 +48,9 @@ def main() -> None:
     notes = (f"MiniLM on SST-2, dev accuracy % (mean ± std over seeds {list(seeds)}): {SST2_STEPS} steps of batch "
              f"{SST2_BATCH} on a random {SST2_STEPS * SST2_BATCH}-sentence subset, max length 64, full GLUE dev (872), "
              "lr 2e-3, alpha = 2r (constant alpha/r; the paper fixes alpha instead). "
-             + wall_note(wall) + (" QUICK SMOKE RUN: numbers meaningless." if args.quick else ""))
-    write_results("which_rank" + ("_quick" if args.quick else ""), "Which rank r? (Table 6 in small)",
-                  [("MiniLM on SST-2", md)], {"rows": rows, "wall_s": wall}, notes)
+             + wall_note(wall))
+    write_results("which_rank", "Which rank r? (Table 6 in small)",
+                  [("MiniLM on SST-2", md)], {"rows": rows, "wall_s": wall}, notes, args.quick)
 
 
 def plot(rows: list[dict], quick: bool) -> None:
@@ -66,7 +66,7 @@ def plot(rows: list[dict], quick: bool) -> None:
     ax.set_ylabel("SST-2 dev accuracy %")
     ax.set_title("Which rank (MiniLM, SST-2)")
     ax.legend()
-    savefig(fig, "which_rank" + ("_quick" if quick else ""))
+    savefig(fig, "which_rank", quick)
 
 
 if __name__ == "__main__":

@@ -43,11 +43,11 @@ def main() -> None:
              f"subset, max length 64, full GLUE dev (872), seeds {list(seeds)}, lr 2e-3, alpha = 2r (so alpha/r = 2 "
              "throughout; the paper instead fixes alpha to the first r tried), all 6 layers. Budget: "
              f"{BUDGET_RANK} x 384 x 2 x 6 layers = {BUDGET_RANK * 384 * 2 * 6:,} LoRA parameters in every row. "
-             + wall_note(wall) + (" QUICK SMOKE RUN: numbers meaningless." if args.quick else ""))
-    write_results("which_weights" + ("_quick" if args.quick else ""), "Which weight matrices? (Table 5 in small)",
+             + wall_note(wall))
+    write_results("which_weights", "Which weight matrices? (Table 5 in small)",
                   [("MiniLM on SST-2, fixed parameter budget", markdown_table(
                       ["weight types", "rank r", "LoRA params", "dev acc % (mean ± std)"], md))],
-                  {"rows": rows, "wall_s": wall}, notes)
+                  {"rows": rows, "wall_s": wall}, notes, args.quick)
 
 
 def plot(rows: list[dict], quick: bool) -> None:
@@ -60,7 +60,7 @@ def plot(rows: list[dict], quick: bool) -> None:
     ax.set_xticks(range(len(rows)), labels, fontsize=8)
     ax.set_ylabel("SST-2 dev accuracy %")
     ax.set_title("Which weights, fixed LoRA budget (MiniLM)")
-    savefig(fig, "which_weights" + ("_quick" if quick else ""))
+    savefig(fig, "which_weights", quick)
 
 
 if __name__ == "__main__":

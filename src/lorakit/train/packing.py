@@ -96,9 +96,21 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling:
     return torch.matmul(weights, v).transpose(1, 2)
 
 
-def _sdpa(module: nn.Module, q, k, v, scaling: float, groups: int, dropout: float) -> torch.Tensor:
+def _model_sdpa(module: nn.Module, *args, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    return sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True)[0]
+    return sdpa_attention_forward(module, *args, **kwargs)
+
+
+def _model_eager(module: nn.Module, *args, **kwargs):
+    # each modeling file has its own eager function (softcapping, sinks, ... as that model needs)
+    return sys.modules[type(module).__module__].eager_attention_forward(module, *args, **kwargs)
+
+
+UNPACKED: dict[str, Callable] = {"sdpa": _model_sdpa, "eager": _model_eager}   # the model's own kernels
+
+
+def _sdpa(module: nn.Module, q, k, v, scaling: float, groups: int, dropout: float) -> torch.Tensor:
+    return _model_sdpa(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True)[0]
 
 
 def _eager(module: nn.Module, q, k, v, scaling: float, groups: int, dropout: float) -> torch.Tensor:
@@ -119,8 +131,8 @@ def packed_attention(kernel: str) -> Callable:
                   **kwargs) -> tuple[torch.Tensor, None]:
         cu = kwargs.get("cu_seq_lens_q")
         if cu is None or query.shape[0] != 1:
-            return _unpacked(kernel)(module, query, key, value, attention_mask, dropout=dropout,
-                                     scaling=scaling, **kwargs)
+            return UNPACKED[kernel](module, query, key, value, attention_mask, dropout=dropout,
+                                    scaling=scaling, **kwargs)
         index, rows, width = _padding_index(cu, query.device)
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         groups = query.shape[1] // key.shape[1]
@@ -129,16 +141,6 @@ def packed_attention(kernel: str) -> Callable:
         return out.reshape(rows * width, *out.shape[2:]).index_select(0, index).unsqueeze(0), None
 
     return attention
-
-
-def _unpacked(kernel: str) -> Callable:
-    if kernel == "sdpa":
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        return sdpa_attention_forward
-
-    def eager(module, *args, **kwargs):     # each modeling file has its own eager function
-        return sys.modules[type(module).__module__].eager_attention_forward(module, *args, **kwargs)
-    return eager
 
 
 def _register(kernel: str) -> str:

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from .._fs import atomic_write_json, crash_point, fsync_tree, remove_stale_temps
 from ..lora.inject import lora_layers, saved_modules
+from ..methods import method_spec
 from .config import TrainConfig
 from .data import length_grouped_batches
 from ..lora.io import whole_tensor
@@ -93,7 +94,6 @@ class Trainer:
     # -- setup ------------------------------------------------------------------------------
     def _param_groups(self) -> list[dict]:
         """LoRA+ gives B a larger learning rate than A; new task heads (any method) may have their own."""
-        from ..methods import method_spec
         b_ids = {id(p) for _, layer in lora_layers(self.model) for p in layer.lora_B.values()}
         head_ids = {id(p) for _, w in saved_modules(self.model) for p in w.modules_to_save.parameters()}
         spec = method_spec(self.model)          # the other methods train the new head in place
