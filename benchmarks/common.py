@@ -41,7 +41,7 @@ def gpt2_shaped(layers: int = 6, width: int = 512) -> nn.Module:
 
 def minilm() -> nn.Module:
     from lorakit.models import load_model
-    model = load_model("minilm", "classification", label_names=["0", "1"]).model
+    model = load_model("minilm", "AutoModelForSequenceClassification", label_names=["0", "1"]).model
     model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
     for m in model.modules():
         if isinstance(m, nn.Dropout):
@@ -51,7 +51,7 @@ def minilm() -> nn.Module:
 
 def smollm2() -> nn.Module:
     from lorakit.models import load_model
-    return load_model("smollm2-135m", "causal-lm").model
+    return load_model("smollm2-135m", "AutoModelForCausalLM").model
 
 
 SPECS = {

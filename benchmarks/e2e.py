@@ -28,7 +28,8 @@ HPARAMS = dict(lr=1e-3, batch_size=8, max_length=128, rank=8, alpha=16, warmup_r
 
 
 def examples(split: str, limit: int) -> list[dict]:
-    from lorakit.train.data import read_records, resolve_fields, to_examples
+    from lorakit.train.data import read_records
+    from lorakit.train.tasks import resolve_fields, to_examples
     records = read_records(DATA / f"{split}.txt")
     rows = to_examples(records, resolve_fields(records, "causal-lm"))
     return rows[:limit]
@@ -48,12 +49,9 @@ def peak_mb() -> float:
 
 def ablate(what: str) -> None:
     """Flip one lorakit fast path from its default in this (child) process, to measure it."""
-    from lorakit.lora import layers
-    from lorakit.train import tasks
-    if what == "fused":                 # FusedLoraLinear (off by default) on
-        layers.FUSED_TRAINING = True
-    elif what == "logits-at-targets":   # LM head and softmax at every position
-        tasks._takes_logits_mask = lambda model: False
+    from lorakit.train.tasks import causal_lm
+    if what == "logits-at-targets":     # LM head and softmax at every position
+        causal_lm._takes_logits_mask = lambda model: False
     else:
         raise ValueError(what)
 
@@ -90,7 +88,7 @@ def run_hf_peft(n: int, out: Path, bf16: bool) -> dict:
     from lorakit.models import load_model, load_tokenizer
     torch.set_num_threads(2)
     tokenizer = load_tokenizer("smollm2-135m")
-    model = peft.get_peft_model(load_model("smollm2-135m", "causal-lm").model,
+    model = peft.get_peft_model(load_model("smollm2-135m", "AutoModelForCausalLM").model,
                                 peft.LoraConfig(r=HPARAMS["rank"], lora_alpha=HPARAMS["alpha"],
                                                 target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
 
@@ -127,7 +125,6 @@ RUNS = {
     "lorakit-bf16 -packing": (run_lorakit, dict(bf16=True, packing=False, group_by_length=False)),
     "lorakit-bf16 -packing +length-grouping": (run_lorakit, dict(bf16=True, packing=False, group_by_length=True)),
     "lorakit-bf16 +sdpa": (run_lorakit, dict(bf16=True, attention="sdpa")),
-    "lorakit-bf16 +fused": (run_lorakit, dict(bf16=True, ablations=("fused",))),
     "lorakit-bf16 -logits-at-targets": (run_lorakit, dict(bf16=True, ablations=("logits-at-targets",))),
     "lorakit-bf16 +grad-ckpt": (run_lorakit, dict(bf16=True, gradient_checkpointing=True)),
     "lorakit -packing": (run_lorakit, dict(bf16=False, packing=False, group_by_length=False)),

@@ -27,7 +27,7 @@ from e2e import DATA, RESULTS, examples  # noqa: E402
 
 
 def length_profiles(encoded: list, seed: int = 1) -> dict[str, list]:
-    from lorakit.train.tasks import Encoded
+    from lorakit.train.batching import Encoded
     rng = random.Random(seed)
     mixed = []
     for i, e in enumerate(encoded):
@@ -41,7 +41,8 @@ def length_profiles(encoded: list, seed: int = 1) -> dict[str, list]:
 
 
 def step_seconds(model, task, batch_rows: list, packed: bool) -> float:
-    from lorakit.train.packing import pack, use_packed_attention
+    from lorakit.train.batching import pack
+    from lorakit.train.packing import use_packed_attention
     use_packed_attention(model, packed)
     batch = pack(batch_rows) if packed else task.collate(batch_rows)    # each layout forced, whatever the padding
     t0 = time.perf_counter()
@@ -66,7 +67,7 @@ def main() -> None:
     from lorakit.train.tasks import make_task
     from lorakit.train.trainer import hold_frozen_in_bf16
     torch.set_num_threads(2)
-    model = load_model("smollm2-135m", "causal-lm").model
+    model = load_model("smollm2-135m", "AutoModelForCausalLM").model
     model.set_attn_implementation("eager")                 # lorakit's default for bf16 on CPU
     lora.inject(model, lora.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     assert packing_support(model, 128) is None

@@ -55,7 +55,7 @@ PROMPTS = ["Write a haiku about the sea.", "What is the capital of France?", "Na
 
 def make_adapters(model: str, root: Path, count: int, seed: int = 0) -> None:
     """`count` random adapters (r=8 on q,v) for `model`, each in its own subdirectory."""
-    base = load_model(model, "causal-lm").model
+    base = load_model(model, "AutoModelForCausalLM").model
     lorakit.inject(base, lorakit.LoraConfig(r=8, lora_alpha=16))
     generator = torch.Generator().manual_seed(seed)
     for i in range(count):

@@ -231,7 +231,8 @@ def _latency(model_name: str, task: str, targets: list[str], seq_len: int, reps:
     from lorakit.models import load_model
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    base = load_model(model_name, task, label_names=["0", "1"] if task == "classification" else None).model.eval()
+    from lorakit.train.tasks import task_class
+    base = load_model(model_name, task_class(task).auto_class, label_names=["0", "1"] if task == "classification" else None).model.eval()
     models = {}
     for name in variants:
         m = copy.deepcopy(base)

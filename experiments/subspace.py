@@ -49,7 +49,8 @@ def _load_a(adapter_dir: str, config: dict) -> dict:
     import re
     from safetensors.torch import load_file
     from lorakit import lora
-    from lorakit.train.api import build_model, lora_config, seed_everything
+    from lorakit.methods import lora_config
+    from lorakit.train.api import build_model, seed_everything
     from lorakit.train.config import TrainConfig
     weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
     cfg = TrainConfig(**config)

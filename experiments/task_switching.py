@@ -61,7 +61,7 @@ def _score(dirs: dict[str, str], quick: bool) -> dict:
     merged_ms = timed(lambda i: lora.set_adapter(trained.model, order[i % len(order)]), 25)   # re-merges
     lora.unmerge(trained.model)
     # a full fine-tuned copy: the whole base's weights, saved and loaded like an adapter
-    full = load_model("minilm", "classification", label_names=["0", "1"]).model
+    full = load_model("minilm", "AutoModelForSequenceClassification", label_names=["0", "1"]).model
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.safetensors")
         save_file({k: v.contiguous() for k, v in full.state_dict().items()}, path)

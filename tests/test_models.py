@@ -16,6 +16,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 
 from lorakit import models
+from lorakit.train.tasks import task_class
 from lorakit.models import (ModelError, ResolvedModel, cache_dir, head_module_names, load_model,
                             load_tokenizer, new_module_names, resolve_model)
 
@@ -82,10 +83,10 @@ EXPECTED = {
 def test_load_model_reports_new_heads(tiny_dirs, arch, task):
     cls_name, new, heads = EXPECTED[arch, task]
     labels = ["O", "B-X", "I-X"] if task in ("classification", "ner") else None
-    model, new_modules = load_model(str(tiny_dirs[arch]), task, label_names=labels)
+    model, new_modules = load_model(str(tiny_dirs[arch]), task_class(task).auto_class, label_names=labels)
     assert type(model).__name__ == cls_name
     assert new_modules == new
-    assert head_module_names(model, task) == heads
+    assert head_module_names(model) == heads
     if labels:
         assert model.config.id2label == {0: "O", 1: "B-X", 2: "I-X"}
         assert model.config.label2id == {"O": 0, "B-X": 1, "I-X": 2}
@@ -96,27 +97,27 @@ def test_backbone_weights_come_from_the_checkpoint(tiny_dirs, arch):
     task = "seq2seq" if arch == "t5" else "classification"
     saved = (transformers.T5ForConditionalGeneration if arch == "t5"
              else transformers.AutoModel).from_pretrained(tiny_dirs[arch])
-    model, _ = load_model(str(tiny_dirs[arch]), task, **({} if arch == "t5" else {"num_labels": 2}))
+    model, _ = load_model(str(tiny_dirs[arch]), task_class(task).auto_class, **({} if arch == "t5" else {"num_labels": 2}))
     torch.testing.assert_close(model.get_input_embeddings().weight,
                                saved.get_input_embeddings().weight)
 
 
 def test_decoder_classifier_gets_a_pad_token_id(tiny_dirs):
     # Without pad_token_id, LLaMA/GPT-2 classifiers reject any batch of more than one row.
-    model, _ = load_model(str(tiny_dirs["llama"]), "classification", num_labels=2)
+    model, _ = load_model(str(tiny_dirs["llama"]), "AutoModelForSequenceClassification", num_labels=2)
     assert model.config.pad_token_id == model.config.eos_token_id
     ids = torch.tensor([[5, 6, 7], [5, 6, model.config.pad_token_id]])
     assert model(input_ids=ids).logits.shape == (2, 2)
 
 
 def test_head_of_a_different_size_is_recreated(tiny_dirs, tmp_path):
-    first, new = load_model(str(tiny_dirs["bert"]), "classification", num_labels=2)
+    first, new = load_model(str(tiny_dirs["bert"]), "AutoModelForSequenceClassification", num_labels=2)
     assert new == ["classifier"]
     first.save_pretrained(tmp_path)
-    same, new_same = load_model(str(tmp_path), "classification", num_labels=2)
+    same, new_same = load_model(str(tmp_path), "AutoModelForSequenceClassification", num_labels=2)
     assert new_same == []
     torch.testing.assert_close(same.classifier.weight, first.classifier.weight)
-    bigger, new_bigger = load_model(str(tmp_path), "classification", num_labels=5)
+    bigger, new_bigger = load_model(str(tmp_path), "AutoModelForSequenceClassification", num_labels=5)
     assert new_bigger == ["classifier"]
     assert bigger.classifier.out_features == 5
 
@@ -124,7 +125,7 @@ def test_head_of_a_different_size_is_recreated(tiny_dirs, tmp_path):
 def test_loading_is_quiet_and_restores_progress_bars(tiny_dirs, caplog, capfd, monkeypatch):
     transformers.utils.logging.enable_progress_bar()
     with caplog.at_level("WARNING", logger="transformers.modeling_utils"):
-        load_model(str(tiny_dirs["bert"]), "classification", num_labels=2)
+        load_model(str(tiny_dirs["bert"]), "AutoModelForSequenceClassification", num_labels=2)
     assert "LOAD REPORT" not in caplog.text
     assert "Loading weights" not in capfd.readouterr().err  # the progress bar
     assert transformers.utils.logging.is_progress_bar_enabled()
@@ -132,7 +133,7 @@ def test_loading_is_quiet_and_restores_progress_bars(tiny_dirs, caplog, capfd, m
     # The same load with our filter disabled does log the report.
     monkeypatch.setattr(models._DropLoadReport, "filter", lambda self, record: True)
     with caplog.at_level("WARNING", logger="transformers.modeling_utils"):
-        load_model(str(tiny_dirs["bert"]), "classification", num_labels=2)
+        load_model(str(tiny_dirs["bert"]), "AutoModelForSequenceClassification", num_labels=2)
     assert "LOAD REPORT" in caplog.text
 
 
@@ -140,8 +141,8 @@ def test_untied_lm_head_is_a_head(tmp_path):
     config = TINY["t5"]()
     config.tie_word_embeddings = False
     model = transformers.T5ForConditionalGeneration(config)
-    assert head_module_names(model, "seq2seq") == ["lm_head"]
-    assert head_module_names(transformers.T5ForConditionalGeneration(TINY["t5"]()), "seq2seq") == []
+    assert head_module_names(model) == ["lm_head"]
+    assert head_module_names(transformers.T5ForConditionalGeneration(TINY["t5"]())) == []
 
 
 def test_new_module_names_merges_whole_modules_only():
@@ -155,25 +156,17 @@ def test_new_module_names_merges_whole_modules_only():
     assert new_module_names(model, {"head.1.weight"}) == []
 
 
-def test_head_module_names_rejects_unknown_task(tiny_dirs):
-    model, _ = load_model(str(tiny_dirs["bert"]), "classification", num_labels=2)
-    with pytest.raises(ModelError, match="translation"):
-        head_module_names(model, "translation")
-
-
 # --------------------------------------------------------------------------- errors
 
 
-def test_unknown_task_lists_the_valid_ones(tiny_dirs):
-    with pytest.raises(ModelError) as err:
-        load_model(str(tiny_dirs["bert"]), "summarise")
-    assert "'summarise'" in str(err.value)
-    assert all(task in str(err.value) for task in models.TASKS)
+def test_unknown_auto_class_is_named(tiny_dirs):
+    with pytest.raises(ModelError, match="'AutoSummariser' is not a transformers AutoModel class"):
+        load_model(str(tiny_dirs["bert"]), "AutoSummariser")
 
 
 def test_task_the_architecture_lacks(tiny_dirs):
-    with pytest.raises(ModelError, match="has no 'seq2seq' model"):
-        load_model(str(tiny_dirs["bert"]), "seq2seq")
+    with pytest.raises(ModelError, match="has no AutoModelForSeq2SeqLM model"):
+        load_model(str(tiny_dirs["bert"]), "AutoModelForSeq2SeqLM")
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -183,12 +176,12 @@ def test_task_the_architecture_lacks(tiny_dirs):
 ])
 def test_bad_labels(tiny_dirs, kwargs, message):
     with pytest.raises(ModelError, match=message):
-        load_model(str(tiny_dirs["bert"]), "classification", **kwargs)
+        load_model(str(tiny_dirs["bert"]), "AutoModelForSequenceClassification", **kwargs)
 
 
 def test_labels_for_a_generative_task(tiny_dirs):
     with pytest.raises(ModelError, match="only apply"):
-        load_model(str(tiny_dirs["gpt2"]), "causal-lm", num_labels=2)
+        load_model(str(tiny_dirs["gpt2"]), "AutoModelForCausalLM", num_labels=2)
 
 
 def test_directory_that_is_not_a_model(tmp_path):
@@ -244,7 +237,7 @@ def test_minilm_alias_points_into_its_package():
 
 
 def test_minilm_loads_for_classification():
-    model, new = load_model("minilm", "classification", label_names=["negative", "positive"])
+    model, new = load_model("minilm", "AutoModelForSequenceClassification", label_names=["negative", "positive"])
     assert new == ["classifier"]
     assert 22_000_000 < sum(p.numel() for p in model.parameters()) < 23_000_000
     tokenizer = load_tokenizer("minilm")
@@ -392,7 +385,7 @@ def test_smollm2_reuses_its_cache_and_generates(smollm2, monkeypatch):
     monkeypatch.setenv("LORAKIT_CACHE", str(Path(resolved.path).parent.parent))
     monkeypatch.setattr(models, "_write_dequantised", lambda *a: pytest.fail("rebuilt"))
     start = time.perf_counter()
-    model, new = load_model("smollm2-135m", "causal-lm")
+    model, new = load_model("smollm2-135m", "AutoModelForCausalLM")
     tokenizer = load_tokenizer("smollm2-135m")
     assert time.perf_counter() - start < 15  # a plain safetensors load, not a dequantisation
     assert new == [] and model.dtype == torch.float32
@@ -407,7 +400,7 @@ def test_smollm2_reuses_its_cache_and_generates(smollm2, monkeypatch):
 def test_smollm2_classification_head(smollm2, monkeypatch):
     resolved, _ = smollm2
     monkeypatch.setenv("LORAKIT_CACHE", str(Path(resolved.path).parent.parent))
-    model, new = load_model("smollm2-135m", "classification", label_names=["no", "yes"])
+    model, new = load_model("smollm2-135m", "AutoModelForSequenceClassification", label_names=["no", "yes"])
     assert new == ["score"] == head_module_names(model, "classification")
     assert model.config.pad_token_id is not None
 

@@ -37,9 +37,6 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-TASKS = ("classification", "ner", "causal-lm", "seq2seq")
-
-
 class ModelError(ValueError):
     """A model name, path or task that cannot be loaded; the message says why and what to do."""
 
@@ -241,23 +238,23 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_model(name_or_path: str, task: str, num_labels: int | None = None,
+def load_model(name_or_path: str, auto_class: str, num_labels: int | None = None,
                label_names: Sequence[str] | None = None,
                dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a pretrained model with the head for `task`.
+    """Load a pretrained model through the transformers Auto class `auto_class` (e.g.
+    ``"AutoModelForCausalLM"``; each task names its own in train/tasks/).
 
-    task: 'classification', 'ner' (token classification), 'causal-lm' or 'seq2seq'.
-    For the two classification tasks give `label_names` (sets id2label/label2id)
-    or just `num_labels`; a head whose size differs from the checkpoint's is
-    re-created. Heads the checkpoint lacks are initialised freshly and returned in
-    `new_modules`, instead of transformers' "newly initialized weights" warning.
+    For classification heads give `label_names` (sets id2label/label2id) or just
+    `num_labels`; a head whose size differs from the checkpoint's is re-created. Heads the
+    checkpoint lacks are initialised freshly and returned in `new_modules`, instead of
+    transformers' "newly initialized weights" warning.
     """
     from transformers import AutoConfig
 
-    auto_class = _auto_class(task)
+    auto = _auto_class(auto_class)
     resolved = resolve_model(name_or_path)
     config = AutoConfig.from_pretrained(resolved.path, **resolved.kwargs,
-                                        **_label_kwargs(task, num_labels, label_names))
+                                        **_label_kwargs(auto_class, num_labels, label_names))
     if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
         # Decoder classifiers locate each row's last token through pad_token_id and
         # fail on batches without one; pad with eos, as load_tokenizer does.
@@ -265,44 +262,38 @@ def load_model(name_or_path: str, task: str, num_labels: int | None = None,
         config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
     try:
         with _quiet_loading():
-            model, info = auto_class.from_pretrained(
+            model, info = auto.from_pretrained(
                 resolved.path, **resolved.kwargs, config=config, dtype=dtype,
                 ignore_mismatched_sizes=True, output_loading_info=True)
     except ValueError as e:
         if "Unrecognized configuration class" not in str(e):
             raise
-        raise ModelError(f"{resolved.name} ({config.model_type}) has no {task!r} model in "
+        raise ModelError(f"{resolved.name} ({config.model_type}) has no {auto_class} model in "
                          "transformers; pick another task or model") from None
     new = new_module_names(model, _fresh_keys(info))
-    outside = [m for m in new if not any(_within(m, h) for h in head_module_names(model, task))]
+    outside = [m for m in new if not any(_within(m, h) for h in head_module_names(model))]
     if outside:
         log.warning("%s: weights outside the task head were newly initialised: %s",
                     resolved.name, ", ".join(outside))
     return LoadedModel(model, new)
 
 
-def _auto_class(task: str):
-    """The transformers Auto class for `task`."""
+def _auto_class(name: str):
+    """The transformers Auto class called `name`."""
     import transformers
 
-    classes = {
-        "classification": transformers.AutoModelForSequenceClassification,
-        "ner": transformers.AutoModelForTokenClassification,
-        "causal-lm": transformers.AutoModelForCausalLM,
-        "seq2seq": transformers.AutoModelForSeq2SeqLM,
-    }
-    if task not in classes:
-        raise ModelError(f"Unknown task {task!r}; expected one of: {', '.join(TASKS)}")
-    return classes[task]
+    auto = getattr(transformers, name, None) if name.startswith("AutoModel") else None
+    if auto is None:
+        raise ModelError(f"{name!r} is not a transformers AutoModel class; expected e.g. AutoModelForCausalLM")
+    return auto
 
 
-def _label_kwargs(task: str, num_labels: int | None,
-                  label_names: Sequence[str] | None) -> dict:
-    """Config overrides describing the label set of a classification task."""
+def _label_kwargs(auto_class: str, num_labels: int | None, label_names: Sequence[str] | None) -> dict:
+    """Config overrides describing the label set of a classification head."""
     if label_names is None and num_labels is None:
         return {}
-    if task not in ("classification", "ner"):
-        raise ModelError(f"Labels only apply to 'classification' and 'ner', not {task!r}")
+    if "Classification" not in auto_class:
+        raise ModelError(f"Labels only apply to classification heads, not {auto_class}")
     if label_names is None:
         label_names = [f"LABEL_{i}" for i in range(num_labels)]
     if num_labels is not None and num_labels != len(label_names):
@@ -365,7 +356,7 @@ def new_module_names(model: nn.Module, fresh_keys: set[str]) -> list[str]:
     return chosen
 
 
-def head_module_names(model: nn.Module, task: str) -> list[str]:
+def head_module_names(model: nn.Module) -> list[str]:
     """Names of the task-head modules of `model`: its parameterised top-level
     modules other than the pretrained backbone (`model.base_model`).
 
@@ -374,7 +365,6 @@ def head_module_names(model: nn.Module, task: str) -> list[str]:
     ``classification_head``; causal/seq2seq LMs: ``lm_head``, unless it is tied to
     the input embeddings (then it is part of the backbone and nothing is listed).
     """
-    _auto_class(task)  # validates `task`; the structure itself says what the head is
     base = getattr(model, "base_model", model)
     if base is not model:
         candidates = [(n, c) for n, c in model.named_children() if c is not base]

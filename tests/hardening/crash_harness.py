@@ -77,7 +77,7 @@ def prepare(root: Path) -> Job:
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401  (the run's final plot)
     from lorakit.models import load_model, load_tokenizer
-    load_model(str(job.model), "classification", label_names=["neg", "pos"])
+    load_model(str(job.model), "AutoModelForSequenceClassification", label_names=["neg", "pos"])
     load_tokenizer(str(job.model))
     return job
 

@@ -34,7 +34,7 @@ LORA_FIELDS = ["r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use
                "inference_mode", "enable_lora", "peft_type", "use_dora", "lora_bias", "layer_replication",
                "an_unknown_field"]
 TRAIN_FIELDS = ["model", "task", "data", "method", "targets", "rank", "alpha", "dropout", "lr", "epochs",
-                "max_steps", "batch_size", "warmup_ratio", "scheduler", "bf16", "seed", "eval_every", "extra",
+                "max_steps", "batch_size", "warmup_ratio", "scheduler", "bf16", "seed", "eval_every",
                 "head_lr", "max-length", "unknown_option"]
 
 # Any JSON value: huge and non-finite numbers, odd strings (regex syntax, paths), nesting.
@@ -212,9 +212,9 @@ def test_hostile_train_configs_give_one_clear_error(tmp_path, name, text, messag
 
 
 def test_valid_train_configs_still_parse(tmp_path):
-    (tmp_path / "t.toml").write_text('data = "x"\nrank = 4\nalpha = 8\ntargets = ["query", "value"]\nextra = {a = 1}\n')
+    (tmp_path / "t.toml").write_text('data = "x"\nrank = 4\nalpha = 8\ntargets = ["query", "value"]\n')
     config = TrainConfig.from_file(tmp_path / "t.toml")
-    assert (config.rank, config.alpha, config.targets, config.extra) == (4, 8, ["query", "value"], {"a": 1})
+    assert (config.rank, config.alpha, config.targets) == (4, 8, ["query", "value"])
 
 
 # -- the slow run --------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def test_merge_refuses_a_broken_adapter_and_rolls_back(value):
     with pytest.raises(lorakit.MergeError, match=rf"cannot merge into {path}: .*NaN or infinite weights.*Nothing was merged"):
         lorakit.merge(model)
     assert_bit_equal(weights(model), before)
-    assert all(layer.merged_adapters == [] and layer._original_weight is None for _, layer in lorakit.lora_layers(model))
+    assert all(layer.merged_adapters == [] and layer.exact.original is None for _, layer in lorakit.lora_layers(model))
 
 
 def test_merge_and_unload_refuses_and_keeps_the_adapter():

@@ -4,7 +4,7 @@ import torch
 import transformers as tf
 
 import lorakit
-from lorakit.lora.layers import LoraLayer, ModulesToSave
+from lorakit.lora import LoraLayer, ModulesToSave
 from tests.conftest import tiny
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.lora.layers import LoraLayer, ModulesToSave
+from lorakit.lora import LoraLayer, ModulesToSave
 from tests.conftest import logits, tiny, tiny_inputs
 
 

@@ -14,6 +14,7 @@ import lorakit
 from lorakit import methods
 from lorakit.methods.adapters import WithAdapter
 from lorakit.methods.prefix import PrefixModel
+from lorakit.train.tasks import task_class
 from lorakit.models import load_model
 from lorakit.train import TrainConfig, TrainConfigError, train
 from lorakit.train.api import evaluate, load_trained
@@ -46,7 +47,7 @@ def wide_bert(tmp_path_factory):
 
 def base(model_dirs, task: str) -> tuple[nn.Module, list[str]]:
     torch.manual_seed(0)
-    loaded = load_model(str(model_dirs[TASK_MODEL[task]]), task, label_names=LABELS[task])
+    loaded = load_model(str(model_dirs[TASK_MODEL[task]]), task_class(task).auto_class, label_names=LABELS[task])
     return loaded.model.eval(), loaded.new_modules
 
 
@@ -264,7 +265,7 @@ def test_methods_refuse_what_cannot_work(model_dirs):
         methods.build(nn.Sequential(nn.Linear(4, 4)), "top2", {})
     with pytest.raises(methods.MethodError, match="encoder-decoder"):
         methods.build(tiny("t5"), "prefix-layer", {"prefix_length": 2, "task": "seq2seq"})
-    llama_classifier = load_model(str(model_dirs["llama"]), "classification", label_names=["neg", "pos"]).model
+    llama_classifier = load_model(str(model_dirs["llama"]), "AutoModelForSequenceClassification", label_names=["neg", "pos"]).model
     with pytest.raises(methods.MethodError, match="last non-padding token.*use prefix-layer"):
         methods.build(llama_classifier, "prefix-embed", settings("prefix-embed", "classification"))
 

@@ -18,6 +18,7 @@ from lorakit.models import load_model, load_tokenizer
 from lorakit.serve import (AdapterRefused, Engine, EngineConfig, EngineError, Forbidden, Timeout,
                            UnknownAdapter)
 from lorakit.serve.engine import EngineEvents, Sampling, check_name
+from lorakit.train.tasks import task_class
 
 from ..train.conftest import model_dirs  # noqa: F401  (fixture)
 
@@ -29,7 +30,7 @@ SPECS = {"a": dict(r=4, seed=1), "b": dict(r=8, target_modules=["q_proj", "v_pro
 
 def make_adapter(model_dir: Path, out: Path, *, seed: int, task: str = "causal-lm", labels=None, **config) -> Path:
     """A random adapter (B drawn large enough to change greedy outputs), saved in PEFT format."""
-    loaded = load_model(str(model_dir), task, label_names=labels)
+    loaded = load_model(str(model_dir), task_class(task).auto_class, label_names=labels)
     torch.manual_seed(seed)
     model = lorakit.inject(loaded.model, lorakit.LoraConfig(lora_alpha=8, init_lora_weights=False,
                                                             modules_to_save=loaded.new_modules or None, **config))
@@ -61,7 +62,7 @@ def reference(model_dir: Path, adapter_dir: Path | None, prompt: str, max_tokens
               special_tokens: bool = True) -> str:
     """Hugging Face's own greedy generate on a fresh model: what the server must reproduce."""
     tokenizer = load_tokenizer(str(model_dir))
-    model = load_model(str(model_dir), "causal-lm").model.eval()
+    model = load_model(str(model_dir), "AutoModelForCausalLM").model.eval()
     if adapter_dir is not None:
         lorakit.load_adapter(model, adapter_dir)
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=special_tokens)
@@ -72,7 +73,7 @@ def reference(model_dir: Path, adapter_dir: Path | None, prompt: str, max_tokens
 def make_engine(model_dirs, adapters_dir: Path, **config) -> Engine:
     model_dir = model_dirs["llama"]
     config.setdefault("watch_interval_s", 0)
-    return Engine(load_model(str(model_dir), "causal-lm").model, load_tokenizer(str(model_dir)), "causal-lm",
+    return Engine(load_model(str(model_dir), "AutoModelForCausalLM").model, load_tokenizer(str(model_dir)), "causal-lm",
                   adapters_dir, name="tiny", aliases=[str(model_dir)], config=EngineConfig(**config))
 
 

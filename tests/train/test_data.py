@@ -1,4 +1,4 @@
-"""Tests for lorakit.train.data: readers, field detection, examples, label maps, batching."""
+"""Readers (train/data.py), each task's field detection and examples (train/tasks/), label maps, batching."""
 
 from __future__ import annotations
 
@@ -7,17 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.train.data import (
-    DataError,
-    Fields,
-    build_label_map,
-    detect_format,
-    group_references,
-    length_grouped_batches,
-    read_records,
-    resolve_fields,
-    to_examples,
-)
+from lorakit.train.batching import length_grouped_batches
+from lorakit.train.data import DataError, detect_format, read_records
+from lorakit.train.tasks import Fields, build_label_map, group_references, resolve_fields, to_examples
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 

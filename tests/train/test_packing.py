@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 import lorakit
 from lorakit.train import TrainConfig, train
 from lorakit.train import packing
-from lorakit.train.packing import pack, packing_support, use_packed_attention
-from lorakit.train.tasks import IGNORE, Encoded, make_task
+from lorakit.train.batching import IGNORE, PACK_FROM_PADDING, Encoded, pack, padding_share
+from lorakit.train.packing import packing_support, use_packed_attention
+from lorakit.train.tasks import make_task
 
 from .test_fast_paths import ROWS, tiny
 
@@ -25,15 +26,16 @@ def test_pack_lays_examples_end_to_end_with_restarting_positions():
 
 
 def test_only_batches_with_enough_padding_are_packed(tmp_path):
-    from lorakit.train.tasks import PACK_FROM_PADDING, padding_share
     _, tok = tiny(tmp_path, "llama")
     task = make_task("causal-lm", tok, 32)
-    task.pack_batches = True
     even = [Encoded([5, 6, 7, 8], [IGNORE, 6, 7, 8])] * 3                       # no padding to save
     uneven = [Encoded([5, 6, 7, 8, 9, 10], [IGNORE] * 6), Encoded([5, 6], [IGNORE, 6])]
     assert padding_share(even) == 0 and padding_share(uneven) >= PACK_FROM_PADDING
-    assert task.collate(even)["input_ids"].shape == (3, 4) and "attention_mask" in task.collate(even)
-    assert task.collate(uneven)["input_ids"].shape == (1, 8) and "cu_seq_lens_q" in task.collate(uneven)
+    assert task.collate(even, packed=True)["input_ids"].shape == (3, 4)
+    assert "attention_mask" in task.collate(even, packed=True)
+    assert task.collate(uneven, packed=True)["input_ids"].shape == (1, 8)
+    assert "cu_seq_lens_q" in task.collate(uneven, packed=True)
+    assert task.collate(uneven)["input_ids"].shape == (2, 6)      # not asked: padded
 
 
 def _loss_and_grads(model, task, batch):
@@ -59,16 +61,15 @@ def test_packed_batch_has_the_padded_batch_s_loss_and_gradients(tmp_path, kind, 
 
     assert packing_support(model) is None
     use_packed_attention(model, True)
-    task.pack_batches = True
-    batch = task.collate(encoded)
+    batch = task.collate(encoded, packed=True)
     assert batch["input_ids"].shape == (1, sum(len(e) for e in encoded))     # no padding at all
     packed_loss, packed_grads = _loss_and_grads(model, task, batch)
     torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-5)
     for name, grad in padded_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    # The eval path (forward_all) packs too and reports the same mean loss.
+    # Evaluation during a packed run (padded batches through the packed kernel's fallback)
+    # reports the same mean loss as after it.
     packed_eval = task.eval_loss(model, ROWS, batch_size=2)
-    task.pack_batches = False
     use_packed_attention(model, False)
     assert model.config._attn_implementation == kernel
     assert packed_eval == pytest.approx(task.eval_loss(model, ROWS, batch_size=2), rel=1e-5)

@@ -79,7 +79,7 @@ def test_ctrl_c_saves_a_loadable_checkpoint(model_dirs, data_files, tmp_path):
     checkpoint = tmp_path / "out" / "checkpoints" / "step-0000005"
     assert (checkpoint / "trainer_state.json").is_file()
     from lorakit.models import load_model
-    base = load_model(str(model_dirs["bert"]), "classification", label_names=["neg", "pos"]).model
+    base = load_model(str(model_dirs["bert"]), "AutoModelForSequenceClassification", label_names=["neg", "pos"]).model
     lorakit.load_adapter(base, checkpoint / "adapter")
     assert lorakit.adapter_names(base) == ["default"]
 
@@ -114,7 +114,8 @@ def test_best_adapter_is_kept_in_the_output_dir(model_dirs, data_files, tmp_path
 
 
 def test_lora_plus_gives_B_a_larger_learning_rate(model_dirs, data_files, tmp_path):
-    from lorakit.train.api import build_model, lora_config
+    from lorakit.methods import lora_config
+    from lorakit.train.api import build_model
     from lorakit.train.tasks import make_task
     from lorakit.train.trainer import Trainer
     cfg = config(model_dirs, data_files, "classification", tmp_path, lora_plus_ratio=16)

@@ -1,4 +1,4 @@
-"""Many adapters on one base: activate, disable, delete, combine, count."""
+"""Many adapters on one base: activate, disable, delete, mix per row, combine, count."""
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +10,9 @@ import torch.nn as nn
 
 from . import functional as LF
 from .config import ConfigError, LoraConfig
-from .inject import (_check_adapter_name, _remove_adapter_modules, lora_configs, lora_layers, saved_modules,
+from .inject import (check_adapter_name, remove_adapter_modules, lora_configs, lora_layers, saved_modules,
                      set_trainable)
+from .mixed import MixedRows
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -19,7 +20,7 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(lora_configs(model))
 
 
-def _require(model: nn.Module, names: Sequence[str]) -> None:
+def require_adapters(model: nn.Module, names: Sequence[str]) -> None:
     known = adapter_names(model)
     missing = [n for n in names if n not in known]
     if missing:
@@ -36,7 +37,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str], *, trainable: bool
     """Activate one adapter, or several (their updates are summed). Switching touches no
     weights (unless something is merged): it only changes which A, B each layer reads."""
     names = [names] if isinstance(names, str) else list(names)
-    _require(model, names)
+    require_adapters(model, names)
     for _, layer in lora_layers(model):
         if layer.merged_adapters and set(layer.merged_adapters) != set(names):
             layer.set_merged(names)   # keep a merged model merged with what is now active
@@ -65,9 +66,31 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
                 layer.set_merged(merged[id(layer)])
 
 
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Inside the block, row i of every forward uses adapter `adapter_names[i]` (None: the base
+    alone). Each LoRA layer stacks the adapters once and does one gathered batched matmul, so
+    the cost does not grow with the number of distinct adapters. Works under autograd
+    (training several adapters at once) and under `generate` (rows repeated for beams or
+    num_return_sequences follow their prompt)."""
+    names = tuple(dict.fromkeys(n for n in adapter_names if n is not None))
+    require_adapters(model, names)
+    slot = {n: i for i, n in enumerate(names)}
+    index = torch.tensor([slot[n] if n is not None else len(names) for n in adapter_names], dtype=torch.long)
+    rows = MixedRows(names, index)
+    modules = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
+    for module in modules:
+        module.mixed = rows
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.mixed = None
+
+
 def delete_adapter(model: nn.Module, name: str) -> None:
-    _require(model, [name])
-    _remove_adapter_modules(model, name)
+    require_adapters(model, [name])
+    remove_adapter_modules(model, name)
     del lora_configs(model)[name]
 
 
@@ -112,8 +135,8 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
         raise ValueError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
     if combination not in ("cat", "svd"):
         raise ValueError(f"combination={combination!r}: use 'cat' (exact) or 'svd' (truncated to svd_rank)")
-    _require(model, adapters)
-    _check_adapter_name(model, adapter_name)
+    require_adapters(model, adapters)
+    check_adapter_name(model, adapter_name)
     configs = lora_configs(model)
     first = configs[adapters[0]]
     rank = svd_rank or max(c.r for c in (configs[a] for a in adapters))

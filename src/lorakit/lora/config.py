@@ -169,7 +169,7 @@ class LoraConfig:
             # digits; RecursionError: arrays nested thousands deep. All are the file's fault.
             d = json.loads(file.read_text(encoding="utf-8"))
         except (ValueError, RecursionError) as e:
-            raise ConfigError(f"{file} is not valid JSON: {type(e).__name__}: {_short(e)}") from e
+            raise ConfigError(f"{file} is not valid JSON: {type(e).__name__}: {shorten(e)}") from e
         if not isinstance(d, dict):
             raise ConfigError(f"{file} must hold a JSON object, found {type(d).__name__}")
         try:
@@ -177,7 +177,7 @@ class LoraConfig:
         except ConfigError as e:
             raise ConfigError(f"{file}: {e}") from e
         except (TypeError, RecursionError) as e:   # a value of a type no check foresaw
-            raise ConfigError(f"{file}: invalid value ({type(e).__name__}: {_short(e)})") from e
+            raise ConfigError(f"{file}: invalid value ({type(e).__name__}: {shorten(e)})") from e
 
     def replace(self, **changes: Any) -> "LoraConfig":
         return dataclasses.replace(self, **changes)
@@ -210,7 +210,7 @@ def _check_regex(pattern: str, name: str, hint: str) -> None:
         raise ConfigError(f"{name} {pattern!r} is not a valid regular expression ({e}); {hint}") from e
 
 
-def _short(e: BaseException, limit: int = 200) -> str:
+def shorten(e: BaseException, limit: int = 200) -> str:
     """An exception's text cut to `limit` characters (a hostile file can make it huge)."""
     text = str(e)
     return text if len(text) <= limit else text[:limit] + "..."
@@ -218,4 +218,4 @@ def _short(e: BaseException, limit: int = 200) -> str:
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:
     if not ok:
-        raise ConfigError(f"LoraConfig.{name}={_short(repr(value))} is invalid: expected {expected}")
+        raise ConfigError(f"LoraConfig.{name}={shorten(repr(value))} is invalid: expected {expected}")

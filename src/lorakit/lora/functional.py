@@ -32,43 +32,6 @@ def lora_forward(x: Tensor, base_out: Tensor, A: Tensor, B: Tensor, scaling: flo
     return lora_forward_h(x @ A.t(), base_out, B, scaling)              # x·Aᵀ: [..., r]
 
 
-class FusedLoraLinear(torch.autograd.Function):
-    """y = x·Wᵀ + b + scaling·(x·Aᵀ)·Bᵀ for a frozen W (no dropout) as one autograd node.
-
-    What autograd would do with the three ops apart, minus its waste: the up-projection is
-    accumulated into the base GEMM's output (no copy of y), and in backward the adapter's
-    share of the input gradient is accumulated into g·W by the same GEMM (no separate add).
-    Saves only what the adapter's gradients need: x and h = x·Aᵀ (plus W, B, A: parameters,
-    not copies); W's own gradient is never formed.
-
-    x: [N, in], W: [out, in], bias: [out] or None, A: [r, in], B: [out, r] -> [N, out]."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float) -> Tensor:
-        h = x @ A.t()                                                            # [N, r]
-        y = torch.addmm(bias, x, W.t()) if bias is not None else x @ W.t()       # [N, out]
-        y.addmm_(h, B.t(), alpha=scaling)
-        ctx.save_for_backward(x, W, A, B, h)
-        ctx.scaling = scaling
-        return y
-
-    @staticmethod
-    def backward(ctx, g: Tensor):                                                # g: [N, out]
-        x, W, A, B, h = ctx.saved_tensors
-        s = ctx.scaling
-        g_h = (g @ B).mul_(s)                                                    # [N, r]
-        g_x = (g @ W).addmm_(g_h, A) if ctx.needs_input_grad[0] else None        # [N, in]
-        g_A = g_h.t() @ x if ctx.needs_input_grad[3] else None                  # [r, in]
-        g_B = (g.t() @ h).mul_(s) if ctx.needs_input_grad[4] else None          # [out, r]
-        return g_x, None, None, g_A, g_B, None
-
-
-def fused_lora_linear(x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float) -> Tensor:
-    """`FusedLoraLinear` for x: [..., in] -> [..., out]."""
-    y = FusedLoraLinear.apply(x.reshape(-1, x.shape[-1]), W, bias, A, B, scaling)
-    return y.view(*x.shape[:-1], W.shape[0])
-
-
 def expand_sliced_B(B: Tensor, mask: Sequence[bool], r: int) -> Tensor:
     """The per-slice LoRA of a fused projection (loralib's `enable_lora`) as one ordinary B.
 

@@ -15,26 +15,10 @@ import regex
 import torch.nn as nn
 
 from .config import ConfigError, LoraConfig
-from .layers import LoraLayer, ModulesToSave, SUPPORTED_TYPE_NAMES, conv1d_type, is_supported, wrap
+from .architectures import BLOCK_LISTS, DEFAULT_TARGETS
+from .layers import SUPPORTED_TYPE_NAMES, LoraLayer, is_linear, is_supported, wrap
+from .modules_to_save import ModulesToSave
 
-# The paper adapts the attention query and value projections (Wq, Wv). Per architecture
-# (`config.model_type`), the names of those modules.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "albert", "camembert", "vit",
-                     "layoutlm", "mpnet", "ernie", "megatron-bert"], ["query", "value"]),
-    "distilbert": ["q_lin", "v_lin"],
-    "gpt2": ["c_attn"],
-    **dict.fromkeys(["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2",
-                     "gemma3_text", "opt", "bart", "mbart", "gptj", "phi", "whisper", "marian",
-                     "pegasus", "starcoder2", "olmo", "olmo2", "granite", "smollm3"], ["q_proj", "v_proj"]),
-    **dict.fromkeys(["t5", "mt5", "umt5", "longt5"], ["q", "v"]),
-    **dict.fromkeys(["gpt_neox", "bloom", "falcon"], ["query_key_value"]),
-    "phi3": ["qkv_proj"],
-    "mpt": ["Wqkv"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "gpt_bigcode": ["c_attn"],
-}
-DEFAULT_LAYERS_PATTERN = ["layers", "layer", "h", "block", "blocks"]
 
 
 class TargetError(ValueError):
@@ -98,15 +82,10 @@ def _matches(pattern: str, name: str) -> bool:
 
 
 def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
-    pattern = layers_pattern or DEFAULT_LAYERS_PATTERN
+    pattern = layers_pattern or list(BLOCK_LISTS)
     alternatives = "|".join(re.escape(p) for p in ([pattern] if isinstance(pattern, str) else pattern))
     m = re.search(rf"(?:^|\.)(?:{alternatives})\.(\d+)(?:\.|$)", name)
     return int(m.group(1)) if m else None
-
-
-def is_linear(module: nn.Module) -> bool:
-    conv1d = conv1d_type()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
 def _plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -209,7 +188,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
 
 def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
     """Wrap and create adapter `adapter_name` without touching what trains (see `inject`)."""
-    _check_adapter_name(model, adapter_name)
+    check_adapter_name(model, adapter_name)
     targets = find_targets(model, config)
     try:
         for t in targets:
@@ -225,12 +204,12 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> None
                 set_submodule(model, name, module)
             module.add_adapter(adapter_name)
     except BaseException:
-        _remove_adapter_modules(model, adapter_name)   # roll back: the model is as it was
+        remove_adapter_modules(model, adapter_name)   # roll back: the model is as it was
         raise
     lora_configs(model)[adapter_name] = config
 
 
-def _remove_adapter_modules(model: nn.Module, adapter_name: str) -> None:
+def remove_adapter_modules(model: nn.Module, adapter_name: str) -> None:
     """Delete the adapter from every wrapper; a wrapper left with no adapter is replaced by
     the module it wraps, so deleting the last adapter restores the plain model."""
     for path, module in [*lora_layers(model), *saved_modules(model)]:
@@ -271,7 +250,7 @@ def freeze_adapter(model: nn.Module, adapter_name: str) -> None:
         p.requires_grad_(False)
 
 
-def _check_adapter_name(model: nn.Module, name: str) -> None:
+def check_adapter_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
         raise ConfigError(f"adapter name {name!r} is invalid: use letters, digits, '_' and '-' "
                           "(it becomes a parameter name and a directory name)")

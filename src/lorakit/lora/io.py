@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .._fs import atomic_write_json, atomic_write_with
 from .adapters import delete_adapter
-from .config import CONFIG_NAME, ConfigError, LoraConfig, _short
+from .config import CONFIG_NAME, ConfigError, LoraConfig, shorten
 from .inject import (TargetError, add_adapter, bias_names, find_targets, freeze_adapter, freeze_base, lora_configs,
                      lora_layers, pattern_value, saved_modules, set_trainable)
 from .layers import LoraEmbedding, LoraLayer
@@ -167,7 +167,7 @@ def read_adapter_weights(path: str | os.PathLike, allow_pickle: bool = False) ->
         # before it reads a tensor, so a hostile header cannot make it allocate more than the file.
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterLoadError(f"{file} is not a readable safetensors file ({_short(e)}); it may be truncated "
+        raise AdapterLoadError(f"{file} is not a readable safetensors file ({shorten(e)}); it may be truncated "
                                "or corrupted: save the adapter again") from e
 
 
@@ -181,7 +181,7 @@ def _read_pickle(file: Path) -> dict[str, torch.Tensor]:
         with zipfile.ZipFile(file) as z:
             records = z.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise AdapterLoadError(f"{file} is not in torch.save's zip format ({_short(e)}); lorakit reads only "
+        raise AdapterLoadError(f"{file} is not in torch.save's zip format ({shorten(e)}); lorakit reads only "
                                "that pickle format: convert the adapter to safetensors") from e
     if any(r.compress_type != zipfile.ZIP_STORED for r in records) or sum(r.file_size for r in records) > size:
         raise AdapterLoadError(f"{file} holds compressed or oversized records, which torch.save never writes; "
@@ -189,7 +189,7 @@ def _read_pickle(file: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling failure is the file's fault
-        raise AdapterLoadError(f"{file} could not be read safely: {_short(e)}") from e
+        raise AdapterLoadError(f"{file} could not be read safely: {shorten(e)}") from e
     if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                             for k, v in state.items())):
         raise AdapterLoadError(f"{file} does not hold a {{name: tensor}} dict; not an adapter's weights")

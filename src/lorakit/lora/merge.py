@@ -6,9 +6,10 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .adapters import _require, active_adapters
+from .adapters import require_adapters, active_adapters
 from .inject import lora_configs, lora_layers, saved_modules, set_submodule
-from .layers import LoraLayer, MergeError
+from .exact import MergeError
+from .layers import LoraLayer
 
 
 def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, safe_merge: bool = True) -> nn.Module:
@@ -18,7 +19,7 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, safe_mer
     With `safe_merge` (the default) an adapter with NaN/inf weights, or a merge that overflows
     the base dtype, raises MergeError and leaves every layer as it was."""
     if adapter_names is not None:
-        _require(model, adapter_names)
+        require_adapters(model, adapter_names)
     _refuse_tied(model)
     _merge_all(model, lambda layer: [*layer.merged_adapters,
                                      *(layer.active_adapters if adapter_names is None else adapter_names)], safe_merge)
@@ -76,7 +77,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = True) -> nn.Module:
     # Merge everywhere first (all or nothing), then unwrap: a refused merge leaves the model as it was.
     _merge_all(model, lambda layer: names, safe_merge)
     for name, layer in list(lora_layers(model)):
-        layer._original_weight = None   # the merge is final: drop the copy kept for unmerge
+        layer.exact.forget()   # the merge is final: drop the copy kept for unmerge
         set_submodule(model, name, layer.base_layer)
     return _unload_wrappers(model)
 

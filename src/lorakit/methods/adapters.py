@@ -16,19 +16,10 @@ from __future__ import annotations
 import torch.nn as nn
 from torch import Tensor
 
+from ..lora.architectures import ADAPTER_SITES
 from ..lora.inject import set_submodule
 from .errors import MethodError
 
-# (attention output projection, MLP output projection), as dotted path suffixes inside a block.
-SITES: dict[str, tuple[str, str]] = {
-    "BERT/RoBERTa/ELECTRA": ("attention.output.dense", "output.dense"),
-    "LLaMA/Mistral/Qwen2/Gemma": ("self_attn.o_proj", "mlp.down_proj"),
-    "GPT-2": ("attn.c_proj", "mlp.c_proj"),
-    "T5": ("SelfAttention.o", "DenseReluDense.wo"),
-    "DistilBERT": ("attention.out_lin", "ffn.lin2"),
-    "OPT/BART/Whisper": ("self_attn.out_proj", "fc2"),
-    "GPT-NeoX": ("attention.dense", "mlp.dense_4h_to_h"),
-}
 
 
 class Adapter(nn.Module):
@@ -77,16 +68,16 @@ def _matches(name: str, suffix: str) -> bool:
 
 def find_sites(model: nn.Module) -> tuple[list[str], list[str]]:
     """Paths of every block's attention output projection and MLP output projection, by the
-    first layout in SITES that the model has both of. The MLP pattern skips paths the attention
+    first layout in ADAPTER_SITES that the model has both of. The MLP pattern skips paths the attention
     pattern took (BERT's `output.dense` also ends `attention.output.dense`)."""
     names = [n for n, _ in model.named_modules() if n]
-    for attention, mlp in SITES.values():
+    for attention, mlp in ADAPTER_SITES.values():
         attn_sites = [n for n in names if _matches(n, attention)]
         mlp_sites = [n for n in names if _matches(n, mlp) and n not in attn_sites]
         if attn_sites and mlp_sites:
             return attn_sites, mlp_sites
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    known = "; ".join(f"{arch}: {a} + {m}" for arch, (a, m) in SITES.items())
+    known = "; ".join(f"{arch}: {a} + {m}" for arch, (a, m) in ADAPTER_SITES.items())
     raise MethodError(f"adapters: cannot find the attention and MLP output projections of this "
                       f"{type(model).__name__} (model type {model_type!r}). Known layouts: {known}")
 

@@ -71,7 +71,6 @@ def apply_method(model: nn.Module, config, new_modules: Sequence[str]) -> nn.Mod
     train, which is `model` itself except for prefix methods (a PrefixModel around it). The
     new task-head modules `new_modules` train in every method."""
     if config.method == "lora":
-        from ..train.api import lora_config
         return lora.inject(model, lora_config(config, new_modules))
     if config.method not in METHODS:
         raise unknown_method(config.method)
@@ -79,6 +78,14 @@ def apply_method(model: nn.Module, config, new_modules: Sequence[str]) -> nn.Mod
         raise MethodError(f"{config.method} cannot generate text; drop --eval-generate (loss and perplexity are still scored)")
     settings = {option: getattr(config, option) for option in METHODS[config.method].options}
     return build(model, config.method, settings, new_modules)
+
+
+def lora_config(config, new_modules: Sequence[str]) -> lora.LoraConfig:
+    """The LoraConfig a TrainConfig asks for; the new task-head modules train in full."""
+    return lora.LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=config.targets,
+                           lora_dropout=config.dropout, use_rslora=config.use_rslora,
+                           init_lora_weights=True if config.init == "kaiming" else "gaussian",
+                           modules_to_save=list(new_modules) or None, base_model_name_or_path=config.model)
 
 
 def build(model: nn.Module, name: str, settings: dict[str, Any], head_modules: Sequence[str] = ()) -> nn.Module:

@@ -7,24 +7,15 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ..lora import architectures
 from .errors import MethodError
 
-# Names of the repeated-block lists: BERT `encoder.layer`, LLaMA `layers`, GPT-2 `h`, T5 `block`.
-BLOCK_LISTS = ("layer", "layers", "h", "block", "blocks")
-
-
 def block_stacks(model: nn.Module) -> list[nn.ModuleList]:
-    """The model's stacks of transformer blocks, outermost only (T5 has two: encoder and
-    decoder; the `layer` list inside each T5 block is not a stack)."""
-    stacks: list[tuple[str, nn.ModuleList]] = []
-    for name, module in model.named_modules():
-        if (isinstance(module, nn.ModuleList) and len(module) > 1 and name.rsplit(".", 1)[-1] in BLOCK_LISTS
-                and not any(name.startswith(outer + ".") for outer, _ in stacks)):
-            stacks.append((name, module))
+    stacks = architectures.block_stacks(model)
     if not stacks:
         raise MethodError(f"cannot find the transformer blocks of this {type(model).__name__}: no module list "
-                          f"named {', '.join(BLOCK_LISTS)}")
-    return [stack for _, stack in stacks]
+                          f"named {', '.join(architectures.BLOCK_LISTS)}")
+    return stacks
 
 
 def train_all(model: nn.Module) -> nn.Module:

@@ -41,9 +41,11 @@ from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 import torch
 
+from ..adapter_dir import read_task_info
 from ..lora import AdapterLoadError, delete_adapter, disable_adapters, load_adapter, mixed_batch, set_adapter
 from ..lora.config import CONFIG_NAME
 from ..lora.io import WEIGHTS_NAME
+from ..train.tasks import chat_text, task_class, task_of
 
 log = logging.getLogger("lorakit.serve")
 
@@ -306,7 +308,7 @@ class Engine:
         found = _dir_task(adapters_dir)
         task = task or found.get("task") or "causal-lm"
         labels = found.get("labels") if found.get("task") == task else None
-        base = load_model(model, task, label_names=labels or None).model
+        base = load_model(model, task_class(task).auto_class, label_names=labels or None).model
         return cls(base, load_tokenizer(model), task, adapters_dir, name=served_name or model,
                    aliases=[model], config=config)
 
@@ -427,11 +429,7 @@ class Engine:
         """The chat template where the tokenizer has one; else the contents, one per line
         (as lorakit's causal-lm training formats a prompt)."""
         with self._tokenizer_lock:
-            if getattr(self.tokenizer, "chat_template", None):
-                text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-            else:
-                text = "".join(f"{m['content']}\n" for m in messages)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return self.tokenizer(chat_text(self.tokenizer, messages), add_special_tokens=False)["input_ids"]
 
     def generation_jobs(self, prompts: Sequence[list[int]], adapter: str | None, sampling: Sampling) -> list[Job]:
         """One job per tokenized prompt; refuses what cannot fit the context or the caps."""
@@ -589,8 +587,8 @@ class Engine:
 
     def _load_slot(self, name: str, path: Path) -> Slot:
         info = _task_file(path)
-        if info.get("task") not in (None, self.task):
-            raise AdapterRefused(f"adapter {name!r} is a {info['task']} adapter; this server serves {self.task}")
+        if task_of(info) not in (None, self.task):
+            raise AdapterRefused(f"adapter {name!r} is a {task_of(info)} adapter; this server serves {self.task}")
         slot = Slot(f"slot{next(self._slot_ids)}", name, list(info.get("labels") or []))
         try:
             load_adapter(self.model, path, adapter_name=slot.id)
@@ -951,9 +949,8 @@ def _forward_keywords(model: torch.nn.Module) -> tuple[str, dict]:
 
 
 def _task_file(path: Path) -> dict:
-    from ..train.api import task_info
     try:
-        return task_info(path)
+        return read_task_info(path)
     except (ValueError, OSError):   # neither lorakit's task file nor PEFT's task_type: any task
         return {}
 
@@ -974,6 +971,6 @@ def _dir_task(root: Path) -> dict:
     """The task (and labels) of the first adapter in `root` that records one."""
     for path in _adapter_dirs(root).values():
         info = _task_file(path)
-        if info.get("task"):
-            return info
+        if task_of(info):
+            return {**info, "task": task_of(info)}
     return {}

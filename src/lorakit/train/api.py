@@ -10,7 +10,6 @@ eval metric, else the last) plus `lorakit_task.json` (task, labels, base model),
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass
@@ -22,19 +21,17 @@ import torch.nn as nn
 
 from .. import lora, methods
 from .._fs import atomic_write_json, remove_stale_temps
+from ..adapter_dir import TASK_FILE, read_task_info
 from ..models import load_model, load_tokenizer
 from .config import TrainConfig
-from .data import DataError, build_label_map, read_records, resolve_fields, to_examples
 from . import preflight
-from .state import BaseCallback
-from .tasks import Task, make_task
+from .data import DataError, read_records
 from .distributed import init_distributed
+from .state import BaseCallback
+from .tasks import Task, build_label_map, make_task, resolve_fields, task_class, task_of, to_examples
 from .trainer import Trainer, TrainResult
 
-TASK_FILE = "lorakit_task.json"
 LOGS = "logs"
-# PEFT's task_type, for adapters that PEFT trained (no lorakit_task.json beside them).
-_PEFT_TASKS = {"SEQ_CLS": "classification", "TOKEN_CLS": "ner", "CAUSAL_LM": "causal-lm", "SEQ_2_SEQ_LM": "seq2seq"}
 
 
 def seed_everything(seed: int) -> None:
@@ -59,7 +56,7 @@ def read_examples(path: str, config: TrainConfig, limit: int | None, what: str) 
 def build_model(config: TrainConfig, labels: Sequence[str]) -> tuple[nn.Module, Any, list[str]]:
     """Tokenizer, pretrained model with the task's head, and the names of new head modules."""
     tokenizer = load_tokenizer(config.model)
-    loaded = load_model(config.model, config.task, label_names=list(labels) or None)
+    loaded = load_model(config.model, task_class(config.task).auto_class, label_names=list(labels) or None)
     attention = config.attention or default_attention(config)
     if attention:
         loaded.model.set_attn_implementation(attention)
@@ -84,14 +81,7 @@ def default_attention(config: TrainConfig) -> str | None:
     forward + backward beat SDPA's CPU kernel there (+15-30% tokens/s on SmolLM2,
     benchmarks/results/e2e_ablations.md). Otherwise the model's own choice."""
     on_cpu = training_device(config).type == "cpu"
-    return "eager" if config.bf16 and on_cpu and config.task == "causal-lm" else None
-
-
-def lora_config(config: TrainConfig, new_modules: Sequence[str]) -> lora.LoraConfig:
-    return lora.LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=config.targets,
-                           lora_dropout=config.dropout, use_rslora=config.use_rslora,
-                           init_lora_weights=True if config.init == "kaiming" else "gaussian",
-                           modules_to_save=list(new_modules) or None, base_model_name_or_path=config.model)
+    return "eager" if config.bf16 and on_cpu and task_class(config.task).can_pack else None
 
 
 def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) -> TrainResult:
@@ -107,11 +97,11 @@ def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) 
     train_examples = read_examples(config.data, config, config.max_train_examples, "training data")
     eval_examples = read_examples(config.eval_data, config, config.max_eval_examples, "eval data") if config.eval_data else []
     labels = build_label_map(train_examples, eval_examples, eval_source=f"eval data {config.eval_data}") \
-        if config.task in ("classification", "ner") else []
+        if task_class(config.task).labelled else []
     model, tokenizer, new_modules = build_model(config, labels)
     preflight.check_lora_targets(config, model, new_modules)
     seed_everything(config.seed)    # adapter init does not depend on how loading used the RNG
-    model = methods.apply_method(model, config, new_modules)   # lora: lora.inject(model, lora_config(...))
+    model = methods.apply_method(model, config, new_modules)
     model.to(device)
     task = make_task(config.task, tokenizer, config.max_length, labels)
     if dist.is_main:
@@ -151,31 +141,21 @@ class Trained:
     info: dict[str, Any]
 
 
-def task_info(adapter_dir: str | Path) -> dict[str, Any]:
-    """What an adapter directory was trained for: lorakit's task file, else PEFT's task_type."""
-    adapter_dir = Path(adapter_dir)
-    file = adapter_dir / TASK_FILE
-    if file.is_file():
-        return json.loads(file.read_text())
-    config = lora.LoraConfig.from_pretrained(adapter_dir)
-    task = _PEFT_TASKS.get(config.task_type or "")
-    if task is None:
-        raise ValueError(f"{adapter_dir} has no {TASK_FILE} and no known PEFT task_type; pass --task")
-    return {"task": task, "labels": [], "model": config.base_model_name_or_path, "max_length": 256}
-
-
 def load_trained(model: str | None, adapter_dirs: str | Path | Sequence[str | Path], task: str | None = None,
                  max_length: int | None = None) -> Trained:
     """Load the base model once and every adapter in `adapter_dirs` (named by their folder),
     the first one active."""
     dirs = [Path(adapter_dirs)] if isinstance(adapter_dirs, (str, Path)) else [Path(d) for d in adapter_dirs]
-    info = task_info(dirs[0])
-    info["task"] = task or info["task"]
+    info = read_task_info(dirs[0])
+    info["task"] = task or task_of(info)
+    if info["task"] is None:
+        raise ValueError(f"{dirs[0]} names no task lorakit knows (PEFT task_type {info.get('task_type')!r}); "
+                         "pass --task")
     model_name = model or info.get("model")
     if not model_name:
         raise ValueError(f"no base model recorded in {dirs[0]}; pass --model")
     labels = info.get("labels") or []
-    base = load_model(model_name, info["task"], label_names=labels or None).model
+    base = load_model(model_name, task_class(info["task"]).auto_class, label_names=labels or None).model
     tokenizer = load_tokenizer(model_name)
     for i, d in enumerate(dirs):
         if methods.is_method_dir(d):      # full/top2/bitfit/adapter/prefix: its trained tensors onto the base

@@ -12,13 +12,13 @@ from typing import Any
 import yaml
 
 from ..methods import METHODS
+from .tasks import REGISTRY, TASKS
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-TASKS = ("classification", "ner", "causal-lm", "seq2seq")
 SCHEDULERS = ("linear", "cosine", "constant")
 
 
@@ -84,7 +84,6 @@ class TrainConfig:
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
     log_every: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)   # method-specific options
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str) and self.targets not in ("all-linear",) and "," in self.targets:
@@ -137,7 +136,7 @@ class TrainConfig:
 
     def _validate_combinations(self) -> None:
         """Options that are fine alone but wrong together: each would be silently ignored."""
-        if self.eval_generate and self.task not in ("causal-lm", "seq2seq"):
+        if self.eval_generate and not REGISTRY[self.task].generative:
             raise TrainConfigError(f"--eval-generate={self.eval_generate} is invalid with --task={self.task}: BLEU/ROUGE-L "
                                    "score generated text (causal-lm, seq2seq only); drop --eval-generate")
         if self.eval_every and not self.eval_data:

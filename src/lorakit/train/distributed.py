@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..lora.architectures import block_stacks
 from ..lora.io import whole_tensor
 
 T = TypeVar("T")
@@ -117,9 +118,8 @@ def _fully_shard(model: nn.Module) -> nn.Module:
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks (the largest nn.ModuleList), the natural shard units."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
-    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))) if lists else []
+    """The repeated transformer blocks (every stack of them), the natural shard units."""
+    return [block for stack in block_stacks(model) for block in stack]
 
 
 def load_full(param: torch.Tensor, full: torch.Tensor) -> None:

@@ -1,9 +1,5 @@
-"""Padding-free batches for causal-LM training: a micro-batch's examples laid end to end in one
-row, so no layer spends time on padding, with the same gradients as the padded batch.
-
-    padded  (B, W):  [a a a a . .]      packed (1, N):  [a a a a b b b c c c c c]
-                     [b b b . . .]      position_ids    [0 1 2 3 0 1 2 0 1 2 3 4]
-                     [c c c c c .]      cu_seq_lens     [0, 4, 7, 12]
+"""Attention for padding-free batches (`batching.pack`): a micro-batch's examples laid end to
+end in one row, so no layer spends time on padding, with the same gradients as the padded batch.
 
 Every linear layer (most of a step) then runs on N real tokens instead of B x W. Attention
 must not cross examples: `packed_attention` (registered with transformers as
@@ -25,28 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .tasks import IGNORE, Encoded
+from .batching import IGNORE, Encoded, pack
 
 PACKED = "lorakit_packed_"      # + the kernel run on the re-padded q, k, v: "sdpa" or "eager"
-
-
-# -- batches -------------------------------------------------------------------------------
-def pack(batch: Sequence[Encoded]) -> dict[str, Any]:
-    """Causal-LM examples as one padding-free row. Each example's first label is dropped
-    (the previous example's last token must not learn to predict it); in a padded batch
-    that label is never a target anyway (position t predicts t+1), so the loss is the same."""
-    ids, positions, labels, bounds = [], [], [], [0]
-    for e in batch:
-        ids += e.input_ids
-        positions += range(len(e))
-        labels += [IGNORE, *e.labels[1:]] if e.labels is not None else [IGNORE] * len(e)
-        bounds.append(bounds[-1] + len(e))
-    cu = torch.tensor(bounds, dtype=torch.int32)
-    longest = max(len(e) for e in batch)
-    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
-            "labels": torch.tensor([labels]),
-            # transformers' names for variable-length attention: they reach every attention call
-            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 # -- attention -----------------------------------------------------------------------------

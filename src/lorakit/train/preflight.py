@@ -17,6 +17,7 @@ from typing import Sequence
 import torch.nn as nn
 
 from ..lora.inject import TargetError, candidate_names, find_targets, name_matches
+from ..methods import lora_config
 from .config import TrainConfig, TrainConfigError
 
 
@@ -42,7 +43,6 @@ def check_lora_targets(config: TrainConfig, model: nn.Module, new_modules: Seque
     any targeted layer (beyond it ΔW = B·A is no longer low-rank: only wasted parameters)."""
     if config.method != "lora":
         return
-    from .api import lora_config
     if isinstance(config.targets, list):
         names = [n for n, _ in model.named_modules() if n]
         unknown = [t for t in config.targets if not any(name_matches(n, [t]) for n in names)]

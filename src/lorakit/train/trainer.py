@@ -25,10 +25,10 @@ from safetensors.torch import load_file, save_file
 
 from .._fs import atomic_write_json, crash_point, fsync_tree, remove_stale_temps
 from ..lora.inject import lora_layers, saved_modules
-from ..methods import method_spec
-from .config import TrainConfig
-from .data import length_grouped_batches
 from ..lora.io import whole_tensor
+from ..methods import method_spec
+from .batching import length_grouped_batches
+from .config import TrainConfig
 from .distributed import (DistContext, full_optimizer_state, load_full, load_optimizer_state,
                           sync_bytes_per_step, wrap_model)
 from .packing import packing_support, use_packed_attention
@@ -108,7 +108,7 @@ class Trainer:
     def _packing_works(self) -> bool:
         """--packing (causal LMs): on when the model gives the same logits on a packed row as on
         its examples one by one (train/packing.py); the reason lands in the run's info if not."""
-        if self.task.name != "causal-lm":
+        if not self.task.can_pack:
             return False
         if not self.config.packing:
             self.info["packing"] = "off: --no-packing"
@@ -141,14 +141,12 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
     def train(self) -> TrainResult:
         """Run to max_steps (or from the newest checkpoint with --resume), evaluate, save. With
-        packing, the model and task switch to packed batches for the run and back after it."""
+        packing, the model's attention switches to packed rows for the run and back after it."""
         use_packed_attention(self.model, self.packing)
-        self.task.pack_batches = self.packing
         try:
             return self._train()
         finally:
             use_packed_attention(self.model, False)
-            self.task.pack_batches = False
 
     def _train(self) -> TrainResult:
         if self.dist.is_main:   # what a killed run left half-written: temp dirs, half-pruned checkpoints
@@ -248,7 +246,7 @@ class Trainer:
             "or raise --max-grad-norm clipping, then resume with --resume")
 
     def _collate(self, ids: Sequence[int]) -> dict[str, Any]:
-        return on_device(self.task.collate([self.train_encoded[i] for i in ids]), self.model)
+        return on_device(self.task.collate([self.train_encoded[i] for i in ids], packed=self.packing), self.model)
 
     def _autocast(self):
         """--bf16: matmuls and activations in bf16; the frozen weights are already bf16

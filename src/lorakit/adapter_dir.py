@@ -1,0 +1,55 @@
+"""What an adapter directory on disk says about itself, for every layer that needs it.
+
+lorakit writes `lorakit_task.json` beside PEFT's `adapter_config.json`: the task, the label
+names, the base model, the data fields. An adapter PEFT trained has only `task_type` in its
+config. Training writes this file; evaluation, the server and the CLI read it. It sits below
+them all (it imports nothing of lorakit), so none of them reaches up or sideways for it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+TASK_FILE = "lorakit_task.json"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+
+class TaskInfoError(ValueError):
+    """An adapter directory that does not say what it was trained for."""
+
+
+def read_task_info(adapter_dir: str | Path) -> dict[str, Any]:
+    """lorakit's task file, else PEFT's `task_type` and base model from adapter_config.json.
+
+    Returns {"task", "labels", "model", "max_length", ...} from lorakit's file, or {"task":
+    None, "task_type", "labels", "model", "max_length"} for a PEFT adapter (the task registry,
+    `train.tasks.task_of`, says which task a task_type is). Raises TaskInfoError when the
+    directory names neither (the caller then asks the user for --task)."""
+    adapter_dir = Path(adapter_dir)
+    file = adapter_dir / TASK_FILE
+    if file.is_file():
+        info = _read_json(file)
+        if not isinstance(info.get("task"), str):
+            raise TaskInfoError(f"{file} names no task; retrain, or pass --task")
+        return info
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise TaskInfoError(f"{adapter_dir} has no {ADAPTER_CONFIG}: it is not an adapter directory (give the "
+                            "output directory of `lorakit train`, or one PEFT's save_pretrained wrote)")
+    peft = _read_json(adapter_dir / ADAPTER_CONFIG)
+    task_type, base = peft.get("task_type"), peft.get("base_model_name_or_path")
+    if not isinstance(task_type, str) or not task_type:
+        raise TaskInfoError(f"{adapter_dir} has no {TASK_FILE} and no PEFT task_type; pass --task")
+    return {"task": None, "task_type": task_type, "labels": [], "model": base if isinstance(base, str) else None,
+            "max_length": 256}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise TaskInfoError(f"{path} is not readable JSON ({e}); re-save the adapter") from e
+    if not isinstance(data, dict):
+        raise TaskInfoError(f"{path} holds {type(data).__name__}, expected a JSON object; re-save the adapter")
+    return data
