@@ -17,7 +17,8 @@ import lorakit
 from lorakit.models import load_model, load_tokenizer
 from lorakit.serve import (AdapterRefused, Engine, EngineConfig, EngineError, Forbidden, Timeout,
                            UnknownAdapter)
-from lorakit.serve.engine import EngineEvents, Sampling, check_name
+from lorakit.serve.engine import EngineEvents, Sampling
+from lorakit.serve.errors import check_name
 from lorakit.train.tasks import task_class
 
 from ..train.conftest import model_dirs  # noqa: F401  (fixture)

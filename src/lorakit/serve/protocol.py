@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .engine import Sampling
+from .jobs import Sampling
 
 
 class _Request(BaseModel):

@@ -1,0 +1,63 @@
+"""How a finished request and its server-sent-event chunks look, per OpenAI endpoint."""
+from __future__ import annotations
+
+import json
+from typing import Any, AsyncIterator
+
+from . import protocol as P
+from .jobs import Event
+
+
+class CompletionFormat:
+    """How a finished request and its stream chunks look for one endpoint."""
+
+    def __init__(self, model: str) -> None:
+        self.model, self.id, self.created = model, P.new_id(self.prefix), P.now()
+
+    prefix = "cmpl"
+
+    def usage(self, finals: list[Event]) -> P.Usage:
+        prompt = sum(e.prompt_tokens for e in finals)
+        completion = sum(e.completion_tokens for e in finals)
+        return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    def response(self, finals: list[Event]) -> Any:
+        choices = [P.CompletionChoice(index=e.index, text=e.text, finish_reason=e.finish_reason) for e in finals]
+        return P.Completion(id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage(finals))
+
+    def chunk(self, event: Event, first: bool) -> Any:
+        choice = P.CompletionChoice(index=event.index, text=event.delta, finish_reason=event.finish_reason)
+        return P.Completion(id=self.id, created=self.created, model=self.model, choices=[choice])
+
+    def usage_chunk(self, finals: list[Event]) -> Any:
+        return P.Completion(id=self.id, created=self.created, model=self.model, choices=[], usage=self.usage(finals))
+
+
+class ChatFormat(CompletionFormat):
+    prefix = "chatcmpl"
+
+    def response(self, finals: list[Event]) -> Any:
+        choices = [P.ChatChoice(index=e.index, message=P.AssistantMessage(content=e.text), finish_reason=e.finish_reason)
+                   for e in finals]
+        return P.ChatCompletion(id=self.id, created=self.created, model=self.model, choices=choices,
+                                usage=self.usage(finals))
+
+    def chunk(self, event: Event, first: bool) -> Any:
+        delta = P.Delta(role="assistant" if first else None, content=event.delta)
+        choice = P.ChunkChoice(index=event.index, delta=delta, finish_reason=event.finish_reason)
+        return P.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+
+    def usage_chunk(self, finals: list[Event]) -> Any:
+        return P.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[],
+                                     usage=self.usage(finals))
+
+
+def sse(payload: Any) -> str:
+    body = payload.model_dump_json() if hasattr(payload, "model_dump_json") else json.dumps(payload)
+    return f"data: {body}\n\n"
+
+
+async def prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    yield first
+    async for item in rest:
+        yield item
