@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip -q --disable-pip-version-check
 # library itself asks for a range (torch>=2.4).
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-slow experiments clean
+.PHONY: demo test test-slow lint format experiments clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# One formatter and linter (ruff, configured in pyproject.toml); CI runs `make lint`.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow

@@ -10,6 +10,7 @@ per configuration in a fresh subprocess, and analytic parameter+gradient+AdamW b
 adapters in one batch), io (adapter load, switch, merge, unmerge). Results: benchmarks/results/
 bench.json and bench.md. No timing is asserted anywhere: these are measurements to read.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-from lorakit.train.trainer import adamw   # fused AdamW, the same for every row
+
+from lorakit.train.trainer import adamw  # fused AdamW, the same for every row
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SPECS, Spec, batch_for, configure, gpt2_shaped, interleave, rss_mb, timed  # noqa: E402
@@ -57,7 +59,9 @@ def bench_train(spec: Spec, base, repeats: int) -> dict:
     tokens = spec.batch * spec.seq
     out = {}
     for how in TRAIN_CONFIGS:
-        out[how] = {phase: timer.median(f"{how}/{phase}") * 1000 for phase in ("forward", "backward", "optimizer", "total")}
+        out[how] = {
+            phase: timer.median(f"{how}/{phase}") * 1000 for phase in ("forward", "backward", "optimizer", "total")
+        }
         out[how]["spread"] = timer.spread(f"{how}/total")
         out[how]["tokens_per_s"] = tokens / timer.median(f"{how}/total")
     floor = out["floor"]["total"]
@@ -80,15 +84,19 @@ def memory_child(model_key: str, how: str, steps: int = 3) -> dict:
     every = {id(p): p for p in model.parameters()}.values()
     trainable = sum(p.numel() * p.element_size() for p in every if p.requires_grad)
     weights = sum(p.numel() * p.element_size() for p in every)
-    return {"peak_rss_mb": rss_mb(), "after_load_rss_mb": before,
-            "analytic_mb": (weights + trainable + 2 * trainable) / 2**20}   # weights + grads + AdamW moments
+    return {
+        "peak_rss_mb": rss_mb(),
+        "after_load_rss_mb": before,
+        "analytic_mb": (weights + trainable + 2 * trainable) / 2**20,
+    }  # weights + grads + AdamW moments
 
 
 def bench_memory(model_key: str) -> dict:
     out = {}
     for how in TRAIN_CONFIGS:
-        result = subprocess.run([sys.executable, __file__, "--memory-child", model_key, how],
-                                capture_output=True, text=True, timeout=900)
+        result = subprocess.run(
+            [sys.executable, __file__, "--memory-child", model_key, how], capture_output=True, text=True, timeout=900
+        )
         if result.returncode != 0:
             out[how] = {"error": result.stderr[-500:]}
             continue
@@ -107,7 +115,7 @@ def randomize_adapters(model, seed: int = 0) -> None:
 
 
 def bench_infer(spec: Spec, base, repeats: int) -> dict:
-    import peft
+
     batch = {k: v for k, v in batch_for(spec).items() if k != "labels"}
     models = {"base": base.eval()}
     for lib in ("lorakit", "peft"):
@@ -119,14 +127,22 @@ def bench_infer(spec: Spec, base, repeats: int) -> dict:
             models[f"{lib}-{state}"] = m
     out = {}
     with torch.inference_mode():
-        timer = interleave({k: (lambda m=m: {"forward": timed(lambda: m(**batch))[0]}) for k, m in models.items()}, repeats)
+        timer = interleave(
+            {k: (lambda m=m: {"forward": timed(lambda: m(**batch))[0]}) for k, m in models.items()}, repeats
+        )
         for k in models:
             out[k] = {"forward_ms": timer.median(f"{k}/forward") * 1000}
         if spec.kind == "lm":
             prompt = batch["input_ids"][:4, :32]
             kw = dict(max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
-            timer = interleave({k: (lambda m=m: {"generate": timed(lambda: m.generate(input_ids=prompt, **kw))[0]})
-                                for k, m in models.items()}, max(3, repeats // 3), warmup=1)
+            timer = interleave(
+                {
+                    k: (lambda m=m: {"generate": timed(lambda: m.generate(input_ids=prompt, **kw))[0]})
+                    for k, m in models.items()
+                },
+                max(3, repeats // 3),
+                warmup=1,
+            )
             for k in models:
                 out[k]["generate_ms"] = timer.median(f"{k}/generate") * 1000
     for k in models:
@@ -138,13 +154,16 @@ def bench_infer(spec: Spec, base, repeats: int) -> dict:
 # -- 4. mixed-adapter batches ---------------------------------------------------------------------
 def bench_mixed(repeats: int, counts=(1, 4, 16, 64)) -> dict:
     import peft
+
     base = gpt2_shaped(layers=4, width=384).eval()
     n_max = max(counts)
     ours = configure(base, SPECS["gpt2"], "lorakit-qv")
     for i in range(1, n_max):
         lorakit.inject(ours, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"]), adapter_name=f"a{i}")
     ours_names = ["default"] + [f"a{i}" for i in range(1, n_max)]
-    theirs = peft.get_peft_model(__import__("copy").deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"]))
+    theirs = peft.get_peft_model(
+        __import__("copy").deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"])
+    )
     for i in range(1, n_max):
         theirs.add_adapter(f"a{i}", peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"]))
     randomize_adapters(ours)
@@ -159,7 +178,9 @@ def bench_mixed(repeats: int, counts=(1, 4, 16, 64)) -> dict:
                 rows = _rows(ours_names[:n], 64, layout)
                 runs = {
                     "lorakit-mixed": lambda r=rows: {"t": timed(lambda: _ours_mixed(ours, ids, r))[0]},
-                    "peft-adapter_names": lambda r=rows: {"t": timed(lambda: theirs(input_ids=ids, adapter_names=r))[0]},
+                    "peft-adapter_names": lambda r=rows: {
+                        "t": timed(lambda: theirs(input_ids=ids, adapter_names=r))[0]
+                    },
                     "lorakit-loop": lambda r=rows: {"t": timed(lambda: _loop(ours, ids, r))[0]},
                     "lorakit-single": lambda: {"t": timed(lambda: _single(ours, ids))[0]},
                     "peft-single": lambda: {"t": timed(lambda: theirs(input_ids=ids))[0]},
@@ -172,15 +193,23 @@ def bench_mixed(repeats: int, counts=(1, 4, 16, 64)) -> dict:
                 if layout == "uniform":
                     kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
                     gen = {
-                        "lorakit-mixed": lambda r=rows: {"t": timed(lambda: _ours_mixed(ours, gen_ids, r, generate=kw))[0]},
-                        "peft-adapter_names": lambda r=rows: {"t": timed(lambda: theirs.generate(input_ids=gen_ids, adapter_names=r, **kw))[0]},
-                        "lorakit-single": lambda: {"t": timed(lambda: _single(ours, gen_ids, generate=kw))[0]},
-                        "peft-single": lambda: {"t": timed(lambda: theirs.generate(input_ids=gen_ids, **kw))[0]},
+                        "lorakit-mixed": lambda r=rows, kw=kw: {
+                            "t": timed(lambda: _ours_mixed(ours, gen_ids, r, generate=kw))[0]
+                        },
+                        "peft-adapter_names": lambda r=rows, kw=kw: {
+                            "t": timed(lambda: theirs.generate(input_ids=gen_ids, adapter_names=r, **kw))[0]
+                        },
+                        "lorakit-single": lambda kw=kw: {"t": timed(lambda: _single(ours, gen_ids, generate=kw))[0]},
+                        "peft-single": lambda kw=kw: {"t": timed(lambda: theirs.generate(input_ids=gen_ids, **kw))[0]},
                     }
                     timer = interleave(gen, max(3, repeats // 3), warmup=1)
                     out[key]["generate_ms"] = {k: timer.median(f"{k}/t") * 1000 for k in gen}
-                    out[key]["generate_lorakit_x_single"] = out[key]["generate_ms"]["lorakit-mixed"] / out[key]["generate_ms"]["lorakit-single"]
-                    out[key]["generate_peft_x_single"] = out[key]["generate_ms"]["peft-adapter_names"] / out[key]["generate_ms"]["peft-single"]
+                    out[key]["generate_lorakit_x_single"] = (
+                        out[key]["generate_ms"]["lorakit-mixed"] / out[key]["generate_ms"]["lorakit-single"]
+                    )
+                    out[key]["generate_peft_x_single"] = (
+                        out[key]["generate_ms"]["peft-adapter_names"] / out[key]["generate_ms"]["peft-single"]
+                    )
     return out
 
 
@@ -214,12 +243,14 @@ def _loop(model, ids, rows):
 # -- 5. adapter load / switch / merge / unmerge ---------------------------------------------------
 def bench_io(spec: Spec, base, repeats: int) -> dict:
     import peft
+
     tmp = Path(tempfile.mkdtemp())
     for i in range(2):
         m = configure(base, spec, "lorakit-qv")
         randomize_adapters(m, seed=i)
         lorakit.save_adapter(m, tmp / f"a{i}")
     import copy
+
     ours, theirs = copy.deepcopy(base), None
     out: dict[str, dict] = {"lorakit": {}, "peft": {}}
     t, _ = timed(lambda: lorakit.load_adapter(ours, tmp / "a0", "a0"))
@@ -234,12 +265,15 @@ def bench_io(spec: Spec, base, repeats: int) -> dict:
     for lib, switch in switches.items():
         times = []
         for i in range(max(20, repeats * 4)):
-            times.append(timed(lambda: switch("a1" if i % 2 == 0 else "a0"))[0])
+            name = "a1" if i % 2 == 0 else "a0"
+            times.append(timed(lambda switch=switch, name=name: switch(name))[0])
         out[lib]["switch_ms"] = sorted(times)[len(times) // 2] * 1000
     lorakit.set_adapter(ours, "a0")
     theirs.set_adapter("a0")
-    for lib, (merge, unmerge) in {"lorakit": (lambda: lorakit.merge(ours), lambda: lorakit.unmerge(ours)),
-                                  "peft": (theirs.merge_adapter, theirs.unmerge_adapter)}.items():
+    for lib, (merge, unmerge) in {
+        "lorakit": (lambda: lorakit.merge(ours), lambda: lorakit.unmerge(ours)),
+        "peft": (theirs.merge_adapter, theirs.unmerge_adapter),
+    }.items():
         merges, unmerges = [], []
         for _ in range(max(3, repeats // 2)):
             merges.append(timed(merge)[0])
@@ -268,12 +302,22 @@ def main() -> None:
     out = Path(args.output)
     # Sections not rerun keep their previous results (and their own date and repeats).
     results: dict = json.loads(out.read_text()) if out.is_file() else {}
-    results.update({"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                                "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()},
-                    "date": time.strftime("%Y-%m-%d %H:%M"), "repeats": args.repeats})
+    results.update(
+        {
+            "machine": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "cpu": platform.processor() or platform.machine(),
+            },
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "repeats": args.repeats,
+        }
+    )
     for section in sections:
         results.setdefault("section_runs", {})[section] = {"date": results["date"], "repeats": args.repeats}
     import peft
+
     results["machine"]["peft"] = peft.__version__
     for key in models:
         spec = SPECS[key]
@@ -297,22 +341,38 @@ def main() -> None:
 
 def report(r: dict) -> str:
     """The results as markdown tables (what the README quotes)."""
-    lines = [f"# lorakit benchmarks ({r['date']}, torch {r['machine']['torch']}, PEFT {r['machine'].get('peft')}, "
-             f"{r['machine']['threads']} threads, fp32, r=8, alpha=16; medians of {r['repeats']} interleaved steps)", ""]
+    lines = [
+        f"# lorakit benchmarks ({r['date']}, torch {r['machine']['torch']}, PEFT {r['machine'].get('peft')}, "
+        f"{r['machine']['threads']} threads, fp32, r=8, alpha=16; medians of {r['repeats']} interleaved steps)",
+        "",
+    ]
     if "section_runs" in r:
-        lines += ["Sections last run: " + "; ".join(f"{name} {v['date']} ({v['repeats']} repeats)"
-                                                 for name, v in r["section_runs"].items()), ""]
+        lines += [
+            "Sections last run: "
+            + "; ".join(f"{name} {v['date']} ({v['repeats']} repeats)" for name, v in r["section_runs"].items()),
+            "",
+        ]
     if "train" in r:
-        lines += ["## Training step (ms: forward / backward / optimizer = total; x floor; tokens/s)", "",
-                  "| model | config | forward | backward | optimizer | total | x floor | tokens/s | spread |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Training step (ms: forward / backward / optimizer = total; x floor; tokens/s)",
+            "",
+            "| model | config | forward | backward | optimizer | total | x floor | tokens/s | spread |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for key, rows in r["train"].items():
             for how, v in rows.items():
-                lines.append(f"| {SPECS[key].name} | {how} | {v['forward']:.0f} | {v['backward']:.0f} | {v['optimizer']:.1f} | "
-                             f"{v['total']:.0f} | {v['x_floor']:.3f} | {v['tokens_per_s']:.0f} | ±{v['spread'] * 50:.0f}% |")
+                lines.append(
+                    f"| {SPECS[key].name} | {how} | {v['forward']:.0f} | {v['backward']:.0f} | {v['optimizer']:.1f} | "
+                    f"{v['total']:.0f} | {v['x_floor']:.3f} | {v['tokens_per_s']:.0f} | ±{v['spread'] * 50:.0f}% |"
+                )
         lines.append("")
     if "memory" in r:
-        lines += ["## Peak memory (RSS MB in a fresh process; analytic weights + grads + AdamW MB)", "",
-                  "| model | config | peak RSS | analytic |", "|---|---|---|---|"]
+        lines += [
+            "## Peak memory (RSS MB in a fresh process; analytic weights + grads + AdamW MB)",
+            "",
+            "| model | config | peak RSS | analytic |",
+            "|---|---|---|---|",
+        ]
         for key, rows in r["memory"].items():
             for how, v in rows.items():
                 if "error" in v:
@@ -321,27 +381,51 @@ def report(r: dict) -> str:
                     lines.append(f"| {SPECS[key].name} | {how} | {v['peak_rss_mb']:.0f} | {v['analytic_mb']:.0f} |")
         lines.append("")
     if "infer" in r:
-        lines += ["## Inference (x base: batch forward; greedy generate of 16 tokens)", "",
-                  "| model | config | forward ms | x base | generate ms | x base |", "|---|---|---|---|---|---|"]
+        lines += [
+            "## Inference (x base: batch forward; greedy generate of 16 tokens)",
+            "",
+            "| model | config | forward ms | x base | generate ms | x base |",
+            "|---|---|---|---|---|---|",
+        ]
         for key, rows in r["infer"].items():
             for how, v in rows.items():
                 gen = f"{v['generate_ms']:.0f} | {v['generate_x_base']:.3f}" if "generate_ms" in v else "- | -"
-                lines.append(f"| {SPECS[key].name} | {how} | {v['forward_ms']:.1f} | {v['forward_x_base']:.3f} | {gen} |")
+                lines.append(
+                    f"| {SPECS[key].name} | {how} | {v['forward_ms']:.1f} | {v['forward_x_base']:.3f} | {gen} |"
+                )
         lines.append("")
     if "mixed" in r:
-        lines += ["## Mixed-adapter batches (GPT-2-shaped 4L/384, 64 rows x 32 tokens; x one adapter for the whole batch)", "",
-                  "| adapters | layout | lorakit x single | PEFT x single | lorakit ms | PEFT ms | per-adapter loop ms | generate: lorakit x single | PEFT x single |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Mixed-adapter batches (GPT-2-shaped 4L/384, 64 rows x 32 tokens; x one adapter for the whole batch)",
+            "",
+            "| adapters | layout | lorakit x single | PEFT x single | lorakit ms | PEFT ms | per-adapter loop ms "
+            "| generate: lorakit x single | PEFT x single |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for key, v in r["mixed"].items():
             n, layout = key.split("-")
-            gen = (f"{v['generate_lorakit_x_single']:.3f} | {v['generate_peft_x_single']:.3f}" if "generate_ms" in v else "- | -")
-            lines.append(f"| {n} | {layout} | {v['lorakit_x_single']:.3f} | {v['peft_x_single']:.3f} | {v['lorakit-mixed']:.1f} | "
-                         f"{v['peft-adapter_names']:.1f} | {v['lorakit-loop']:.1f} | {gen} |")
+            gen = (
+                f"{v['generate_lorakit_x_single']:.3f} | {v['generate_peft_x_single']:.3f}"
+                if "generate_ms" in v
+                else "- | -"
+            )
+            lines.append(
+                f"| {n} | {layout} | {v['lorakit_x_single']:.3f} | {v['peft_x_single']:.3f} "
+                f"| {v['lorakit-mixed']:.1f} | {v['peft-adapter_names']:.1f} | {v['lorakit-loop']:.1f} | {gen} |"
+            )
         lines.append("")
     if "io" in r:
-        lines += ["## Adapters on SmolLM2-135M (ms)", "", "| | first load | load | switch | merge | unmerge |", "|---|---|---|---|---|---|"]
+        lines += [
+            "## Adapters on SmolLM2-135M (ms)",
+            "",
+            "| | first load | load | switch | merge | unmerge |",
+            "|---|---|---|---|---|---|",
+        ]
         for lib, v in r["io"]["smollm2"].items():
-            lines.append(f"| {lib} | {v['first_load_ms']:.1f} | {v['load_ms']:.1f} | {v['switch_ms']:.4f} | {v['merge_ms']:.1f} | {v['unmerge_ms']:.1f} |")
+            lines.append(
+                f"| {lib} | {v['first_load_ms']:.1f} | {v['load_ms']:.1f} | {v['switch_ms']:.4f} "
+                f"| {v['merge_ms']:.1f} | {v['unmerge_ms']:.1f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

@@ -4,14 +4,15 @@ Timings on a shared 2-core machine are noisy, so every comparison is measured si
 one process: configurations are interleaved step by step after a warm-up, and we report the
 median and the spread (interquartile range) of repeated steps, and ratios between them.
 """
+
 from __future__ import annotations
 
 import copy
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -22,25 +23,36 @@ torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
 @dataclass
 class Spec:
     """A benchmark model: how to build it, a batch, and its LoRA targets."""
+
     name: str
     build: Callable[[], nn.Module]
     batch: int
     seq: int
     qv: list[str]
-    kind: str            # "lm" (causal LM) or "cls" (sequence classification)
+    kind: str  # "lm" (causal LM) or "cls" (sequence classification)
     vocab: int = 1000
 
 
 def gpt2_shaped(layers: int = 6, width: int = 512) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=layers, n_embd=width, n_head=8, vocab_size=8192, n_positions=256,
-                        attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+    config = GPT2Config(
+        n_layer=layers,
+        n_embd=width,
+        n_head=8,
+        vocab_size=8192,
+        n_positions=256,
+        attn_pdrop=0.0,
+        embd_pdrop=0.0,
+        resid_pdrop=0.0,
+    )
     return GPT2LMHeadModel(config)
 
 
 def minilm() -> nn.Module:
     from lorakit.models import load_model
+
     model = load_model("minilm", "AutoModelForSequenceClassification", label_names=["0", "1"]).model
     model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
     for m in model.modules():
@@ -51,6 +63,7 @@ def minilm() -> nn.Module:
 
 def smollm2() -> nn.Module:
     from lorakit.models import load_model
+
     return load_model("smollm2-135m", "AutoModelForCausalLM").model
 
 
@@ -75,18 +88,27 @@ def configure(base: nn.Module, spec: Spec, how: str) -> nn.Module:
     if how == "full":
         model.requires_grad_(True)
         return model
-    if how == "floor":           # every weight frozen; backward still computes activation grads
+    if how == "floor":  # every weight frozen; backward still computes activation grads
         model.requires_grad_(False)
         return FloorModel(model)
     targets = spec.qv if how.endswith("qv") else "all-linear"
     head = ["score", "classifier"] if spec.kind == "cls" else None
     if how.startswith("peft"):
         import peft
+
         config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, modules_to_save=head)
         return peft.get_peft_model(model, config)
     import lorakit
-    return lorakit.inject(model, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules=targets,
-                                                    modules_to_save=[h for h in (head or []) if hasattr(model, h)] or None))
+
+    return lorakit.inject(
+        model,
+        lorakit.LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=targets,
+            modules_to_save=[h for h in (head or []) if hasattr(model, h)] or None,
+        ),
+    )
 
 
 class FloorModel(nn.Module):
@@ -150,4 +172,5 @@ def rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

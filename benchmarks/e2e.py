@@ -9,6 +9,7 @@ Each run is a fresh subprocess (so its peak RSS is its own). Reported: training 
 final eval loss, which both sides compute with the same code on the same 200 test examples.
 Results: benchmarks/results/e2e.json and .md. Needs ../shared/data/e2e (skips without it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,7 @@ HPARAMS = dict(lr=1e-3, batch_size=8, max_length=128, rank=8, alpha=16, warmup_r
 def examples(split: str, limit: int) -> list[dict]:
     from lorakit.train.data import read_records
     from lorakit.train.tasks import resolve_fields, to_examples
+
     records = read_records(DATA / f"{split}.txt")
     rows = to_examples(records, resolve_fields(records, "causal-lm"))
     return rows[:limit]
@@ -37,47 +39,72 @@ def examples(split: str, limit: int) -> list[dict]:
 
 def eval_loss(model, tokenizer, rows: list[dict]) -> float:
     from lorakit.train.tasks import make_task
+
     model.eval()
     return make_task("causal-lm", tokenizer, HPARAMS["max_length"]).eval_loss(model, rows, batch_size=16)
 
 
 def peak_mb() -> float:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import rss_mb   # VmHWM: ru_maxrss would report the parent's peak
+    from common import rss_mb  # VmHWM: ru_maxrss would report the parent's peak
+
     return rss_mb()
 
 
 def ablate(what: str) -> None:
     """Flip one lorakit fast path from its default in this (child) process, to measure it."""
     from lorakit.train.tasks import causal_lm
-    if what == "logits-at-targets":     # LM head and softmax at every position
+
+    if what == "logits-at-targets":  # LM head and softmax at every position
         causal_lm._takes_logits_mask = lambda model: False
     else:
         raise ValueError(what)
 
 
-def run_lorakit(n: int, out: Path, bf16: bool, gradient_checkpointing: bool = False, packing: bool = True,
-                group_by_length: bool | None = None, attention: str | None = None,
-                ablations: tuple[str, ...] = ()) -> dict:
+def run_lorakit(
+    n: int,
+    out: Path,
+    bf16: bool,
+    gradient_checkpointing: bool = False,
+    packing: bool = True,
+    group_by_length: bool | None = None,
+    attention: str | None = None,
+    ablations: tuple[str, ...] = (),
+) -> dict:
     from lorakit.train import TrainConfig, train
     from lorakit.train.api import load_trained
+
     torch.set_num_threads(2)
     for what in ablations:
         ablate(what)
     train_file = out / "train.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in examples("train", n)))
-    config = TrainConfig(model="smollm2-135m", task="causal-lm", data=str(train_file), output=str(out / "run"),
-                         targets=["q_proj", "v_proj"], epochs=1, eval_before=False, bf16=bf16,
-                         gradient_checkpointing=gradient_checkpointing, packing=packing, group_by_length=group_by_length,
-                         attention=attention,
-                         **{k: v for k, v in HPARAMS.items()})
+    config = TrainConfig(
+        model="smollm2-135m",
+        task="causal-lm",
+        data=str(train_file),
+        output=str(out / "run"),
+        targets=["q_proj", "v_proj"],
+        epochs=1,
+        eval_before=False,
+        bf16=bf16,
+        gradient_checkpointing=gradient_checkpointing,
+        packing=packing,
+        group_by_length=group_by_length,
+        attention=attention,
+        **{k: v for k, v in HPARAMS.items()},
+    )
     t0 = time.perf_counter()
     result = train(config, callbacks=[])
     wall = time.perf_counter() - t0
     peak = peak_mb()
-    trained = load_trained(None, out / "run")        # eval in fp32 on a fresh fp32 base, as the baseline's
-    return {"train_tokens_per_s": result.summary["tokens_per_s"], "wall_s": wall, "peak_rss_mb": peak,
-            "eval_loss": eval_loss(trained.model, trained.tokenizer, examples("test", 200))}
+    trained = load_trained(None, out / "run")  # eval in fp32 on a fresh fp32 base, as the baseline's
+    return {
+        "train_tokens_per_s": result.summary["tokens_per_s"],
+        "wall_s": wall,
+        "peak_rss_mb": peak,
+        "eval_loss": eval_loss(trained.model, trained.tokenizer, examples("test", 200)),
+    }
 
 
 def run_hf_peft(n: int, out: Path, bf16: bool) -> dict:
@@ -85,35 +112,59 @@ def run_hf_peft(n: int, out: Path, bf16: bool) -> dict:
     dynamically, and hand everything to transformers' Trainer with a PEFT model."""
     import peft
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
     from lorakit.models import load_model, load_tokenizer
+
     torch.set_num_threads(2)
     tokenizer = load_tokenizer("smollm2-135m")
-    model = peft.get_peft_model(load_model("smollm2-135m", "AutoModelForCausalLM").model,
-                                peft.LoraConfig(r=HPARAMS["rank"], lora_alpha=HPARAMS["alpha"],
-                                                target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model = peft.get_peft_model(
+        load_model("smollm2-135m", "AutoModelForCausalLM").model,
+        peft.LoraConfig(
+            r=HPARAMS["rank"], lora_alpha=HPARAMS["alpha"], target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+        ),
+    )
 
     def encode(row: dict) -> dict:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         r = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (p + r)[:HPARAMS["max_length"]]
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ([-100] * len(p) + r)[:len(ids)]}
+        ids = (p + r)[: HPARAMS["max_length"]]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ([-100] * len(p) + r)[: len(ids)]}
 
     train_rows = [encode(r) for r in examples("train", n)]
-    args = TrainingArguments(output_dir=str(out / "hf"), per_device_train_batch_size=HPARAMS["batch_size"],
-                             learning_rate=HPARAMS["lr"], num_train_epochs=1,
-                             warmup_steps=int(HPARAMS["warmup_ratio"] * -(-len(train_rows) // HPARAMS["batch_size"])),
-                             lr_scheduler_type="linear", logging_steps=10, save_strategy="no", report_to=[],
-                             seed=HPARAMS["seed"], bf16=bf16, use_cpu=True, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=train_rows,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    args = TrainingArguments(
+        output_dir=str(out / "hf"),
+        per_device_train_batch_size=HPARAMS["batch_size"],
+        learning_rate=HPARAMS["lr"],
+        num_train_epochs=1,
+        warmup_steps=int(HPARAMS["warmup_ratio"] * -(-len(train_rows) // HPARAMS["batch_size"])),
+        lr_scheduler_type="linear",
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        seed=HPARAMS["seed"],
+        bf16=bf16,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_rows,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+    )
     t0 = time.perf_counter()
     metrics = trainer.train().metrics
     wall = time.perf_counter() - t0
     tokens = sum(len(r["input_ids"]) for r in train_rows)
-    return {"train_tokens_per_s": tokens / metrics["train_runtime"], "wall_s": wall, "peak_rss_mb": peak_mb(),
-            "eval_loss": eval_loss(model, tokenizer, examples("test", 200))}
+    return {
+        "train_tokens_per_s": tokens / metrics["train_runtime"],
+        "wall_s": wall,
+        "peak_rss_mb": peak_mb(),
+        "eval_loss": eval_loss(model, tokenizer, examples("test", 200)),
+    }
 
 
 RUNS = {
@@ -148,31 +199,43 @@ def main() -> None:
     results = {"examples": args.examples, "hparams": HPARAMS, "torch": torch.__version__, "runs": {}}
     previous = RESULTS / f"{args.name}.json"
     if previous.is_file() and json.loads(previous.read_text()).get("examples") == args.examples:
-        results["runs"] = json.loads(previous.read_text())["runs"]     # keep the runs not redone
+        results["runs"] = json.loads(previous.read_text())["runs"]  # keep the runs not redone
     for name in args.runs.split(","):
         print(f"[e2e] {name}", flush=True)
-        done = subprocess.run([sys.executable, __file__, "--child", name, "--examples", str(args.examples)],
-                              capture_output=True, text=True)
-        results["runs"][name] = (json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0
-                                 else {"error": done.stderr[-800:]})
+        done = subprocess.run(
+            [sys.executable, __file__, "--child", name, "--examples", str(args.examples)],
+            capture_output=True,
+            text=True,
+        )
+        results["runs"][name] = (
+            json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {"error": done.stderr[-800:]}
+        )
         print(results["runs"][name], flush=True)
-        write_results(results, args.name)      # after each run: a stopped benchmark keeps what it measured
+        write_results(results, args.name)  # after each run: a stopped benchmark keeps what it measured
 
 
 def write_results(results: dict, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1))
     base = results["runs"].get("hf-trainer+peft", {})
-    lines = [f"# End to end: SmolLM2-135M + LoRA q,v r=8 on {results['examples']} E2E examples (1 epoch, batch 8, lr 1e-3)", "",
-             "| run | train tokens/s | x HF+PEFT | wall s | peak RSS MB | eval loss (200 test) |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# End to end: SmolLM2-135M + LoRA q,v r=8 on {results['examples']} E2E examples (1 epoch, batch 8, lr 1e-3)",
+        "",
+        "| run | train tokens/s | x HF+PEFT | wall s | peak RSS MB | eval loss (200 test) |",
+        "|---|---|---|---|---|---|",
+    ]
     for run, r in results["runs"].items():
         if "error" in r:
             lines.append(f"| {run} | error | | | | |")
             continue
         speed = r["train_tokens_per_s"] / base["train_tokens_per_s"] if "train_tokens_per_s" in base else float("nan")
-        lines.append(f"| {run} | {r['train_tokens_per_s']:.0f} | {speed:.2f} | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['eval_loss']:.4f} |")
+        lines.append(
+            f"| {run} | {r['train_tokens_per_s']:.0f} | {speed:.2f} | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} "
+            f"| {r['eval_loss']:.4f} |"
+        )
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
 
 if __name__ == "__main__":
     main()

@@ -24,6 +24,7 @@ in flight, and a client reading its stream one chunk per half second. It reports
 requests for the other adapters failed (must be 0), the server's RSS over time, and whether
 it still answers at the end; results in benchmarks/results/serve_faults.json and .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,14 @@ from lorakit.serve import Engine, EngineConfig
 from lorakit.serve.app import Limits, create_app
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PROMPTS = ["Write a haiku about the sea.", "What is the capital of France?", "Name three colours.",
-           "Explain LoRA in one sentence.", "Give me a word that rhymes with cat.", "Count from one to five."]
+PROMPTS = [
+    "Write a haiku about the sea.",
+    "What is the capital of France?",
+    "Name three colours.",
+    "Explain LoRA in one sentence.",
+    "Give me a word that rhymes with cat.",
+    "Count from one to five.",
+]
 
 
 def make_adapters(model: str, root: Path, count: int, seed: int = 0) -> None:
@@ -107,8 +114,7 @@ async def fire(url: str, names: list[str], clients: int, max_tokens: int, time_l
         nonlocal tokens, errors
         while not queue.empty() and time.perf_counter() - start < time_limit:
             i = queue.get_nowait()
-            body = {"model": names[i], "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
-                    "temperature": 0}
+            body = {"model": names[i], "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0}
             sent = time.perf_counter()
             response = await http.post("/v1/completions", json=body)
             if response.status_code == 200:
@@ -123,9 +129,17 @@ async def fire(url: str, names: list[str], clients: int, max_tokens: int, time_l
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
     wall = time.perf_counter() - start
-    return {"completed": len(latencies), "skipped": queue.qsize(), "errors": errors, "wall_s": wall,
-            "completion_tokens": tokens, "tokens_per_s": tokens / wall, "requests_per_s": len(latencies) / wall,
-            "p50_s": _quantile(latencies, 0.50), "p99_s": _quantile(latencies, 0.99)}
+    return {
+        "completed": len(latencies),
+        "skipped": queue.qsize(),
+        "errors": errors,
+        "wall_s": wall,
+        "completion_tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "requests_per_s": len(latencies) / wall,
+        "p50_s": _quantile(latencies, 0.50),
+        "p99_s": _quantile(latencies, 0.99),
+    }
 
 
 def _quantile(values: list[float], q: float) -> float | None:
@@ -137,8 +151,13 @@ def _quantile(values: list[float], q: float) -> float | None:
 
 
 def run(args: argparse.Namespace, adapters_dir: Path, mixed: bool, spread: int) -> dict:
-    config = EngineConfig(max_adapters=max(args.adapters), max_batch_size=args.max_batch_size, mixed=mixed,
-                          watch_interval_s=0, request_timeout_s=args.time_limit + 60)
+    config = EngineConfig(
+        max_adapters=max(args.adapters),
+        max_batch_size=args.max_batch_size,
+        mixed=mixed,
+        watch_interval_s=0,
+        request_timeout_s=args.time_limit + 60,
+    )
     engine = Engine.from_pretrained(args.model, adapters_dir, served_name="base", config=config)
     adapters = [f"adapter{i:02d}" for i in range(spread)]
     names = [adapters[i % spread] for i in range(args.requests)]
@@ -151,25 +170,39 @@ def write(results: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serve_load.json").write_text(json.dumps(results, indent=2) + "\n")
     c = results["config"]
-    setup = (f"{c['model']}, {c['requests']} requests per run from {c['clients']} concurrent clients, "
-             f"max_tokens {c['max_tokens']} (greedy), max batch {c['max_batch_size']}; "
-             f"{c['machine']}. Command: `{c['command']}`\n")
-    lines = ["# lorakit serve load test: mixed-adapter batches vs one adapter at a time\n", setup,
-             "| adapters | mode | done | tokens/s | requests/s | p50 latency (s) | p99 latency (s) | wall (s) |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    setup = (
+        f"{c['model']}, {c['requests']} requests per run from {c['clients']} concurrent clients, "
+        f"max_tokens {c['max_tokens']} (greedy), max batch {c['max_batch_size']}; "
+        f"{c['machine']}. Command: `{c['command']}`\n"
+    )
+    lines = [
+        "# lorakit serve load test: mixed-adapter batches vs one adapter at a time\n",
+        setup,
+        "| adapters | mode | done | tokens/s | requests/s | p50 latency (s) | p99 latency (s) | wall (s) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results["runs"]:
-        lines.append(f"| {r['adapters']} | {r['mode']} | {r['completed']}/{c['requests']} | {r['tokens_per_s']:.1f} | "
-                     f"{r['requests_per_s']:.2f} | {_fmt(r['p50_s'])} | {_fmt(r['p99_s'])} | {r['wall_s']:.1f} |")
+        lines.append(
+            f"| {r['adapters']} | {r['mode']} | {r['completed']}/{c['requests']} | {r['tokens_per_s']:.1f} | "
+            f"{r['requests_per_s']:.2f} | {_fmt(r['p50_s'])} | {_fmt(r['p99_s'])} | {r['wall_s']:.1f} |"
+        )
     if results["speedup"]:
-        lines += ["", "Throughput of mixed over no-mixed (tokens/s): " +
-                  ", ".join(f"{k} adapter(s): {v:.2f}x" for k, v in results["speedup"].items())]
+        lines += [
+            "",
+            "Throughput of mixed over no-mixed (tokens/s): "
+            + ", ".join(f"{k} adapter(s): {v:.2f}x" for k, v in results["speedup"].items()),
+        ]
     (RESULTS / "serve_load.md").write_text("\n".join(lines) + "\n")
 
 
 # -- fault injection ----------------------------------------------------------------------------
-MALFORMED = [b'{"model": "adapter01", "prompt": ', b'{"model": "adapter01", "prompt": "a", "max_tokens": "x"}',
-             b'{"model": "adapter01", "prompt": "a", "temperature": -1}', b"\xff\xfe garbage",
-             b'{"model": "no/such", "prompt": "a"}']
+MALFORMED = [
+    b'{"model": "adapter01", "prompt": ',
+    b'{"model": "adapter01", "prompt": "a", "max_tokens": "x"}',
+    b'{"model": "adapter01", "prompt": "a", "temperature": -1}',
+    b"\xff\xfe garbage",
+    b'{"model": "no/such", "prompt": "a"}',
+]
 
 
 def rss_mib() -> float:
@@ -179,8 +212,12 @@ def rss_mib() -> float:
 
 
 def fault_run(args: argparse.Namespace, adapters_dir: Path) -> dict:
-    config = EngineConfig(max_adapters=max(max(args.adapters), 2), max_batch_size=args.max_batch_size,
-                          watch_interval_s=0, request_timeout_s=args.time_limit + 60)
+    config = EngineConfig(
+        max_adapters=max(max(args.adapters), 2),
+        max_batch_size=args.max_batch_size,
+        watch_interval_s=0,
+        request_timeout_s=args.time_limit + 60,
+    )
     engine = Engine.from_pretrained(args.model, adapters_dir, served_name="base", config=config)
     others = [f"adapter{i:02d}" for i in range(1, max(max(args.adapters), 2))]
     with Server(engine, args.clients + 8) as url:
@@ -189,8 +226,16 @@ def fault_run(args: argparse.Namespace, adapters_dir: Path) -> dict:
 
 async def fire_with_faults(url: str, faulted: str, others: list[str], args: argparse.Namespace) -> dict:
     """The load test's traffic on `others`, faults on `faulted` and the base, RSS sampled."""
-    n = {"other_done": 0, "other_failed": 0, "malformed": 0, "malformed_not_4xx": 0, "disconnects": 0,
-         "slow_streams": 0, "unloaded_in_flight": 0, "unloaded_in_flight_completed": 0}
+    n = {
+        "other_done": 0,
+        "other_failed": 0,
+        "malformed": 0,
+        "malformed_not_4xx": 0,
+        "disconnects": 0,
+        "slow_streams": 0,
+        "unloaded_in_flight": 0,
+        "unloaded_in_flight_completed": 0,
+    }
     rss: list[tuple[float, float]] = []
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(args.requests):
@@ -199,15 +244,23 @@ async def fire_with_faults(url: str, faulted: str, others: list[str], args: argp
     busy = True
 
     def body(model: str, max_tokens: int, **extra) -> dict:
-        return {"model": model, "prompt": PROMPTS[len(model) % len(PROMPTS)], "max_tokens": max_tokens,
-                "temperature": 0, **extra}
+        return {
+            "model": model,
+            "prompt": PROMPTS[len(model) % len(PROMPTS)],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            **extra,
+        }
 
     async def client(http: httpx.AsyncClient) -> None:
         while not queue.empty() and time.perf_counter() - start < args.time_limit:
             i = queue.get_nowait()
             if i % args.malformed_every == args.malformed_every - 1:
-                r = await http.post("/v1/completions", content=MALFORMED[i % len(MALFORMED)],
-                                    headers={"content-type": "application/json"})
+                r = await http.post(
+                    "/v1/completions",
+                    content=MALFORMED[i % len(MALFORMED)],
+                    headers={"content-type": "application/json"},
+                )
                 n["malformed"] += 1
                 n["malformed_not_4xx"] += not 400 <= r.status_code < 500
                 continue
@@ -221,7 +274,7 @@ async def fire_with_faults(url: str, faulted: str, others: list[str], args: argp
     async def disconnecting(http: httpx.AsyncClient) -> None:
         while busy:
             async with http.stream("POST", "/v1/completions", json=body(faulted, 64, stream=True)) as r:
-                if r.status_code == 404:      # unloaded: hang up on the base instead
+                if r.status_code == 404:  # unloaded: hang up on the base instead
                     await asyncio.sleep(0.05)
                     continue
                 await anext(r.aiter_lines())
@@ -235,13 +288,14 @@ async def fire_with_faults(url: str, faulted: str, others: list[str], args: argp
             n["slow_streams"] += 1
 
     async def unload(http: httpx.AsyncClient) -> None:
-        while queue.qsize() > args.requests * 2 // 3:     # a third of the traffic in: unload mid-run
+        while queue.qsize() > args.requests * 2 // 3:  # a third of the traffic in: unload mid-run
             await asyncio.sleep(0.1)
 
         async def one() -> bool:
             async with http.stream("POST", "/v1/completions", json=body(faulted, args.max_tokens, stream=True)) as r:
                 lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
             return r.status_code == 200 and lines[-1] == "data: [DONE]"
+
         running = [asyncio.create_task(one()) for _ in range(3)]
         await asyncio.sleep(0.5)
         n["unloaded_in_flight"] = len(running)
@@ -263,20 +317,44 @@ async def fire_with_faults(url: str, faulted: str, others: list[str], args: argp
         health = await http.get("/health")
         answer = await http.post("/v1/completions", json=body(others[0], 4))
     mib = [m for _, m in rss]
-    return {**n, "skipped": queue.qsize(), "wall_s": time.perf_counter() - start,
-            "rss_start_mib": mib[0], "rss_max_mib": max(mib), "rss_end_mib": mib[-1], "rss_samples": rss,
-            "answering_at_end": health.status_code == 200 and answer.status_code == 200}
+    return {
+        **n,
+        "skipped": queue.qsize(),
+        "wall_s": time.perf_counter() - start,
+        "rss_start_mib": mib[0],
+        "rss_max_mib": max(mib),
+        "rss_end_mib": mib[-1],
+        "rss_samples": rss,
+        "answering_at_end": health.status_code == 200 and answer.status_code == 200,
+    }
 
 
 def write_faults(args: argparse.Namespace, r: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
     (RESULTS / "serve_faults.json").write_text(json.dumps({"command": command, **r}, indent=2) + "\n")
-    lines = ["# lorakit serve under faults\n", f"Command: `{command}` ({args.model}, {args.clients} clients).\n",
-             "| measure | value |", "|---|---:|"]
-    for key in ("other_done", "other_failed", "skipped", "malformed", "malformed_not_4xx", "disconnects", "slow_streams",
-                "unloaded_in_flight", "unloaded_in_flight_completed", "rss_start_mib", "rss_max_mib", "rss_end_mib",
-                "answering_at_end", "wall_s"):
+    lines = [
+        "# lorakit serve under faults\n",
+        f"Command: `{command}` ({args.model}, {args.clients} clients).\n",
+        "| measure | value |",
+        "|---|---:|",
+    ]
+    for key in (
+        "other_done",
+        "other_failed",
+        "skipped",
+        "malformed",
+        "malformed_not_4xx",
+        "disconnects",
+        "slow_streams",
+        "unloaded_in_flight",
+        "unloaded_in_flight_completed",
+        "rss_start_mib",
+        "rss_max_mib",
+        "rss_end_mib",
+        "answering_at_end",
+        "wall_s",
+    ):
         value = r[key]
         lines.append(f"| {key} | {value:.1f} |" if isinstance(value, float) else f"| {key} | {value} |")
     (RESULTS / "serve_faults.md").write_text("\n".join(lines) + "\n")
@@ -298,8 +376,12 @@ def main() -> None:
     parser.add_argument("--adapters", default="1,8,32", help="adapter spreads to try, comma-separated")
     parser.add_argument("--modes", default="mixed,no-mixed")
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per run; later requests are skipped")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (on a CPU shared with other jobs, 1 is often far faster)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (on a CPU shared with other jobs, 1 is often far faster)",
+    )
     parser.add_argument("--faults", action="store_true", help="the fault-injection run instead (see the docstring)")
     parser.add_argument("--malformed-every", type=int, default=5, help="with --faults: every Nth request is malformed")
     args = parser.parse_args()
@@ -321,16 +403,27 @@ def main() -> None:
             for mixed in modes:
                 runs.append(run(args, Path(tmp), mixed, spread))
                 r = runs[-1]
-                print(f"{spread:>3} adapters  {r['mode']:<8}  {r['tokens_per_s']:7.1f} tok/s  "
-                      f"p50 {_fmt(r['p50_s'])} s  p99 {_fmt(r['p99_s'])} s  ({r['completed']} done)", flush=True)
+                print(
+                    f"{spread:>3} adapters  {r['mode']:<8}  {r['tokens_per_s']:7.1f} tok/s  "
+                    f"p50 {_fmt(r['p50_s'])} s  p99 {_fmt(r['p99_s'])} s  ({r['completed']} done)",
+                    flush=True,
+                )
     by = {(r["mode"], r["adapters"]): r["tokens_per_s"] for r in runs}
-    speedup = {str(a): by[("mixed", a)] / by[("no-mixed", a)] for a in args.adapters
-               if by.get(("no-mixed", a)) and ("mixed", a) in by}
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (load average "
-               f"{load:.1f} at the start: other jobs share them), {torch.get_num_threads()} torch thread(s), "
-               f"torch {torch.__version__}")
-    config = {**{k: v for k, v in vars(args).items()}, "machine": machine,
-              "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])}
+    speedup = {
+        str(a): by[("mixed", a)] / by[("no-mixed", a)]
+        for a in args.adapters
+        if by.get(("no-mixed", a)) and ("mixed", a) in by
+    }
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (load average "
+        f"{load:.1f} at the start: other jobs share them), {torch.get_num_threads()} torch thread(s), "
+        f"torch {torch.__version__}"
+    )
+    config = {
+        **{k: v for k, v in vars(args).items()},
+        "machine": machine,
+        "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
+    }
     write({"config": config, "runs": runs, "speedup": speedup})
     print(f"wrote {RESULTS / 'serve_load.json'} and serve_load.md")
 

@@ -9,6 +9,7 @@
 
 Nothing here duplicates the trainer: every run is a `TrainConfig` handed to `train`.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("LORAKIT_DATA", ROOT.parent / "shared" / "data"))
@@ -39,8 +41,10 @@ def require_data(*paths: Path) -> None:
     """Exit cleanly (status 0, a clear message) when a data set is not on this machine."""
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
-        print(f"skip: {', '.join(str(p) for p in missing)} not found (the real data sets are not shipped with "
-              "lorakit; put them in ../shared/data or set LORAKIT_DATA)")
+        print(
+            f"skip: {', '.join(str(p) for p in missing)} not found (the real data sets are not shipped with "
+            "lorakit; put them in ../shared/data or set LORAKIT_DATA)"
+        )
         sys.exit(0)
 
 
@@ -57,7 +61,7 @@ def _child(conn, fn: Callable, args: tuple, kwargs: dict) -> None:
         base = _rss_kb("VmRSS")
         out = fn(*args, **kwargs)
         conn.send(("ok", out, base, _rss_kb("VmHWM")))
-    except BaseException:   # noqa: BLE001 - reported to the parent
+    except BaseException:  # noqa: BLE001 - reported to the parent
         conn.send(("error", traceback.format_exc(), 0, 0))
     finally:
         conn.close()
@@ -86,8 +90,10 @@ def in_child(fn: Callable, *args, **kwargs) -> tuple[Any, float, float]:
 # -- one training run ---------------------------------------------------------------------------
 def _train(config: dict) -> dict:
     import torch
+
     from lorakit.train.api import train
     from lorakit.train.config import TrainConfig
+
     torch.set_num_threads(int(os.environ.get("LORAKIT_THREADS", "1")))
     t0 = time.perf_counter()
     result = train(TrainConfig(**config), callbacks=[])
@@ -96,7 +102,7 @@ def _train(config: dict) -> dict:
     return s
 
 
-USED: list[tuple[dict, bool]] = []    # (row, from the cache?) of every run() in this process
+USED: list[tuple[dict, bool]] = []  # (row, from the cache?) of every run() in this process
 
 
 def wall_note(seconds: float) -> str:
@@ -105,8 +111,10 @@ def wall_note(seconds: float) -> str:
     cached = [row["wall_s"] for row, hit in USED if hit]
     text = f"Wall time {seconds / 60:.1f} min"
     if cached:
-        text += (f" ({len(cached)} of its {len(USED)} runs reused from the run cache; run from scratch: about "
-                 f"{(seconds + sum(cached)) / 60:.1f} min)")
+        text += (
+            f" ({len(cached)} of its {len(USED)} runs reused from the run cache; run from scratch: about "
+            f"{(seconds + sum(cached)) / 60:.1f} min)"
+        )
     return text + "."
 
 
@@ -119,19 +127,30 @@ def run(key: str, keep: bool = False, **config: Any) -> dict:
     config = {"eval_before": False, "output": str(output), **config}
     if cache.is_file():
         row = json.loads(cache.read_text())
-        if row.get("config") == _jsonable(config) and (not keep or (output / "adapter_config.json").exists()
-                                                      or (output / "method_config.json").exists()):
+        if row.get("config") == _jsonable(config) and (
+            not keep or (output / "adapter_config.json").exists() or (output / "method_config.json").exists()
+        ):
             print(f"  {key}: cached", flush=True)
             USED.append((row, True))
             return row
     print(f"  {key}: training ...", end="", flush=True)
     summary, peak, base = in_child(_train, config)
     final = summary.get("final_eval") or {}
-    row = {"key": key, "config": _jsonable(config), "metrics": final, "tokens_per_s": summary["tokens_per_s"],
-           "train_runtime_s": summary["train_runtime_s"], "wall_s": summary["wall_s"], "steps": summary["steps"],
-           "trainable_params": summary.get("trainable_params"),
-           "params_paper": summary.get("trainable_params_paper"), "params_head": summary.get("trainable_params_head"),
-           "peak_rss_mb": peak, "start_rss_mb": base, "adapter_dir": str(output) if keep else None}
+    row = {
+        "key": key,
+        "config": _jsonable(config),
+        "metrics": final,
+        "tokens_per_s": summary["tokens_per_s"],
+        "train_runtime_s": summary["train_runtime_s"],
+        "wall_s": summary["wall_s"],
+        "steps": summary["steps"],
+        "trainable_params": summary.get("trainable_params"),
+        "params_paper": summary.get("trainable_params_paper"),
+        "params_head": summary.get("trainable_params_head"),
+        "peak_rss_mb": peak,
+        "start_rss_mb": base,
+        "adapter_dir": str(output) if keep else None,
+    }
     if not keep:
         shutil.rmtree(output, ignore_errors=True)
     else:
@@ -177,8 +196,9 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def write_results(name: str, title: str, sections: Sequence[tuple[str, str]], data: Any, notes: str = "",
-                  quick: bool = False) -> Path:
+def write_results(
+    name: str, title: str, sections: Sequence[tuple[str, str]], data: Any, notes: str = "", quick: bool = False
+) -> Path:
     """experiments/results/<name>.md (title, notes, then each (heading, markdown) section) and
     <name>.json (`data`); a --quick smoke run writes <name>_quick.* and says so in the notes."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -197,7 +217,7 @@ def write_results(name: str, title: str, sections: Sequence[tuple[str, str]], da
 def savefig(fig, name: str, quick: bool = False) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}{'_quick' if quick else ''}.png"
-    if fig.get_layout_engine() is None:      # figures built with constrained_layout keep it
+    if fig.get_layout_engine() is None:  # figures built with constrained_layout keep it
         fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path.relative_to(ROOT)}")
@@ -206,8 +226,10 @@ def savefig(fig, name: str, quick: bool = False) -> Path:
 
 def pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -217,56 +239,99 @@ def stopwatch() -> Callable[[], float]:
 
 
 # -- inference latency at batch 1 -------------------------------------------------------------
-LATENCY_VARIANTS = ("base", "lora (merged)", "lora (unmerged)", "adapter-h", "adapter-l", "prefix-embed",
-                    "prefix-layer")
+LATENCY_VARIANTS = (
+    "base",
+    "lora (merged)",
+    "lora (unmerged)",
+    "adapter-h",
+    "adapter-l",
+    "prefix-embed",
+    "prefix-layer",
+)
 
 
-def _latency(model_name: str, task: str, targets: list[str], seq_len: int, reps: int, threads: int,
-             variants: Sequence[str], rank: int = 8, adapter_size: int = 8, prefix_length: int = 16) -> dict:
+def _latency(
+    model_name: str,
+    task: str,
+    targets: list[str],
+    seq_len: int,
+    reps: int,
+    threads: int,
+    variants: Sequence[str],
+    rank: int = 8,
+    adapter_size: int = 8,
+    prefix_length: int = 16,
+) -> dict:
     import copy
     import random
     import statistics as st
+
     import torch
+
     from lorakit import lora, methods
     from lorakit.models import load_model
+
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     from lorakit.train.tasks import task_class
-    base = load_model(model_name, task_class(task).auto_class, label_names=["0", "1"] if task == "classification" else None).model.eval()
+
+    base = load_model(
+        model_name, task_class(task).auto_class, label_names=["0", "1"] if task == "classification" else None
+    ).model.eval()
     models = {}
     for name in variants:
         m = copy.deepcopy(base)
         if name.startswith("lora"):
             lora.inject(m, lora.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
-            for _, layer in lora.lora_layers(m):      # a trained-looking (non-zero) update
+            for _, layer in lora.lora_layers(m):  # a trained-looking (non-zero) update
                 for p in layer.lora_B.values():
                     torch.nn.init.normal_(p, std=0.01)
             if name == "lora (merged)":
                 lora.merge(m)
         elif name != "base":
-            m = methods.build(m, name, {"adapter_size": adapter_size} if name.startswith("adapter")
-                              else {"prefix_length": prefix_length, "task": task})
+            m = methods.build(
+                m,
+                name,
+                {"adapter_size": adapter_size}
+                if name.startswith("adapter")
+                else {"prefix_length": prefix_length, "task": task},
+            )
         models[name] = m.eval()
     ids = torch.randint(1000, 5000, (1, seq_len))
     mask = torch.ones_like(ids)
     times: dict[str, list[float]] = {n: [] for n in models}
     with torch.inference_mode():
-        for _ in range(3):                          # warm-up
+        for _ in range(3):  # warm-up
             for m in models.values():
                 m(input_ids=ids, attention_mask=mask)
         order = list(models.items())
-        for rep in range(reps):                     # round robin, in a fresh random order each round:
-            random.Random(rep).shuffle(order)       # load spikes and cache effects hit every variant alike
+        for rep in range(reps):  # round robin, in a fresh random order each round:
+            random.Random(rep).shuffle(order)  # load spikes and cache effects hit every variant alike
             for n, m in order:
                 t0 = time.perf_counter()
                 m(input_ids=ids, attention_mask=mask)
                 times[n].append(time.perf_counter() - t0)
-    return {n: {"median_ms": 1000 * st.median(t), "p10_ms": 1000 * sorted(t)[len(t) // 10],
-                "p90_ms": 1000 * sorted(t)[(9 * len(t)) // 10], "reps": len(t)} for n, t in times.items()}
+    return {
+        n: {
+            "median_ms": 1000 * st.median(t),
+            "p10_ms": 1000 * sorted(t)[len(t) // 10],
+            "p90_ms": 1000 * sorted(t)[(9 * len(t)) // 10],
+            "reps": len(t),
+        }
+        for n, t in times.items()
+    }
 
 
-def latency(model_name: str, task: str, targets: list[str], seq_len: int, reps: int, threads: int = 1,
-            variants: Sequence[str] = LATENCY_VARIANTS, **kwargs) -> dict:
+def latency(
+    model_name: str,
+    task: str,
+    targets: list[str],
+    seq_len: int,
+    reps: int,
+    threads: int = 1,
+    variants: Sequence[str] = LATENCY_VARIANTS,
+    **kwargs,
+) -> dict:
     """Median forward time at batch 1 (one sequence of `seq_len` tokens) of the base model and
     the same model with each variant applied (fresh, untrained but non-zero), measured
     round-robin in one fresh process."""
@@ -287,31 +352,56 @@ def latency_table(lat: dict) -> str:
 # Learning rates per method: not tuned here (no budget for it); the usual orders of magnitude
 # (full fine-tuning small, bias/prefix tuning large). head_lr=2e-3 trains every method's new head
 # (before lorakit applied it to every method, it reached LoRA's head only: see HEAD_LR_FOR_ALL).
-METHOD_LR = {"lora": 2e-3, "full": 1e-4, "top2": 2e-4, "bitfit": 5e-3, "adapter-h": 2e-3, "adapter-l": 2e-3,
-             "prefix-embed": 1e-2, "prefix-layer": 5e-3}
+METHOD_LR = {
+    "lora": 2e-3,
+    "full": 1e-4,
+    "top2": 2e-4,
+    "bitfit": 5e-3,
+    "adapter-h": 2e-3,
+    "adapter-l": 2e-3,
+    "prefix-embed": 1e-2,
+    "prefix-layer": 5e-3,
+}
 METHOD_OPTIONS = {"adapter_size": 8, "prefix_length": 16}
 SST2_STEPS, SST2_BATCH = 80, 32
 DOMAIN_STEPS, DOMAIN_BATCH = 40, 16
 
 
 def sst2_config(method: str = "lora", seed: int = 0, quick: bool = False, **over: Any) -> dict:
-    return _classification_config(SST2, 4 if quick else SST2_STEPS, SST2_BATCH, 64 if quick else None,
-                                  method, seed, over)
+    return _classification_config(
+        SST2, 4 if quick else SST2_STEPS, SST2_BATCH, 64 if quick else None, method, seed, over
+    )
 
 
 def domain_config(domain: str, method: str = "lora", seed: int = 0, quick: bool = False, **over: Any) -> dict:
-    return _classification_config(DOMAINS_DIR / domain, 4 if quick else DOMAIN_STEPS, DOMAIN_BATCH,
-                                  32 if quick else None, method, seed, over)
+    return _classification_config(
+        DOMAINS_DIR / domain, 4 if quick else DOMAIN_STEPS, DOMAIN_BATCH, 32 if quick else None, method, seed, over
+    )
 
 
-def _classification_config(data_dir: Path, steps: int, batch: int, max_eval: int | None, method: str, seed: int,
-                           over: dict) -> dict:
+def _classification_config(
+    data_dir: Path, steps: int, batch: int, max_eval: int | None, method: str, seed: int, over: dict
+) -> dict:
     """MiniLM on a train.tsv / dev.tsv pair: `steps` steps of `batch` on a random subset."""
-    config = dict(model="minilm", task="classification", data=str(data_dir / "train.tsv"),
-                  eval_data=str(data_dir / "dev.tsv"), method=method,
-                  targets=["query", "value"] if method == "lora" else None, rank=8, alpha=16.0,
-                  lr=METHOD_LR[method], head_lr=2e-3, batch_size=batch, max_length=64, max_steps=steps,
-                  max_train_examples=steps * batch, max_eval_examples=max_eval, seed=seed, **METHOD_OPTIONS)
+    config = dict(
+        model="minilm",
+        task="classification",
+        data=str(data_dir / "train.tsv"),
+        eval_data=str(data_dir / "dev.tsv"),
+        method=method,
+        targets=["query", "value"] if method == "lora" else None,
+        rank=8,
+        alpha=16.0,
+        lr=METHOD_LR[method],
+        head_lr=2e-3,
+        batch_size=batch,
+        max_length=64,
+        max_steps=steps,
+        max_train_examples=steps * batch,
+        max_eval_examples=max_eval,
+        seed=seed,
+        **METHOD_OPTIONS,
+    )
     config.update(over)
     return config
 
@@ -323,13 +413,15 @@ HEAD_LR_FOR_ALL = "-hl"
 
 def key_of(prefix: str, config: dict, quick: bool) -> str:
     t = config.get("targets") or []
-    what = config["method"] + (f"-{'+'.join(x[0] for x in t)}-r{config['rank']}" if config["method"] == "lora"
-                               else HEAD_LR_FOR_ALL)
+    what = config["method"] + (
+        f"-{'+'.join(x[0] for x in t)}-r{config['rank']}" if config["method"] == "lora" else HEAD_LR_FOR_ALL
+    )
     return ("quick-" if quick else "") + f"{prefix}-{what}-s{config['seed']}"
 
 
 def parse_args(description: str, extra: Callable | None = None):
     import argparse
+
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (a few steps, small eval sets)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default: the experiment's)")

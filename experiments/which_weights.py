@@ -6,18 +6,36 @@ r=8 for one type, r=4 for two, r=2 for all four (as the paper does with 18M para
 
 Writes experiments/results/which_weights.{md,json,png}.
 """
+
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (SST2, SST2_BATCH, SST2_STEPS, fmt_int, fmt_ms, key_of, markdown_table, mean_std, parse_args, pyplot,
-                    require_data, run, savefig, sst2_config, stopwatch, wall_note, write_results)
+from common import (
+    SST2,
+    SST2_BATCH,
+    SST2_STEPS,
+    fmt_int,
+    fmt_ms,
+    key_of,
+    markdown_table,
+    mean_std,
+    parse_args,
+    pyplot,
+    require_data,
+    run,
+    savefig,
+    sst2_config,
+    stopwatch,
+    wall_note,
+    write_results,
+)
 
 MATRIX = {"Wq": "query", "Wk": "key", "Wv": "value", "Wo": "attention.output.dense"}
 CONFIGS = [("Wq",), ("Wk",), ("Wv",), ("Wo",), ("Wq", "Wk"), ("Wq", "Wv"), ("Wq", "Wk", "Wv", "Wo")]
-BUDGET_RANK = 8     # rank x number of types is constant
+BUDGET_RANK = 8  # rank x number of types is constant
 
 
 def main() -> None:
@@ -34,20 +52,39 @@ def main() -> None:
             config = sst2_config("lora", s, args.quick, targets=[MATRIX[t] for t in types], rank=r, alpha=2.0 * r)
             runs.append(run(key_of("sst2", config, args.quick), **config))
         acc = mean_std(x["metrics"].get("accuracy") for x in runs)
-        rows.append({"types": list(types), "rank": r, "params": runs[0]["params_paper"], "accuracy_mean": acc[0],
-                     "accuracy_std": acc[1], "accuracy_per_seed": [x["metrics"].get("accuracy") for x in runs]})
+        rows.append(
+            {
+                "types": list(types),
+                "rank": r,
+                "params": runs[0]["params_paper"],
+                "accuracy_mean": acc[0],
+                "accuracy_std": acc[1],
+                "accuracy_per_seed": [x["metrics"].get("accuracy") for x in runs],
+            }
+        )
         md.append([", ".join(types), r, fmt_int(runs[0]["params_paper"]), fmt_ms(*acc)])
     plot(rows, args.quick)
     wall = clock()
-    notes = (f"MiniLM on SST-2: {SST2_STEPS} steps of batch {SST2_BATCH} on a random {SST2_STEPS * SST2_BATCH}-sentence "
-             f"subset, max length 64, full GLUE dev (872), seeds {list(seeds)}, lr 2e-3, alpha = 2r (so alpha/r = 2 "
-             "throughout; the paper instead fixes alpha to the first r tried), all 6 layers. Budget: "
-             f"{BUDGET_RANK} x 384 x 2 x 6 layers = {BUDGET_RANK * 384 * 2 * 6:,} LoRA parameters in every row. "
-             + wall_note(wall))
-    write_results("which_weights", "Which weight matrices? (Table 5 in small)",
-                  [("MiniLM on SST-2, fixed parameter budget", markdown_table(
-                      ["weight types", "rank r", "LoRA params", "dev acc % (mean ± std)"], md))],
-                  {"rows": rows, "wall_s": wall}, notes, args.quick)
+    notes = (
+        f"MiniLM on SST-2: {SST2_STEPS} steps of batch {SST2_BATCH} on a random {SST2_STEPS * SST2_BATCH}-sentence "
+        f"subset, max length 64, full GLUE dev (872), seeds {list(seeds)}, lr 2e-3, alpha = 2r (so alpha/r = 2 "
+        "throughout; the paper instead fixes alpha to the first r tried), all 6 layers. Budget: "
+        f"{BUDGET_RANK} x 384 x 2 x 6 layers = {BUDGET_RANK * 384 * 2 * 6:,} LoRA parameters in every row. "
+        + wall_note(wall)
+    )
+    write_results(
+        "which_weights",
+        "Which weight matrices? (Table 5 in small)",
+        [
+            (
+                "MiniLM on SST-2, fixed parameter budget",
+                markdown_table(["weight types", "rank r", "LoRA params", "dev acc % (mean ± std)"], md),
+            )
+        ],
+        {"rows": rows, "wall_s": wall},
+        notes,
+        args.quick,
+    )
 
 
 def plot(rows: list[dict], quick: bool) -> None:

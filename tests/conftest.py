@@ -1,4 +1,5 @@
 """Tiny randomly initialised models (a few thousand parameters) so the suite stays fast."""
+
 from __future__ import annotations
 
 import logging
@@ -15,24 +16,54 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def tiny(kind: str) -> nn.Module:
     """A tiny random Hugging Face model in eval mode (no dropout noise), seeded."""
     import transformers as tf
+
     torch.manual_seed(0)
     common = dict(vocab_size=64)
     if kind == "gpt2":
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32,
-                                                 bos_token_id=0, eos_token_id=0, **common))
+        model = tf.GPT2LMHeadModel(
+            tf.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0, **common)
+        )
     elif kind == "llama":
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                                   num_attention_heads=2, num_key_value_heads=1,
-                                                   max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
-                                                   pad_token_id=0, **common))
+        model = tf.LlamaForCausalLM(
+            tf.LlamaConfig(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                max_position_embeddings=32,
+                bos_token_id=0,
+                eos_token_id=0,
+                pad_token_id=0,
+                **common,
+            )
+        )
     elif kind == "bert":
-        model = tf.BertForSequenceClassification(tf.BertConfig(hidden_size=16, num_hidden_layers=2,
-                                                               num_attention_heads=2, intermediate_size=32,
-                                                               max_position_embeddings=32, num_labels=3, **common))
+        model = tf.BertForSequenceClassification(
+            tf.BertConfig(
+                hidden_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=32,
+                max_position_embeddings=32,
+                num_labels=3,
+                **common,
+            )
+        )
     elif kind == "t5":
-        model = tf.T5ForConditionalGeneration(tf.T5Config(d_model=16, d_kv=8, d_ff=32, num_layers=2,
-                                                          num_heads=2, decoder_start_token_id=0, pad_token_id=0,
-                                                          eos_token_id=1, **common))
+        model = tf.T5ForConditionalGeneration(
+            tf.T5Config(
+                d_model=16,
+                d_kv=8,
+                d_ff=32,
+                num_layers=2,
+                num_heads=2,
+                decoder_start_token_id=0,
+                pad_token_id=0,
+                eos_token_id=1,
+                **common,
+            )
+        )
     else:
         raise ValueError(kind)
     return model.eval()
@@ -63,7 +94,7 @@ class Toy(nn.Module):
         self.fc2 = nn.Linear(10, 4)
 
     def forward(self, ids: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        h = self.fc2(torch.relu(self.fc1(self.emb(ids)))).mean(1)       # [b, 4]
+        h = self.fc2(torch.relu(self.fc1(self.emb(ids)))).mean(1)  # [b, 4]
         return h + self.conv(image).mean((2, 3))[:, :4]
 
 
@@ -83,6 +114,7 @@ def captured_trainer(monkeypatch) -> dict:
     """A dict that will hold, under "trainer", the Trainer the next `train()` call builds (for
     callbacks that reach into it)."""
     from lorakit.train import trainer as trainer_module
+
     ref: dict = {}
     original = trainer_module.Trainer.__init__
 
@@ -92,4 +124,3 @@ def captured_trainer(monkeypatch) -> dict:
 
     monkeypatch.setattr(trainer_module.Trainer, "__init__", remember)
     return ref
-

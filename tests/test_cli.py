@@ -1,4 +1,5 @@
 """Every CLI verb on tiny local models, and the one-red-line errors for bad input."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-import lorakit
 from lorakit.cli import app
 
 from .train.conftest import MODEL_FOR_TASK, data_files, model_dirs  # noqa: F401  (fixtures)
@@ -26,9 +26,31 @@ def invoke(*args: str):
 
 def train_args(model_dirs, data_files, task, out, *extra):
     train_file, dev_file = data_files[task]
-    return ["train", "--model", model_dirs[MODEL_FOR_TASK[task]], "--task", task, "--data", train_file,
-            "--eval-data", dev_file, "--output", out, "--max-steps", "12", "--batch-size", "8", "--lr", "1e-2",
-            "--rank", "4", "--max-length", "32", "--quiet", *extra]
+    return [
+        "train",
+        "--model",
+        model_dirs[MODEL_FOR_TASK[task]],
+        "--task",
+        task,
+        "--data",
+        train_file,
+        "--eval-data",
+        dev_file,
+        "--output",
+        out,
+        "--max-steps",
+        "12",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-2",
+        "--rank",
+        "4",
+        "--max-length",
+        "32",
+        "--quiet",
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -66,23 +88,41 @@ def test_inspect(trained):
 
 def test_merge_writes_a_plain_model(trained, tmp_path, data_files):
     import transformers
+
     out = tmp_path / "merged"
     invoke("merge", "--adapter", trained, "--output", out)
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(out)
     assert not any("lora" in k for k in merged.state_dict())
     # Same predictions as the adapter on top of the base.
     from lorakit.train.api import load_trained
+
     ref = load_trained(None, trained)
     enc = ref.tokenizer(["the film was very good", "the food was very awful"], return_tensors="pt", padding=True)
     import torch
+
     with torch.no_grad():
         torch.testing.assert_close(merged.eval()(**enc).logits, ref.model(**enc).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_combine(trained, tmp_path):
     out = tmp_path / "combined"
-    invoke("combine", "--adapter", trained, "--adapter", trained, "--weight", "0.5", "--weight", "0.5",
-           "--output", out, "--combination", "svd", "--rank", "8")
+    invoke(
+        "combine",
+        "--adapter",
+        trained,
+        "--adapter",
+        trained,
+        "--weight",
+        "0.5",
+        "--weight",
+        "0.5",
+        "--output",
+        out,
+        "--combination",
+        "svd",
+        "--rank",
+        "8",
+    )
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 8
 
@@ -93,8 +133,19 @@ def test_generate_one_adapter_per_prompt(model_dirs, data_files, tmp_path):
         out = tmp_path / f"lm{i}"
         invoke(*train_args(model_dirs, data_files, "causal-lm", out, "--seed", str(i)))
         outs.append(out)
-    result = invoke("generate", "--adapter", outs[0], "--adapter", outs[1], "--prompt", "a b c", "--prompt", "d c b",
-                    "--max-new-tokens", "4")
+    result = invoke(
+        "generate",
+        "--adapter",
+        outs[0],
+        "--adapter",
+        outs[1],
+        "--prompt",
+        "a b c",
+        "--prompt",
+        "d c b",
+        "--max-new-tokens",
+        "4",
+    )
     assert result.exit_code == 0, result.output
     assert "a b c" in result.stdout and "d c b" in result.stdout
 
@@ -102,8 +153,17 @@ def test_generate_one_adapter_per_prompt(model_dirs, data_files, tmp_path):
 def test_config_file_and_flag_override(model_dirs, data_files, tmp_path):
     train_file, dev_file = data_files["classification"]
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"model": str(model_dirs["bert"]), "data": str(train_file), "max-steps": 3,
-                                   "rank": 2, "output": str(tmp_path / "from-file")}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(model_dirs["bert"]),
+                "data": str(train_file),
+                "max-steps": 3,
+                "rank": 2,
+                "output": str(tmp_path / "from-file"),
+            }
+        )
+    )
     result = invoke("train", "--config", cfg, "--rank", "4", "--quiet")
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "from-file" / "adapter_config.json").read_text())
@@ -111,16 +171,21 @@ def test_config_file_and_flag_override(model_dirs, data_files, tmp_path):
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
-@pytest.mark.parametrize("args,message", [
-    (["train", "--data", "nowhere.jsonl", "--output", "{tmp}/x"], "nowhere.jsonl"),
-    (["train", "--data", "{train}", "--rank", "0"], "--rank=0 is invalid"),
-    (["train", "--data", "{train}", "--task", "translation"], "--task='translation' is invalid"),
-    (["train", "--data", "{train}", "--lr", "5"], "--lr=5.0 is invalid"),
-    (["eval", "--adapter", "{tmp}/none", "--data", "{train}"], "adapter_config.json"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "--data", "nowhere.jsonl", "--output", "{tmp}/x"], "nowhere.jsonl"),
+        (["train", "--data", "{train}", "--rank", "0"], "--rank=0 is invalid"),
+        (["train", "--data", "{train}", "--task", "translation"], "--task='translation' is invalid"),
+        (["train", "--data", "{train}", "--lr", "5"], "--lr=5.0 is invalid"),
+        (["eval", "--adapter", "{tmp}/none", "--data", "{train}"], "adapter_config.json"),
+    ],
+)
 def test_bad_input_is_one_red_line(args, message, data_files, tmp_path):
     args = [a.format(tmp=tmp_path, train=data_files["classification"][0]) for a in args]
     result = run_cli(*args)
@@ -138,6 +203,16 @@ def test_missing_column_names_the_option(model_dirs, data_files, tmp_path):
 def test_unseen_eval_label_is_refused(model_dirs, data_files, tmp_path):
     dev = tmp_path / "dev.jsonl"
     dev.write_text(json.dumps({"text": "the film", "label": "neutral"}) + "\n")
-    result = run_cli("train", "--model", model_dirs["bert"], "--data", data_files["classification"][0],
-                     "--eval-data", dev, "--output", tmp_path / "o", "--quiet")
+    result = run_cli(
+        "train",
+        "--model",
+        model_dirs["bert"],
+        "--data",
+        data_files["classification"][0],
+        "--eval-data",
+        dev,
+        "--output",
+        tmp_path / "o",
+        "--quiet",
+    )
     assert result.returncode == 2 and "neutral" in result.stderr

@@ -1,5 +1,6 @@
 """The experiment scripts (experiments/*.py): the subspace-similarity measure, and a clean
 skip without the real data sets (no ../shared needed; nothing trains here)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -12,7 +13,14 @@ import numpy as np
 import pytest
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-SCRIPTS = ["methods_table.py", "methods_e2e.py", "which_weights.py", "which_rank.py", "subspace.py", "task_switching.py"]
+SCRIPTS = [
+    "methods_table.py",
+    "methods_e2e.py",
+    "which_weights.py",
+    "which_rank.py",
+    "subspace.py",
+    "task_switching.py",
+]
 
 
 def _module(name: str):
@@ -27,7 +35,7 @@ def _module(name: str):
 
 
 def _phi_by_formula(a1: np.ndarray, a2: np.ndarray, i: int, j: int) -> float:
-    u1 = np.linalg.svd(a1)[2].T[:, :i]     # right-singular vectors, top i
+    u1 = np.linalg.svd(a1)[2].T[:, :i]  # right-singular vectors, top i
     u2 = np.linalg.svd(a2)[2].T[:, :j]
     return float(np.linalg.norm(u1.T @ u2, "fro") ** 2 / min(i, j))
 
@@ -50,23 +58,24 @@ def test_subspace_similarity_on_known_subspaces():
     eye = np.eye(d)
     # rows scaled so the singular directions come out in a known order: e0 first, then e1, ...
     a = np.diag([5.0, 4.0, 3.0]) @ eye[:3]
-    assert np.allclose(subspace_similarity(a, a), 1.0)                       # same subspace: 1 everywhere
+    assert np.allclose(subspace_similarity(a, a), 1.0)  # same subspace: 1 everywhere
     b = np.diag([5.0, 4.0]) @ eye[5:7]
-    assert np.allclose(subspace_similarity(a, b), 0.0)                       # orthogonal: 0
-    c = np.diag([9.0, 1.0]) @ eye[[1, 0]]                                    # top direction e1, then e0
+    assert np.allclose(subspace_similarity(a, b), 0.0)  # orthogonal: 0
+    c = np.diag([9.0, 1.0]) @ eye[[1, 0]]  # top direction e1, then e0
     phi = subspace_similarity(a, c)
-    assert phi[0, 0] == pytest.approx(0.0)          # e0 vs e1
-    assert phi[0, 1] == pytest.approx(1.0)          # e0 within span(e1, e0)
-    assert phi[1, 0] == pytest.approx(1.0)          # e1 within span(e0, e1)
-    assert phi[2, 1] == pytest.approx(1.0)          # span(e0, e1) inside span(e0, e1, e2), / min(3, 2)
-    assert subspace_similarity(c * 3, a)[0, 0] == pytest.approx(0.0)        # scale-free, argument order swaps i, j
+    assert phi[0, 0] == pytest.approx(0.0)  # e0 vs e1
+    assert phi[0, 1] == pytest.approx(1.0)  # e0 within span(e1, e0)
+    assert phi[1, 0] == pytest.approx(1.0)  # e1 within span(e0, e1)
+    assert phi[2, 1] == pytest.approx(1.0)  # span(e0, e1) inside span(e0, e1, e2), / min(3, 2)
+    assert subspace_similarity(c * 3, a)[0, 0] == pytest.approx(0.0)  # scale-free, argument order swaps i, j
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_scripts_skip_cleanly_without_the_data(script, tmp_path):
     env = {**os.environ, "LORAKIT_DATA": str(tmp_path / "no-such-data")}
-    done = subprocess.run([sys.executable, str(EXPERIMENTS / script)], env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / script)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("skip:") and "not found" in done.stdout
     assert "Traceback" not in done.stderr
@@ -75,8 +84,8 @@ def test_scripts_skip_cleanly_without_the_data(script, tmp_path):
 def test_summary_helpers():
     common = _module("common")
     mean, std, n = common.mean_std([80.0, 82.0, None])
-    assert (mean, n) == (81.0, 2) and std == pytest.approx(2 ** 0.5)
+    assert (mean, n) == (81.0, 2) and std == pytest.approx(2**0.5)
     assert common.fmt_ms(*common.mean_std([])) == "–"
     assert common.markdown_table(["a", "b"], [[1, 2]]).splitlines() == ["| a | b |", "| --- | --- |", "| 1 | 2 |"]
     assert common.key_of("sst2", common.sst2_config("lora", 1, rank=4), False) == "sst2-lora-q+v-r4-s1"
-    assert common.sst2_config("full")["targets"] is None      # LoRA options only go to LoRA runs
+    assert common.sst2_config("full")["targets"] is None  # LoRA options only go to LoRA runs

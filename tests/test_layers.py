@@ -10,6 +10,7 @@ Every import counts, at module level or inside a function (a lazy import is stil
 dependency), found by walking the AST of src/lorakit; only `if TYPE_CHECKING:` imports
 (annotations) are exempt.
 """
+
 from __future__ import annotations
 
 import ast
@@ -43,8 +44,12 @@ def imports_in(source: str, me: str, is_package: bool, modules: set[str]) -> set
     package = me if is_package else me.rpartition(".")[0]
     tree = ast.parse(source)
     # `if TYPE_CHECKING:` imports are for annotations only: no dependency at run time.
-    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                   and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
+    typing_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING"
+        for n in ast.walk(block)
+    }
     found = set()
     for node in ast.walk(tree):
         if id(node) in typing_only:
@@ -82,17 +87,23 @@ def test_every_top_level_module_has_a_layer():
 
 
 def test_layers_import_only_downward():
-    upward = [f"{m} -> {d}" for m, deps in graph().items() for d in deps
-              if RANK[top(d)] > RANK[top(m)] and top(m) != "__init__"]
+    upward = [
+        f"{m} -> {d}"
+        for m, deps in graph().items()
+        for d in deps
+        if RANK[top(d)] > RANK[top(m)] and top(m) != "__init__"
+    ]
     assert not upward, "upward imports:\n" + "\n".join(upward)
 
 
 def test_no_import_cycles():
     g = graph()
+
     # A package's __init__ re-exports its submodules; an edge into a package is an edge to its
     # __init__, and a submodule importing its own package's names is not a cycle of code.
     def deps(m):
         return {d for d in g[m] if not m.startswith(d + ".")}
+
     state: dict[str, int] = {}
     cycles = []
 
@@ -100,7 +111,7 @@ def test_no_import_cycles():
         state[m] = 1
         for d in deps(m):
             if state.get(d) == 1:
-                cycles.append(" -> ".join(stack[stack.index(d):] + [d]))
+                cycles.append(" -> ".join(stack[stack.index(d) :] + [d]))
             elif d not in state:
                 visit(d, stack + [d])
         state[m] = 2
@@ -111,8 +122,9 @@ def test_no_import_cycles():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
-@pytest.mark.parametrize("line", ["from ...train.api import train", "import lorakit.serve.engine",
-                                  "from ... import methods"])
+@pytest.mark.parametrize(
+    "line", ["from ...train.api import train", "import lorakit.serve.engine", "from ... import methods"]
+)
 def test_the_walker_sees_an_upward_import_even_inside_a_function(line):
     """The check is not vacuous: a core module importing upward, lazily, is reported."""
     modules = set(graph())

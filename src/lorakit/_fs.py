@@ -5,6 +5,7 @@ We write to a temporary file in the destination's directory (same filesystem, so
 swapped in whole (`replace_dir`). A process killed mid-write leaves only hidden temp files
 (".name.XXXX.tmp"), which `remove_stale_temps` clears on the next run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,9 @@ import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -68,7 +70,7 @@ def fsync_tree(directory: str | os.PathLike) -> None:
     into place, its contents must be on disk, or a power cut could leave a complete-looking
     but empty checkpoint."""
     directory = Path(directory)
-    for root, dirs, files in os.walk(directory, topdown=False):
+    for root, _dirs, files in os.walk(directory, topdown=False):
         for name in files:
             with open(Path(root) / name, "rb") as f:
                 os.fsync(f.fileno())
@@ -106,7 +108,7 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     if _exchange(tmp, final):
         crash_point("replace_dir.swapped")
         _fsync_dir(final.parent)
-        shutil.rmtree(tmp, ignore_errors=True)      # tmp now holds the old directory
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old directory
         return
     old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
@@ -128,7 +130,7 @@ def _exchange(a: Path, b: Path) -> bool:
     at_fdcwd, rename_exchange = -100, 2
     if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
         return True
-    return False    # ENOSYS / EINVAL (old kernel, filesystem without support): fall back
+    return False  # ENOSYS / EINVAL (old kernel, filesystem without support): fall back
 
 
 # -- crash-safety tests ---------------------------------------------------------------------

@@ -5,6 +5,7 @@ names, the base model, the data fields. An adapter PEFT trained has only `task_t
 config. Training writes this file; evaluation, the server and the CLI read it. It sits below
 them all (it imports nothing of lorakit), so none of them reaches up or sideways for it.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ from typing import Any
 
 TASK_FILE = "lorakit_task.json"
 ADAPTER_CONFIG = "adapter_config.json"
-
 
 
 class TaskInfoError(ValueError):
@@ -35,14 +35,21 @@ def read_task_info(adapter_dir: str | Path) -> dict[str, Any]:
             raise TaskInfoError(f"{file} names no task; retrain, or pass --task")
         return info
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
-        raise TaskInfoError(f"{adapter_dir} has no {ADAPTER_CONFIG}: it is not an adapter directory (give the "
-                            "output directory of `lorakit train`, or one PEFT's save_pretrained wrote)")
+        raise TaskInfoError(
+            f"{adapter_dir} has no {ADAPTER_CONFIG}: it is not an adapter directory (give the "
+            "output directory of `lorakit train`, or one PEFT's save_pretrained wrote)"
+        )
     peft = _read_json(adapter_dir / ADAPTER_CONFIG)
     task_type, base = peft.get("task_type"), peft.get("base_model_name_or_path")
     if not isinstance(task_type, str) or not task_type:
         raise TaskInfoError(f"{adapter_dir} has no {TASK_FILE} and no PEFT task_type; pass --task")
-    return {"task": None, "task_type": task_type, "labels": [], "model": base if isinstance(base, str) else None,
-            "max_length": 256}
+    return {
+        "task": None,
+        "task_type": task_type,
+        "labels": [],
+        "model": base if isinstance(base, str) else None,
+        "max_length": 256,
+    }
 
 
 def _read_json(path: Path) -> dict[str, Any]:

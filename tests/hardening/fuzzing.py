@@ -1,5 +1,6 @@
 """Shared pieces of the fuzz tests: hypothesis settings sized for the default suite (a larger
 run under `-m slow`), a per-example time limit, and a count of the cases run."""
+
 from __future__ import annotations
 
 import collections
@@ -14,8 +15,13 @@ from hypothesis import HealthCheck, settings
 # Examples per test: the default suite stays around half a minute on 2 shared cores; the
 # slow run (pytest -m slow tests/hardening) or LORAKIT_FUZZ_EXAMPLES=N explores far more.
 EXAMPLES = int(os.environ.get("LORAKIT_FUZZ_EXAMPLES", 0)) or None
-QUICK = settings(max_examples=EXAMPLES or 120, deadline=timedelta(seconds=5), derandomize=EXAMPLES is None,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], database=None)
+QUICK = settings(
+    max_examples=EXAMPLES or 120,
+    deadline=timedelta(seconds=5),
+    derandomize=EXAMPLES is None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    database=None,
+)
 SLOW = settings(QUICK, max_examples=EXAMPLES or 2000, derandomize=False)
 
 # Cases run per test, printed at the end of each module (the README's "N fuzz cases").
@@ -26,8 +32,10 @@ COUNTS: collections.Counter = collections.Counter()
 def time_limit(seconds: int = 30):
     """Fail an example that runs for `seconds`: hypothesis's deadline only judges an example
     after it returns, so a real hang would otherwise stall the suite."""
+
     def expired(signum, frame):
         raise TimeoutError(f"a fuzz case ran for more than {seconds} s (a hang)")
+
     previous = signal.signal(signal.SIGALRM, expired)
     signal.alarm(seconds)
     try:
@@ -57,6 +65,6 @@ def valid_adapter_files(directory) -> dict[str, bytes]:
     """A valid adapter's files (r=2 on q_proj, v_proj of the tiny llama), as bytes."""
     import lorakit
     from tests.conftest import tiny
+
     lorakit.save_adapter(lorakit.inject(tiny("llama"), lorakit.LoraConfig(r=2)), directory)
     return {path.name: path.read_bytes() for path in directory.iterdir() if path.is_file()}
-

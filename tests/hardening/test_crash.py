@@ -3,6 +3,7 @@ leaves a broken checkpoint, resume continues from the newest one and ends at the
 uninterrupted run; an interrupted `merge` or `save_adapter` leaves the old files intact.
 
 The harness is tests/hardening/crash_harness.py (also a script: --points 40)."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,21 @@ import lorakit
 from lorakit.lora.io import CONFIG_NAME, WEIGHTS_NAME
 from tests.conftest import tiny
 
-from .crash_harness import (HOOK_POINTS, KILLED, adapter_difference, check_checkpoints, checkpoint_steps, cli,
-                            leftovers, prepare, reference_run, run_forked, run_harness, run_subprocess, tree_digest)
+from .crash_harness import (
+    HOOK_POINTS,
+    KILLED,
+    adapter_difference,
+    check_checkpoints,
+    checkpoint_steps,
+    cli,
+    leftovers,
+    prepare,
+    reference_run,
+    run_forked,
+    run_harness,
+    run_subprocess,
+    tree_digest,
+)
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the harness forks its runs")
 
@@ -39,9 +53,9 @@ def test_training_survives_20_kill_points(tmp_path):
     result = run_harness(tmp_path, points=20, seed=0)
     assert result["failures"] == [], result["failures"]
     assert result["kills"] >= 20
-    assert result["hook_kills"] == len(HOOK_POINTS)       # every named point inside a checkpoint write was hit
+    assert result["hook_kills"] == len(HOOK_POINTS)  # every named point inside a checkpoint write was hit
     assert result["random_kills"] >= 20 - len(HOOK_POINTS)
-    assert result["completed_runs"] >= 2                  # each campaign ended equal to the uninterrupted run
+    assert result["completed_runs"] >= 2  # each campaign ended equal to the uninterrupted run
 
 
 @pytest.mark.slow
@@ -65,7 +79,7 @@ def test_real_cli_process_killed_mid_checkpoint_resumes_to_the_same_adapter(job,
     # Dies with checkpoint 6 half-written: its parameters saved, its optimizer state not yet.
     assert run_subprocess(job.argv(out), kill_at="checkpoint.params_written:3") == KILLED
     assert checkpoint_steps(out) == [2, 4] and check_checkpoints(out) == []
-    assert any(p.name.startswith(".step-0000006") for p in (out / "checkpoints").iterdir())   # the torn one, hidden
+    assert any(p.name.startswith(".step-0000006") for p in (out / "checkpoints").iterdir())  # the torn one, hidden
     assert run_subprocess(job.argv(out)) == 0
     assert adapter_difference(reference, out) is None
     assert leftovers(out) == []
@@ -80,6 +94,7 @@ def scaled_copy(adapter_dir, dest, factor):
 
 def test_interrupted_merge_leaves_the_old_output_intact(reference, tmp_path):
     import transformers
+
     v2 = scaled_copy(reference, tmp_path / "v2", 2.0)
     merged, log = tmp_path / "merged", tmp_path / "merge.log"
 
@@ -94,18 +109,18 @@ def test_interrupted_merge_leaves_the_old_output_intact(reference, tmp_path):
     for point in ("merge.written", "replace_dir.before_swap"):
         assert merge(v2, kill_at=point) == KILLED
         assert tree_digest(merged) == old, point
-    assert merge(v2, kill_at="replace_dir.swapped") == KILLED     # swapped in whole, old one not yet deleted
+    assert merge(v2, kill_at="replace_dir.swapped") == KILLED  # swapped in whole, old one not yet deleted
     assert tree_digest(merged) == new
     assert merge(reference) == 0 and tree_digest(merged) == old
     t0 = time.perf_counter()
     assert merge(v2, tmp_path / "timing") == 0
     wall = time.perf_counter() - t0
     rng = random.Random(0)
-    for _ in range(4):   # random times: the output is always one whole version
+    for _ in range(4):  # random times: the output is always one whole version
         merge(v2 if rng.random() < 0.5 else reference, kill_after_s=rng.uniform(0.1, 1.0) * wall)
         assert tree_digest(merged) in (old, new)
     assert merge(v2) == 0 and tree_digest(merged) == new
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]    # leftovers cleared
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]  # leftovers cleared
     transformers.AutoModelForSequenceClassification.from_pretrained(merged)
 
 
@@ -127,7 +142,7 @@ def test_interrupted_save_adapter_leaves_the_old_file_intact(tmp_path):
     assert run_forked(lambda: lorakit.save_adapter(model, target), log, kill_at="write.tmp_written:2") == KILLED
     assert (target / WEIGHTS_NAME).read_bytes() == new and (target / CONFIG_NAME).read_bytes() == config
 
-    def flip_forever():   # each save writes the other version
+    def flip_forever():  # each save writes the other version
         while True:
             with torch.no_grad():
                 for _, layer in lorakit.lora_layers(model):
@@ -139,4 +154,4 @@ def test_interrupted_save_adapter_leaves_the_old_file_intact(tmp_path):
         assert run_forked(flip_forever, log, kill_after_s=rng.uniform(0.01, 0.3)) == KILLED
         assert (target / WEIGHTS_NAME).read_bytes() in (old, new)
         assert (target / CONFIG_NAME).read_bytes() == config
-    lorakit.load_adapter(tiny("bert"), target)     # loadable (finite, complete)
+    lorakit.load_adapter(tiny("bert"), target)  # loadable (finite, complete)

@@ -8,6 +8,7 @@ unknown training options are refused.
     pytest tests/hardening/test_fuzz_config.py               # default suite
     pytest -m slow tests/hardening/test_fuzz_config.py       # many more cases
 """
+
 from __future__ import annotations
 
 import json
@@ -28,22 +29,73 @@ from tests.conftest import tiny
 
 from .fuzzing import COUNTS, QUICK, SLOW, report, time_limit, valid_adapter_files
 
-LORA_FIELDS = ["r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_rslora", "modules_to_save",
-               "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
-               "exclude_modules", "fan_in_fan_out", "task_type", "base_model_name_or_path", "revision",
-               "inference_mode", "enable_lora", "peft_type", "use_dora", "lora_bias", "layer_replication",
-               "an_unknown_field"]
-TRAIN_FIELDS = ["model", "task", "data", "method", "targets", "rank", "alpha", "dropout", "lr", "epochs",
-                "max_steps", "batch_size", "warmup_ratio", "scheduler", "bf16", "seed", "eval_every",
-                "head_lr", "max-length", "unknown_option"]
+LORA_FIELDS = [
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "lora_dropout",
+    "bias",
+    "use_rslora",
+    "modules_to_save",
+    "init_lora_weights",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "exclude_modules",
+    "fan_in_fan_out",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "enable_lora",
+    "peft_type",
+    "use_dora",
+    "lora_bias",
+    "layer_replication",
+    "an_unknown_field",
+]
+TRAIN_FIELDS = [
+    "model",
+    "task",
+    "data",
+    "method",
+    "targets",
+    "rank",
+    "alpha",
+    "dropout",
+    "lr",
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "warmup_ratio",
+    "scheduler",
+    "bf16",
+    "seed",
+    "eval_every",
+    "head_lr",
+    "max-length",
+    "unknown_option",
+]
 
 # Any JSON value: huge and non-finite numbers, odd strings (regex syntax, paths), nesting.
-scalars = (st.none() | st.booleans() | st.integers() | st.sampled_from([0, -1, 2**31, 2**64, 10**300])
-           | st.floats(allow_nan=True, allow_infinity=True)
-           | st.text(max_size=12) | st.sampled_from(["q_proj", "(.*.*)*$x", "[", "../x", "all-linear", "LORA"]))
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=8) | st.sampled_from(["q_proj", "(", "v_.*"]), inner,
-                                             max_size=4), max_leaves=12)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.sampled_from([0, -1, 2**31, 2**64, 10**300])
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+    | st.sampled_from(["q_proj", "(.*.*)*$x", "[", "../x", "all-linear", "LORA"])
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=8) | st.sampled_from(["q_proj", "(", "v_.*"]), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +149,10 @@ def adapter_config_case(model, adapter, case_dir, data):
     config = dict(adapter[0])
     for key in data.draw(st.lists(st.sampled_from(LORA_FIELDS), min_size=1, max_size=4, unique=True), label="fields"):
         config[key] = data.draw(json_values, label=key)
-    (case_dir / CONFIG_NAME).write_text(json.dumps(config))     # NaN/Infinity as JSON's extension writes them
+    (case_dir / CONFIG_NAME).write_text(json.dumps(config))  # NaN/Infinity as JSON's extension writes them
     parsed = parse_adapter_config(case_dir, "fields")
     error = load(model, case_dir)
-    if parsed is None:                       # a config the parser refuses never reaches the model
+    if parsed is None:  # a config the parser refuses never reaches the model
         assert isinstance(error, AdapterConfigError)
     else:
         assert math.isfinite(parsed.lora_alpha) and 0 <= parsed.lora_dropout < 1
@@ -119,21 +171,37 @@ def test_adapter_config_that_is_not_json(case_dir, raw):
     parse_adapter_config(case_dir, "bytes")
 
 
-@pytest.mark.parametrize("text, message", [
-    ("[" * 100_000 + "]" * 100_000, "RecursionError"),
-    ('{"r": ' + "1" * 5000 + "}", "4300 digits"),
-    ('{"r": 2, "lora_alpha": 1e999}', "lora_alpha=inf"),
-    ('{"r": 2, "lora_alpha": NaN}', "lora_alpha=nan"),
-    ('{"r": 10000000000000000000000000000000, "target_modules": ["q_proj"]}', "exceeds this layer"),
-    ('{"r": 2, "rank_pattern": {"(": 4}}', "not a valid regular expression"),
-    ('{"r": 2, "target_modules": [1, 2]}', "target_modules"),
-    ('{"r": 2, "modules_to_save": "lm_head"}', "modules_to_save"),
-    ('{"r": 2, "rank_pattern": [1]}', "rank_pattern"),
-    ('{"r": true}', "LoraConfig.r=True"),
-    ('"just a string"', "must hold a JSON object"),
-    (b"\xff\xfe{}", "UnicodeDecodeError"),
-], ids=["deeply nested", "huge integer", "inf", "nan", "huge rank", "bad regex key", "int targets",
-        "string modules_to_save", "list pattern", "bool rank", "not an object", "not utf-8"])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[" * 100_000 + "]" * 100_000, "RecursionError"),
+        ('{"r": ' + "1" * 5000 + "}", "4300 digits"),
+        ('{"r": 2, "lora_alpha": 1e999}', "lora_alpha=inf"),
+        ('{"r": 2, "lora_alpha": NaN}', "lora_alpha=nan"),
+        ('{"r": 10000000000000000000000000000000, "target_modules": ["q_proj"]}', "exceeds this layer"),
+        ('{"r": 2, "rank_pattern": {"(": 4}}', "not a valid regular expression"),
+        ('{"r": 2, "target_modules": [1, 2]}', "target_modules"),
+        ('{"r": 2, "modules_to_save": "lm_head"}', "modules_to_save"),
+        ('{"r": 2, "rank_pattern": [1]}', "rank_pattern"),
+        ('{"r": true}', "LoraConfig.r=True"),
+        ('"just a string"', "must hold a JSON object"),
+        (b"\xff\xfe{}", "UnicodeDecodeError"),
+    ],
+    ids=[
+        "deeply nested",
+        "huge integer",
+        "inf",
+        "nan",
+        "huge rank",
+        "bad regex key",
+        "int targets",
+        "string modules_to_save",
+        "list pattern",
+        "bool rank",
+        "not an object",
+        "not utf-8",
+    ],
+)
 def test_hostile_adapter_configs_give_one_clear_error(model, case_dir, text, message):
     (case_dir / CONFIG_NAME).write_bytes(text if isinstance(text, bytes) else text.encode())
     error = load(model, case_dir)
@@ -183,7 +251,10 @@ def test_train_config_options_of_any_type(tmp_path, data):
 
 
 @QUICK
-@given(raw=st.binary(max_size=200) | st.text(max_size=200).map(str.encode), suffix=st.sampled_from([".yaml", ".toml", ".json"]))
+@given(
+    raw=st.binary(max_size=200) | st.text(max_size=200).map(str.encode),
+    suffix=st.sampled_from([".yaml", ".toml", ".json"]),
+)
 def test_train_config_files_that_do_not_parse(tmp_path, raw, suffix):
     path = tmp_path / f"train{suffix}"
     path.write_bytes(raw)
@@ -191,19 +262,23 @@ def test_train_config_files_that_do_not_parse(tmp_path, raw, suffix):
 
 
 BOMB = "extra:\n  a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"  {n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+    f"  {n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")
+)
 
 
-@pytest.mark.parametrize("name, text, message", [
-    ("t.yaml", "data: x\nalpha: foo\n", "alpha='foo' is invalid"),
-    ("t.yaml", "data: x\n1: 2\n", "mapping of option"),
-    ("t.json", "[" * 100_000, "RecursionError"),
-    ("t.toml", "a = " + "[" * 100_000, "RecursionError"),
-    ("t.yaml", "data: x\nrank: " + "1" * 5000 + "\n", "4300 digits"),
-    ("t.yaml", "data: x\n" + BOMB, "aliases"),
-    ("t.yaml", "data: x\nlr: .inf\n", "lr=inf"),
-    ("t.toml", 'data = "x"\nrank = 2.5\n', "rank=2.5"),
-])
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("t.yaml", "data: x\nalpha: foo\n", "alpha='foo' is invalid"),
+        ("t.yaml", "data: x\n1: 2\n", "mapping of option"),
+        ("t.json", "[" * 100_000, "RecursionError"),
+        ("t.toml", "a = " + "[" * 100_000, "RecursionError"),
+        ("t.yaml", "data: x\nrank: " + "1" * 5000 + "\n", "4300 digits"),
+        ("t.yaml", "data: x\n" + BOMB, "aliases"),
+        ("t.yaml", "data: x\nlr: .inf\n", "lr=inf"),
+        ("t.toml", 'data = "x"\nrank = 2.5\n', "rank=2.5"),
+    ],
+)
 def test_hostile_train_configs_give_one_clear_error(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
     with time_limit():

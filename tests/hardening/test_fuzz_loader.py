@@ -6,6 +6,7 @@ the model untouched when it fails, and never hangs or allocates more than the fi
     pytest tests/hardening/test_fuzz_loader.py               # default suite (~120 cases per test)
     pytest -m slow tests/hardening/test_fuzz_loader.py       # 2000 per test
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,27 @@ from tests.conftest import tiny
 from .fuzzing import COUNTS, QUICK, SLOW, peak_rss_mib, report, time_limit, valid_adapter_files
 
 WEIGHTS, CONFIG, PICKLE = "adapter_model.safetensors", "adapter_config.json", "adapter_model.bin"
-DTYPES = ["BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F16", "BF16", "F32", "F64",
-          "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "C64", "XYZ"]
+DTYPES = [
+    "BOOL",
+    "U8",
+    "I8",
+    "I16",
+    "U16",
+    "I32",
+    "U32",
+    "I64",
+    "U64",
+    "F16",
+    "BF16",
+    "F32",
+    "F64",
+    "F8_E4M3",
+    "F8_E5M2",
+    "F8_E8M0",
+    "F4",
+    "C64",
+    "XYZ",
+]
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +114,7 @@ def truncation_case(model, original, case_dir, data):
     name = data.draw(st.sampled_from([WEIGHTS, CONFIG]), label="file")
     cut = data.draw(st.integers(0, len(original[name]) - 1), label="cut")
     error = attempt(model, write(case_dir, {**original, name: original[name][:cut]}), "truncated")
-    if name == WEIGHTS:   # a shorter safetensors file is always inconsistent with its header
+    if name == WEIGHTS:  # a shorter safetensors file is always inconsistent with its header
         assert error is not None and "not a readable safetensors file" in str(error)
 
 
@@ -106,7 +126,7 @@ def bit_flip_case(model, original, case_dir, data):
     for position in data.draw(st.lists(st.integers(0, end - 1), min_size=1, max_size=8), label="positions"):
         raw[position] ^= 1 << data.draw(st.integers(0, 7), label="bit")
     error = attempt(model, write(case_dir, {**original, name: bytes(raw)}), "bit flip")
-    if name == CONFIG and not parses(bytes(raw)):   # a flip that still parses may just name other modules
+    if name == CONFIG and not parses(bytes(raw)):  # a flip that still parses may just name other modules
         assert isinstance(error, AdapterConfigError) and isinstance(error, lorakit.ConfigError)
         assert "is not valid JSON" in str(error)
 
@@ -140,11 +160,15 @@ def hostile_headers(draw, keys: list[str]) -> tuple[dict, bytes]:
     """Headers whose shapes, dtypes and offsets need not agree with each other or the data."""
     header = {}
     for key in draw(st.lists(st.sampled_from(keys) | st.text(max_size=20), min_size=1, max_size=5, unique=True)):
-        header[key] = {"dtype": draw(st.sampled_from(DTYPES)),
-                       "shape": draw(st.lists(sizes, max_size=4)),
-                       "data_offsets": draw(st.lists(sizes, min_size=2, max_size=2))}
+        header[key] = {
+            "dtype": draw(st.sampled_from(DTYPES)),
+            "shape": draw(st.lists(sizes, max_size=4)),
+            "data_offsets": draw(st.lists(sizes, min_size=2, max_size=2)),
+        }
     if draw(st.booleans()):
-        header["__metadata__"] = draw(st.dictionaries(st.text(max_size=5), st.text(max_size=5) | st.integers(), max_size=2))
+        header["__metadata__"] = draw(
+            st.dictionaries(st.text(max_size=5), st.text(max_size=5) | st.integers(), max_size=2)
+        )
     return header, bytes(draw(st.integers(0, 256)))
 
 
@@ -155,27 +179,39 @@ def test_hostile_safetensors_headers(model, original, case_dir, data):
     header, payload = data.draw(hostile_headers(keys), label="header")
     before = peak_rss_mib()
     attempt(model, write(case_dir, {CONFIG: original[CONFIG], WEIGHTS: safetensors_bytes(header, payload)}), "header")
-    assert peak_rss_mib() - before < 200        # never an allocation the file does not back
+    assert peak_rss_mib() - before < 200  # never an allocation the file does not back
 
 
 def load_file_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
+
     return load(data)
 
 
-@pytest.mark.parametrize("header, payload, why", [
-    ({"k": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 16]}}, bytes(16), "invalid shape"),
-    ({"k": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 16]}}, bytes(16), "overflow"),
-    ({"k": {"dtype": "F32", "shape": [4], "data_offsets": [0, 10**12]}}, bytes(16), "invalid shape"),
-    ({"k": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
-      "j": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(16), "invalid offset"),
-], ids=["10^12 elements", "shape overflow", "offset past the end", "overlapping"])
+@pytest.mark.parametrize(
+    "header, payload, why",
+    [
+        ({"k": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 16]}}, bytes(16), "invalid shape"),
+        ({"k": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 16]}}, bytes(16), "overflow"),
+        ({"k": {"dtype": "F32", "shape": [4], "data_offsets": [0, 10**12]}}, bytes(16), "invalid shape"),
+        (
+            {
+                "k": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                "j": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+            },
+            bytes(16),
+            "invalid offset",
+        ),
+    ],
+    ids=["10^12 elements", "shape overflow", "offset past the end", "overlapping"],
+)
 def test_huge_or_inconsistent_headers_are_refused_before_allocating(model, original, case_dir, header, payload, why):
     before = peak_rss_mib()
-    error = attempt(model, write(case_dir, {CONFIG: original[CONFIG], WEIGHTS: safetensors_bytes(header, payload)}),
-                    "header")
+    error = attempt(
+        model, write(case_dir, {CONFIG: original[CONFIG], WEIGHTS: safetensors_bytes(header, payload)}), "header"
+    )
     assert error is not None and why in str(error)
-    assert peak_rss_mib() - before < 50        # 10^12 floats would be 4 TB
+    assert peak_rss_mib() - before < 50  # 10^12 floats would be 4 TB
 
 
 def test_header_length_past_the_end_and_tiny_files(model, original, case_dir):
@@ -187,26 +223,48 @@ def test_header_length_past_the_end_and_tiny_files(model, original, case_dir):
 def test_zero_sized_tensor_with_a_huge_shape_is_a_shape_error(model, original, case_dir):
     state = load_file_from_bytes(original[WEIGHTS])
     key = sorted(state)[0]
-    state[key] = torch.empty(10**12, 0)        # valid safetensors, no bytes needed
+    state[key] = torch.empty(10**12, 0)  # valid safetensors, no bytes needed
     save_file(state, str(case_dir / "staging.safetensors"))
-    error = attempt(model, write(case_dir, {CONFIG: original[CONFIG],
-                                            WEIGHTS: (case_dir / "staging.safetensors").read_bytes()}), "header")
+    error = attempt(
+        model,
+        write(case_dir, {CONFIG: original[CONFIG], WEIGHTS: (case_dir / "staging.safetensors").read_bytes()}),
+        "header",
+    )
     assert error is not None and "(1000000000000, 0)" in str(error)
 
 
 # -- valid files with hostile contents ------------------------------------------------------------
-TENSOR_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int32, torch.int64,
-                 torch.bool, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2]
-PATHLIKE = ["../../etc/passwd", "/abs/path.lora_A.weight", "base_model.model.model/layers/0",
-            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight/../x", "..", "\\windows\\x", "a\x00b",
-            "base_model.model.model.layers.99.self_attn.q_proj.lora_A.weight", "model.layers.0.self_attn.q_proj.lora_A.weight"]
+TENSOR_DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int8,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+    torch.uint8,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+]
+PATHLIKE = [
+    "../../etc/passwd",
+    "/abs/path.lora_A.weight",
+    "base_model.model.model/layers/0",
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight/../x",
+    "..",
+    "\\windows\\x",
+    "a\x00b",
+    "base_model.model.model.layers.99.self_attn.q_proj.lora_A.weight",
+    "model.layers.0.self_attn.q_proj.lora_A.weight",
+]
 
 
 @st.composite
 def hostile_states(draw, state: dict[str, torch.Tensor]):
     """The real tensors, each maybe renamed, dropped, reshaped, recast or poisoned, plus extras."""
     out = {}
-    for key, value in sorted(state.items()):   # sorted: safetensors' own order varies run to run
+    for key, value in sorted(state.items()):  # sorted: safetensors' own order varies run to run
         action = draw(st.sampled_from(["keep", "keep", "drop", "rename", "reshape", "dtype", "poison"]))
         if action == "drop":
             continue
@@ -218,7 +276,9 @@ def hostile_states(draw, state: dict[str, torch.Tensor]):
             value = value.to(draw(st.sampled_from(TENSOR_DTYPES)))
         elif action == "poison":
             value = value.clone()
-            value.view(-1)[draw(st.integers(0, value.numel() - 1))] = draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+            value.view(-1)[draw(st.integers(0, value.numel() - 1))] = draw(
+                st.sampled_from([float("nan"), float("inf"), -float("inf")])
+            )
         out[key] = value
     for key in draw(st.lists(st.sampled_from(PATHLIKE), max_size=2, unique=True)):
         out[key] = torch.ones(2, 2)
@@ -228,15 +288,19 @@ def hostile_states(draw, state: dict[str, torch.Tensor]):
 def expected_to_load(state: dict[str, torch.Tensor], good: dict[str, torch.Tensor]) -> bool:
     return set(state) == set(good) and all(
         v.shape == good[k].shape and v.dtype in WEIGHT_DTYPES and bool(torch.isfinite(v.float()).all())
-        for k, v in state.items())
+        for k, v in state.items()
+    )
 
 
 def hostile_state_case(model, original, case_dir, data):
     good = load_file_from_bytes(original[WEIGHTS])
     state = data.draw(hostile_states(good), label="state")
     save_file(state, str(case_dir / "staging.safetensors"))
-    error = attempt(model, write(case_dir, {CONFIG: original[CONFIG],
-                                            WEIGHTS: (case_dir / "staging.safetensors").read_bytes()}), "contents")
+    error = attempt(
+        model,
+        write(case_dir, {CONFIG: original[CONFIG], WEIGHTS: (case_dir / "staging.safetensors").read_bytes()}),
+        "contents",
+    )
     assert (error is None) == expected_to_load(state, good), error
     if error is not None and set(state) == set(good) and all(v.shape == good[k].shape for k, v in state.items()):
         assert "dtype" in str(error) or "NaN or infinite" in str(error)
@@ -248,9 +312,16 @@ def test_hostile_tensors_keys_dtypes_shapes_and_values(model, original, case_dir
     hostile_state_case(model, original, case_dir, data)
 
 
-@pytest.mark.parametrize("value, message", [(float("nan"), "NaN or infinite"), (float("inf"), "NaN or infinite"),
-                                            (torch.int32, "dtype torch.int32"), (torch.bool, "dtype torch.bool"),
-                                            (torch.float8_e4m3fn, "dtype torch.float8_e4m3fn")])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (float("nan"), "NaN or infinite"),
+        (float("inf"), "NaN or infinite"),
+        (torch.int32, "dtype torch.int32"),
+        (torch.bool, "dtype torch.bool"),
+        (torch.float8_e4m3fn, "dtype torch.float8_e4m3fn"),
+    ],
+)
 def test_nan_weights_and_wrong_dtypes_are_refused_at_load(model, original, case_dir, value, message):
     """Decision: a non-finite or non-float weight never enters the model (refused at load,
     so merge and serve never see one)."""
@@ -261,8 +332,11 @@ def test_nan_weights_and_wrong_dtypes_are_refused_at_load(model, original, case_
     else:
         state[key] = state[key].to(value)
     save_file(state, str(case_dir / "staging.safetensors"))
-    error = attempt(model, write(case_dir, {CONFIG: original[CONFIG],
-                                            WEIGHTS: (case_dir / "staging.safetensors").read_bytes()}), "contents")
+    error = attempt(
+        model,
+        write(case_dir, {CONFIG: original[CONFIG], WEIGHTS: (case_dir / "staging.safetensors").read_bytes()}),
+        "contents",
+    )
     assert error is not None and message in str(error) and key in str(error)
 
 
@@ -270,8 +344,14 @@ def test_float64_and_half_weights_load(model, original, case_dir):
     state = load_file_from_bytes(original[WEIGHTS])
     for dtype in (torch.float64, torch.float16, torch.bfloat16):
         save_file({k: v.to(dtype) for k, v in state.items()}, str(case_dir / "staging.safetensors"))
-        assert attempt(model, write(case_dir, {CONFIG: original[CONFIG],
-                                               WEIGHTS: (case_dir / "staging.safetensors").read_bytes()}), "contents") is None
+        assert (
+            attempt(
+                model,
+                write(case_dir, {CONFIG: original[CONFIG], WEIGHTS: (case_dir / "staging.safetensors").read_bytes()}),
+                "contents",
+            )
+            is None
+        )
 
 
 # -- pickle -----------------------------------------------------------------------------------------
@@ -320,8 +400,10 @@ def test_pickle_of_the_wrong_shape_or_format_is_refused(model, original, case_di
     ]
     # The shape of a zip bomb: the same archive with its records deflated.
     torch.save(state, case_dir / "staging.bin")
-    with zipfile.ZipFile(case_dir / "staging.bin") as z, \
-            zipfile.ZipFile(case_dir / "bomb.bin", "w", zipfile.ZIP_DEFLATED) as w:
+    with (
+        zipfile.ZipFile(case_dir / "staging.bin") as z,
+        zipfile.ZipFile(case_dir / "bomb.bin", "w", zipfile.ZIP_DEFLATED) as w,
+    ):
         for info in z.infolist():
             w.writestr(info.filename, z.read(info.filename))
     cases.append(("compressed or oversized", (case_dir / "bomb.bin").read_bytes()))

@@ -1,6 +1,7 @@
 """Numerics: NaN/inf in the loss or the gradients stops training at that step, naming it and the
 last good checkpoint, before the weights change; merging refuses NaN/inf (safe merge) and leaves
 the model as it was."""
+
 from __future__ import annotations
 
 import os
@@ -30,14 +31,25 @@ class Grab(BaseCallback):
             next(iter(trainer.params.values())).register_hook(lambda g: torch.full_like(g, float("inf")))
 
 
-def test_inf_gradient_stops_before_the_update_naming_step_and_checkpoint(model_dirs, data_files, tmp_path, captured_trainer):
+def test_inf_gradient_stops_before_the_update_naming_step_and_checkpoint(
+    model_dirs, data_files, tmp_path, captured_trainer
+):
     ref = captured_trainer
     train_file, _ = data_files["classification"]
-    cfg = TrainConfig(model=str(model_dirs["bert"]), data=str(train_file), output=str(tmp_path / "out"), batch_size=8,
-                      max_steps=20, save_every=5, rank=4, max_length=32, max_grad_norm=1.0)
+    cfg = TrainConfig(
+        model=str(model_dirs["bert"]),
+        data=str(train_file),
+        output=str(tmp_path / "out"),
+        batch_size=8,
+        max_steps=20,
+        save_every=5,
+        rank=4,
+        max_length=32,
+        max_grad_norm=1.0,
+    )
     with pytest.raises(TrainingDiverged, match=r"gradient norm became (inf|nan) at step 8.*step-0000005.*--resume"):
         train(cfg, callbacks=[Grab(ref, 7)])
-    for name, p in ref["trainer"].params.items():      # the bad step did not touch the weights
+    for name, p in ref["trainer"].params.items():  # the bad step did not touch the weights
         assert torch.equal(p, ref["before"][name]), name
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-0000005"]
 
@@ -70,9 +82,11 @@ def assert_bit_equal(after, before):
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_merge_refuses_a_broken_adapter_and_rolls_back(value):
     model = adapted()
-    path = poison_last(model, value)     # the last layer fails after the others were merged: rollback
+    path = poison_last(model, value)  # the last layer fails after the others were merged: rollback
     before = weights(model)
-    with pytest.raises(lorakit.MergeError, match=rf"cannot merge into {path}: .*NaN or infinite weights.*Nothing was merged"):
+    with pytest.raises(
+        lorakit.MergeError, match=rf"cannot merge into {path}: .*NaN or infinite weights.*Nothing was merged"
+    ):
         lorakit.merge(model)
     assert_bit_equal(weights(model), before)
     assert all(layer.merged_adapters == [] and layer.exact.original is None for _, layer in lorakit.lora_layers(model))
@@ -93,10 +107,10 @@ def test_merge_refuses_an_overflow_of_the_base_dtype():
     with torch.no_grad():
         for _, layer in lorakit.lora_layers(model):
             layer.lora_A["default"].fill_(1.0)
-            layer.lora_B["default"].fill_(6e4)    # finite in float16, but ΔW = 4·B·A ~ 1e6 exceeds its 65504
+            layer.lora_B["default"].fill_(6e4)  # finite in float16, but ΔW = 4·B·A ~ 1e6 exceeds its 65504
     with pytest.raises(lorakit.MergeError, match="overflow"):
         lorakit.merge(model)
-    lorakit.merge(model, safe_merge=False)       # the check can be turned off (it is on by default)
+    lorakit.merge(model, safe_merge=False)  # the check can be turned off (it is on by default)
     assert any(not torch.isfinite(layer.weight).all() for _, layer in lorakit.lora_layers(model))
 
 
@@ -120,6 +134,7 @@ def test_merge_refuses_a_non_finite_head_copy():
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="forks")
 def test_cli_merge_refuses_a_nan_adapter_with_one_line_and_writes_nothing(tmp_path):
     from .crash_harness import cli, prepare, reference_run, run_forked
+
     job = prepare(tmp_path / "job")
     adapter, _ = reference_run(job, tmp_path)
     tensors = load_file(str(adapter / WEIGHTS_NAME))

@@ -3,6 +3,7 @@ that disconnect mid-stream, a malformed request every Nth, an adapter unloaded w
 for it are in flight, a slow client reading its stream a chunk at a time. Requests for the
 other adapters all succeed with the text they give alone, nothing leaks (concurrency slots,
 queued rows, adapter slots), memory stays bounded, and the server keeps answering."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ from ..serve.test_engine import PROMPTS, adapters_dir, llama_adapters, make_engi
 from ..serve.test_server import Server
 from ..train.conftest import model_dirs  # noqa: F401  (fixture)
 
-HEALTHY = ["a", "c", None]        # adapters whose requests must never fail (None: the base)
-FAULTED = "b"                     # the adapter the faults are aimed at; unloaded mid-test
+HEALTHY = ["a", "c", None]  # adapters whose requests must never fail (None: the base)
+FAULTED = "b"  # the adapter the faults are aimed at; unloaded mid-test
 MALFORMED_EVERY = 4
 
 
@@ -88,7 +89,7 @@ def test_faults_do_not_touch_other_adapters(server):
         with httpx.Client(base_url=server.url, timeout=60) as http:
             while not stop.is_set():
                 with http.stream("POST", "/v1/completions", json=body(FAULTED, 30, stream=True)) as r:
-                    if r.status_code == 404:          # FAULTED unloaded: disconnect from the base instead
+                    if r.status_code == 404:  # FAULTED unloaded: disconnect from the base instead
                         continue
                     next(r.iter_lines())
                 faults["disconnects"] += 1
@@ -106,8 +107,11 @@ def test_faults_do_not_touch_other_adapters(server):
         while not stop.wait(0.2):
             samples.append(rss_mib())
 
-    threads = [threading.Thread(target=f, args=a) for f, a in
-               [(healthy_client, (k,)) for k in range(1, 4)] + [(disconnecting_client, ()), (slow_client, ()), (memory, ())]]
+    threads = [
+        threading.Thread(target=f, args=a)
+        for f, a in [(healthy_client, (k,)) for k in range(1, 4)]
+        + [(disconnecting_client, ()), (slow_client, ()), (memory, ())]
+    ]
     for t in threads:
         t.start()
     try:
@@ -132,9 +136,11 @@ def test_faults_do_not_touch_other_adapters(server):
             t.join(60)
 
     faults["malformed"] = len(malformed)
-    print(f"\nserver faults: {faults}; {len(done)} requests for other adapters succeeded, {len(failures)} failed; "
-          f"RSS {baseline:.0f} -> max {max(samples):.0f} MiB over {len(samples)} samples")
-    assert failures == [], failures[:3]                             # no request for another adapter failed
+    print(
+        f"\nserver faults: {faults}; {len(done)} requests for other adapters succeeded, {len(failures)} failed; "
+        f"RSS {baseline:.0f} -> max {max(samples):.0f} MiB over {len(samples)} samples"
+    )
+    assert failures == [], failures[:3]  # no request for another adapter failed
     assert len(done) >= 20 and {name for name, _ in done} == set(HEALTHY)
     assert malformed and all(400 <= status < 500 for _, status in malformed), malformed
     assert faults["disconnects"] >= 3 and faults["slow_streams"] >= 1 and faults["in_flight_at_unload"] >= 1, faults
@@ -144,7 +150,7 @@ def test_faults_do_not_touch_other_adapters(server):
     while server.app.state.gate.active or server.engine.stats()["running"] or server.engine.stats()["waiting"]:
         assert time.monotonic() < deadline, (server.app.state.gate.active, server.engine.stats())
         time.sleep(0.05)
-    assert len(lorakit.adapter_names(server.engine.model)) == 2        # a and c; b's slot left with its last request
+    assert len(lorakit.adapter_names(server.engine.model)) == 2  # a and c; b's slot left with its last request
     # Memory bounded; still answering.
     assert max(samples) - baseline < 300, (baseline, max(samples))
     assert client.get("/health").json()["status"] == "ok"

@@ -1,6 +1,7 @@
 """Validation before compute: every bad option fails before the first training step with a
 message naming the option, the bad value and the fix. docs/validation.md lists each check and
 the test here that fires it."""
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,22 @@ CONFIG_CHECKS = {
     "bad_regex_targets": ({"targets": "query("}, "--targets='query(' is invalid: not a regular expression"),
     "generate_for_classification": ({"eval_generate": 4}, "--eval-generate=4 is invalid with --task=classification"),
     "eval_every_without_eval_data": ({"eval_every": 10}, "--eval-every=10 is invalid without --eval-data"),
-    "targets_with_full": ({"method": "full", "targets": "query"}, "--targets=['query'] is invalid with --method=full: it is a LoRA option"),
-    "rslora_with_bitfit": ({"method": "bitfit", "use_rslora": True}, "--use-rslora=True is invalid with --method=bitfit"),
-    "lora_plus_with_full": ({"method": "full", "lora_plus_ratio": 16}, "--lora-plus-ratio=16 is invalid with --method=full"),
-    "checkpointing_with_prefix": ({"method": "prefix-embed", "task": "causal-lm", "gradient_checkpointing": True},
-                                  "--gradient-checkpointing is invalid with --method=prefix-embed"),
+    "targets_with_full": (
+        {"method": "full", "targets": "query"},
+        "--targets=['query'] is invalid with --method=full: it is a LoRA option",
+    ),
+    "rslora_with_bitfit": (
+        {"method": "bitfit", "use_rslora": True},
+        "--use-rslora=True is invalid with --method=bitfit",
+    ),
+    "lora_plus_with_full": (
+        {"method": "full", "lora_plus_ratio": 16},
+        "--lora-plus-ratio=16 is invalid with --method=full",
+    ),
+    "checkpointing_with_prefix": (
+        {"method": "prefix-embed", "task": "causal-lm", "gradient_checkpointing": True},
+        "--gradient-checkpointing is invalid with --method=prefix-embed",
+    ),
     "keep_checkpoints_zero": ({"keep_checkpoints": 0}, "--keep-checkpoints=0 is invalid: expected a positive integer"),
 }
 
@@ -56,6 +68,7 @@ class NoTraining:
 @pytest.fixture
 def no_training(monkeypatch):
     import lorakit.train.api as api
+
     monkeypatch.setattr(api, "Trainer", NoTraining)
 
 
@@ -66,15 +79,21 @@ def run(model_dirs, data_files, tmp_path, **options):
 
 
 def test_rank_larger_than_the_layer(model_dirs, data_files, tmp_path, no_training):
-    with pytest.raises(TrainConfigError, match=r"--rank=64 is invalid: expected at most 32, the smaller dimension "
-                                               r"of the targeted layer .*query \(32 x 32\); lower --rank"):
+    with pytest.raises(
+        TrainConfigError,
+        match=r"--rank=64 is invalid: expected at most 32, the smaller dimension "
+        r"of the targeted layer .*query \(32 x 32\); lower --rank",
+    ):
         run(model_dirs, data_files, tmp_path, rank=64)
 
 
 def test_unknown_target_name(model_dirs, data_files, tmp_path, no_training):
     # "qkv" matches nothing; "query" alone would have hidden it (PEFT errs only when nothing matches).
-    with pytest.raises(TrainConfigError, match=r"--targets='query,qkv' is invalid: 'qkv' matches no module of this "
-                                               r"Bert\w+; candidate module names: .*value"):
+    with pytest.raises(
+        TrainConfigError,
+        match=r"--targets='query,qkv' is invalid: 'qkv' matches no module of this "
+        r"Bert\w+; candidate module names: .*value",
+    ):
         run(model_dirs, data_files, tmp_path, targets="query,qkv")
 
 
@@ -97,24 +116,32 @@ def test_output_dir_is_a_file(model_dirs, data_files, tmp_path, no_training):
 
 
 def test_output_dir_not_writable(model_dirs, data_files, tmp_path, no_training):
-    (tmp_path / "file").write_text("x")       # a directory cannot be made under a file, even by root
-    with pytest.raises(TrainConfigError, match=r"--output='.*file/out' is invalid: it is not writable.*choose a directory"):
+    (tmp_path / "file").write_text("x")  # a directory cannot be made under a file, even by root
+    with pytest.raises(
+        TrainConfigError, match=r"--output='.*file/out' is invalid: it is not writable.*choose a directory"
+    ):
         run(model_dirs, data_files, tmp_path, output=str(tmp_path / "file" / "out"))
 
 
 def test_not_enough_disk_for_checkpoints(model_dirs, data_files, tmp_path, no_training, monkeypatch):
     import shutil
+
     from lorakit.train import preflight
+
     real = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: real._replace(free=10_000))
-    with pytest.raises(TrainConfigError, match=r"--keep-checkpoints=3 is invalid: the checkpoints need about .* MB "
-                                               r"\(3 kept \+ 1 being written.*only 0.0 MB is free.*lower --keep-checkpoints"):
+    with pytest.raises(
+        TrainConfigError,
+        match=r"--keep-checkpoints=3 is invalid: the checkpoints need about .* MB "
+        r"\(3 kept \+ 1 being written.*only 0.0 MB is free.*lower --keep-checkpoints",
+    ):
         run(model_dirs, data_files, tmp_path, keep_checkpoints=3)
 
 
 def test_checkpoint_size_estimate_is_not_below_the_real_size(model_dirs, data_files, tmp_path):
     """The disk check's estimate, against the bytes a real checkpoint takes."""
     from lorakit.train import preflight
+
     seen = {}
     original = preflight.check_disk_space
 
@@ -123,6 +150,7 @@ def test_checkpoint_size_estimate_is_not_below_the_real_size(model_dirs, data_fi
         return original(config, model)
 
     import lorakit.train.api as api
+
     api.preflight.check_disk_space = spy
     try:
         run(model_dirs, data_files, tmp_path, max_steps=2, save_every=1)
@@ -135,8 +163,19 @@ def test_checkpoint_size_estimate_is_not_below_the_real_size(model_dirs, data_fi
 
 def test_cli_prints_a_model_dependent_error_as_one_red_line(model_dirs, data_files, tmp_path):
     from tests.test_cli import run_cli
-    result = run_cli("train", "--model", model_dirs["bert"], "--data", data_files["classification"][0],
-                     "--output", tmp_path / "o", "--rank", "64", "--quiet")
+
+    result = run_cli(
+        "train",
+        "--model",
+        model_dirs["bert"],
+        "--data",
+        data_files["classification"][0],
+        "--output",
+        tmp_path / "o",
+        "--rank",
+        "64",
+        "--quiet",
+    )
     assert result.returncode == 2
     assert "--rank=64 is invalid" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o" / "checkpoints").exists()
@@ -145,5 +184,7 @@ def test_cli_prints_a_model_dependent_error_as_one_red_line(model_dirs, data_fil
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_cuda_device_without_a_gpu(no_training, data_files, tmp_path):  # noqa: F811
     train_file, _ = data_files["classification"]
-    with pytest.raises(TrainConfigError, match=r"--device='cuda' is invalid: this machine has no CUDA GPU .*use --device=cpu"):
+    with pytest.raises(
+        TrainConfigError, match=r"--device='cuda' is invalid: this machine has no CUDA GPU .*use --device=cpu"
+    ):
         train(TrainConfig(model="does-not-matter", data=str(train_file), output=str(tmp_path / "out"), device="cuda"))

@@ -1,4 +1,5 @@
 """Several adapters on one base: activate, sum, delete, combine, mixed batches."""
+
 import pytest
 import torch
 
@@ -25,7 +26,7 @@ def test_switch_sum_and_delete():
     lorakit.set_adapter(model, "b")
     out_b = logits(model, inputs)
     assert not torch.allclose(out_a, out_b)
-    lorakit.set_adapter(model, ["a", "b"])       # summed: equals merging both
+    lorakit.set_adapter(model, ["a", "b"])  # summed: equals merging both
     both = logits(model, inputs)
     lorakit.merge(model)
     torch.testing.assert_close(logits(model, inputs), both, rtol=1e-5, atol=1e-5)
@@ -63,7 +64,7 @@ def test_svd_combination_is_the_best_rank_k_approximation():
     da, db = delta(model, "a"), delta(model, "b")
     for path, layer in lorakit.lora_layers(model):
         target = da[path] + db[path]
-        torch.testing.assert_close(layer.delta_weight("svd6"), target, rtol=1e-4, atol=1e-5)   # full rank: exact
+        torch.testing.assert_close(layer.delta_weight("svd6"), target, rtol=1e-4, atol=1e-5)  # full rank: exact
         U, S, Vh = torch.linalg.svd(target)
         best = U[:, :3] @ torch.diag(S[:3]) @ Vh[:3]
         torch.testing.assert_close(layer.delta_weight("svd3"), best, rtol=1e-4, atol=1e-5)
@@ -96,7 +97,7 @@ def test_mixed_batch_trains_each_row_into_its_own_adapter():
             layer.lora_B[name].requires_grad_(True)
     inputs = tiny_inputs("llama", batch=2)
     with lorakit.mixed_batch(model, ["a", "b"]):
-        model(**inputs).logits[0].sum().backward()     # only row 0 (adapter a) in the loss
+        model(**inputs).logits[0].sum().backward()  # only row 0 (adapter a) in the loss
     q = model.model.layers[0].self_attn.q_proj
     assert q.lora_B["a"].grad.abs().sum() > 0
     assert q.lora_B["b"].grad is None or q.lora_B["b"].grad.abs().sum() == 0
@@ -116,14 +117,17 @@ def test_mixed_batch_under_generate():
         mixed = model.generate(prompt, **kw)
     for i, name in enumerate(["b", "a"]):
         lorakit.set_adapter(model, name)
-        assert torch.equal(mixed[i], model.generate(prompt[i:i + 1], **kw)[0])
+        assert torch.equal(mixed[i], model.generate(prompt[i : i + 1], **kw)[0])
 
 
 def test_mixed_batch_on_every_layer_type(toy_inputs):
     model = Toy().eval()
     for name in ("a", "b"):
-        lorakit.inject(model, lorakit.LoraConfig(r=2, init_lora_weights=False, target_modules=["emb", "conv", "fc1"]),
-                       adapter_name=name)
+        lorakit.inject(
+            model,
+            lorakit.LoraConfig(r=2, init_lora_weights=False, target_modules=["emb", "conv", "fc1"]),
+            adapter_name=name,
+        )
     ids, image = toy_inputs
     with lorakit.mixed_batch(model, ["a", "b", None]):
         mixed = model(ids, image)

@@ -1,4 +1,5 @@
 """Target matching, defaults per architecture, freezing, counting, and the clear errors."""
+
 import pytest
 import torch
 import transformers as tf
@@ -18,7 +19,7 @@ def test_list_targets_match_exactly_or_as_dotted_suffix():
     names = wrapped(model)
     assert len(names) == 4
     assert all(n.endswith((".query", ".attention.output.dense")) for n in names)
-    assert not any(n.endswith("intermediate.dense") for n in names)   # "dense" alone was not asked
+    assert not any(n.endswith("intermediate.dense") for n in names)  # "dense" alone was not asked
 
 
 def test_regex_target_must_match_the_whole_path():
@@ -36,8 +37,9 @@ def test_all_linear_skips_the_output_head():
 
 def test_exclude_and_layers_to_transform():
     model = tiny("llama")
-    cfg = lorakit.LoraConfig(target_modules="all-linear", exclude_modules=["o_proj", "down_proj"],
-                             layers_to_transform=[1], r=2)
+    cfg = lorakit.LoraConfig(
+        target_modules="all-linear", exclude_modules=["o_proj", "down_proj"], layers_to_transform=[1], r=2
+    )
     lorakit.inject(model, cfg)
     names = wrapped(model)
     assert len(names) == 5 and all(n.startswith("model.layers.1.") for n in names)
@@ -46,7 +48,9 @@ def test_exclude_and_layers_to_transform():
 
 def test_rank_and_alpha_patterns():
     model = tiny("llama")
-    cfg = lorakit.LoraConfig(r=2, lora_alpha=4, rank_pattern={"v_proj": 1}, alpha_pattern={r"layers\.0\.self_attn\.q_proj": 8})
+    cfg = lorakit.LoraConfig(
+        r=2, lora_alpha=4, rank_pattern={"v_proj": 1}, alpha_pattern={r"layers\.0\.self_attn\.q_proj": 8}
+    )
     lorakit.inject(model, cfg)
     q0 = model.model.layers[0].self_attn.q_proj
     v0 = model.model.layers[0].self_attn.v_proj
@@ -56,9 +60,15 @@ def test_rank_and_alpha_patterns():
     assert (q1.rank("default"), q1.scaling["default"]) == (2, 2.0)
 
 
-@pytest.mark.parametrize("kind,expected", [
-    ("bert", ["query", "value"]), ("gpt2", ["c_attn"]), ("llama", ["q_proj", "v_proj"]), ("t5", ["q", "v"]),
-])
+@pytest.mark.parametrize(
+    "kind,expected",
+    [
+        ("bert", ["query", "value"]),
+        ("gpt2", ["c_attn"]),
+        ("llama", ["q_proj", "v_proj"]),
+        ("t5", ["q", "v"]),
+    ],
+)
 def test_default_targets_are_the_papers_wq_wv(kind, expected):
     model = tiny(kind)
     lorakit.inject(model, lorakit.LoraConfig(r=2))
@@ -66,13 +76,16 @@ def test_default_targets_are_the_papers_wq_wv(kind, expected):
     assert leaves == set(expected)
 
 
-@pytest.mark.parametrize("config_cls,model_cls,leaves", [
-    (tf.RobertaConfig, tf.RobertaModel, {"query", "value"}),
-    (tf.DistilBertConfig, tf.DistilBertModel, {"q_lin", "v_lin"}),
-    (tf.MistralConfig, tf.MistralModel, {"q_proj", "v_proj"}),
-    (tf.Qwen2Config, tf.Qwen2Model, {"q_proj", "v_proj"}),
-    (tf.OPTConfig, tf.OPTModel, {"q_proj", "v_proj"}),
-])
+@pytest.mark.parametrize(
+    "config_cls,model_cls,leaves",
+    [
+        (tf.RobertaConfig, tf.RobertaModel, {"query", "value"}),
+        (tf.DistilBertConfig, tf.DistilBertModel, {"q_lin", "v_lin"}),
+        (tf.MistralConfig, tf.MistralModel, {"q_proj", "v_proj"}),
+        (tf.Qwen2Config, tf.Qwen2Model, {"q_proj", "v_proj"}),
+        (tf.OPTConfig, tf.OPTModel, {"q_proj", "v_proj"}),
+    ],
+)
 def test_default_targets_other_architectures(config_cls, model_cls, leaves):
     with torch.device("meta"):
         model = model_cls(config_cls())
@@ -87,7 +100,7 @@ def test_only_adapter_params_train_and_counts_are_reported():
     assert trainable and all(".lora_" in n or ".modules_to_save." in n for n in trainable)
     assert isinstance(model.classifier, ModulesToSave)
     count = lorakit.count_parameters(model)
-    lora = 2 * 2 * (2 * 16 + 16 * 2)       # 2 layers x (q, v) x (A + B)
+    lora = 2 * 2 * (2 * 16 + 16 * 2)  # 2 layers x (q, v) x (A + B)
     head = 16 * 3 + 3
     assert (count.adapter, count.trainable) == (lora, lora + head)
     assert count.total == sum(p.numel() for p in model.parameters())
@@ -107,14 +120,14 @@ def test_bias_modes(bias):
 
 def test_paper_count_roberta_base_r8_query_value():
     with torch.device("meta"):
-        model = tf.RobertaModel(tf.RobertaConfig())          # roberta-base shape
+        model = tf.RobertaModel(tf.RobertaConfig())  # roberta-base shape
     lorakit.inject(model, lorakit.LoraConfig(r=8, target_modules=["query", "value"]))
     assert lorakit.count_parameters(model).adapter == 294_912
 
 
 def test_paper_count_gpt2_medium_r4_q_v_slices_of_c_attn():
     with torch.device("meta"):
-        model = tf.GPT2Model(tf.GPT2Config(n_embd=1024, n_layer=24, n_head=16))   # GPT-2 medium shape
+        model = tf.GPT2Model(tf.GPT2Config(n_embd=1024, n_layer=24, n_head=16))  # GPT-2 medium shape
     cfg = lorakit.LoraConfig(r=4, target_modules=["c_attn"], enable_lora={"c_attn": [True, False, True]})
     assert "393,216 adapter parameters" in lorakit.dry_run(model, cfg)
     lorakit.inject(model, cfg)
@@ -144,12 +157,20 @@ def test_unknown_architecture_without_targets():
         lorakit.inject(model, lorakit.LoraConfig())
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("r", 0, "LoraConfig.r=0"), ("r", 2.5, "positive integer"), ("lora_alpha", -1, "lora_alpha"),
-    ("lora_dropout", 1.0, r"\[0, 1\)"), ("bias", "some", "bias"), ("init_lora_weights", "xavier", "init_lora_weights"),
-    ("target_modules", "(", "not a valid regular expression"), ("rank_pattern", {"q": 0}, "rank_pattern"),
-    ("enable_lora", {"c_attn": [False, False]}, "enable_lora"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("r", 0, "LoraConfig.r=0"),
+        ("r", 2.5, "positive integer"),
+        ("lora_alpha", -1, "lora_alpha"),
+        ("lora_dropout", 1.0, r"\[0, 1\)"),
+        ("bias", "some", "bias"),
+        ("init_lora_weights", "xavier", "init_lora_weights"),
+        ("target_modules", "(", "not a valid regular expression"),
+        ("rank_pattern", {"q": 0}, "rank_pattern"),
+        ("enable_lora", {"c_attn": [False, False]}, "enable_lora"),
+    ],
+)
 def test_bad_config_values_name_the_field(field, value, message):
     with pytest.raises(lorakit.ConfigError, match=message):
         lorakit.LoraConfig(**{field: value})

@@ -1,4 +1,5 @@
 """PEFT's on-disk format, both ways, and strict, safe loading."""
+
 import json
 
 import peft
@@ -10,8 +11,12 @@ import lorakit
 from lorakit.lora.io import AdapterLoadError
 from tests.conftest import logits, tiny, tiny_inputs
 
-TARGETS = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj", "down_proj"],
-           "bert": ["query", "value", "word_embeddings"], "t5": ["q", "v", "wo"]}
+TARGETS = {
+    "gpt2": ["c_attn", "c_fc"],
+    "llama": ["q_proj", "v_proj", "down_proj"],
+    "bert": ["query", "value", "word_embeddings"],
+    "t5": ["q", "v", "wo"],
+}
 SAVE = {"bert": ["classifier"]}
 
 
@@ -48,13 +53,17 @@ def test_peft_adapter_loads_in_lorakit_with_the_same_outputs(kind, tmp_path):
     peft_model.save_pretrained(tmp_path)
     model = lorakit.load_adapter(tiny(kind), tmp_path)
     torch.testing.assert_close(logits(model, inputs), expected, rtol=1e-5, atol=1e-5)
-    assert not any(p.requires_grad for p in model.parameters())       # loaded for inference
+    assert not any(p.requires_grad for p in model.parameters())  # loaded for inference
 
 
 def test_saved_files_use_peft_key_names(tmp_path):
     model = tiny("bert")
-    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["query", "word_embeddings"],
-                                             modules_to_save=["classifier"], bias="lora_only"))
+    lorakit.inject(
+        model,
+        lorakit.LoraConfig(
+            r=2, target_modules=["query", "word_embeddings"], modules_to_save=["classifier"], bias="lora_only"
+        ),
+    )
     lorakit.save_adapter(model, tmp_path)
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight" in keys
@@ -63,7 +72,9 @@ def test_saved_files_use_peft_key_names(tmp_path):
     assert "base_model.model.bert.embeddings.word_embeddings.lora_embedding_A" in keys
     assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= keys
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 2 and config["target_modules"] == ["query", "word_embeddings"]
+    assert (
+        config["peft_type"] == "LORA" and config["r"] == 2 and config["target_modules"] == ["query", "word_embeddings"]
+    )
 
 
 def test_trained_biases_round_trip_through_peft(tmp_path):
@@ -82,15 +93,17 @@ def test_trained_biases_round_trip_through_peft(tmp_path):
 
 def test_per_slice_adapter_is_saved_in_plain_peft_form(tmp_path):
     model = tiny("gpt2")
-    lorakit.inject(model, lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"],
-                                             enable_lora={"c_attn": [True, False, True]}))
+    lorakit.inject(
+        model,
+        lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], enable_lora={"c_attn": [True, False, True]}),
+    )
     randomize(model)
     inputs = tiny_inputs("gpt2")
     expected = logits(model, inputs)
     lorakit.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] is True and "enable_lora" not in config
-    assert set(config["rank_pattern"].values()) == {4}           # k·r = 2·2 in PEFT's plain form
+    assert set(config["rank_pattern"].values()) == {4}  # k·r = 2·2 in PEFT's plain form
     peft_model = peft.PeftModel.from_pretrained(tiny("gpt2"), tmp_path)
     torch.testing.assert_close(logits(peft_model, inputs), expected, rtol=1e-5, atol=1e-5)
     reloaded = lorakit.load_adapter(tiny("gpt2"), tmp_path)
@@ -191,7 +204,9 @@ def test_truncated_file_gives_a_clear_error(saved):
 
 
 def test_nan_weights_are_refused(saved):
-    _edit_weights(saved, lambda s: s["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].fill_(float("nan")))
+    _edit_weights(
+        saved, lambda s: s["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].fill_(float("nan"))
+    )
     with pytest.raises(AdapterLoadError, match="NaN or infinite"):
         lorakit.load_adapter(tiny("llama"), saved)
 
@@ -223,4 +238,4 @@ def test_interrupted_save_leaves_the_old_files_intact(saved, monkeypatch):
     monkeypatch.setattr("lorakit.lora.io.save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         lorakit.save_adapter(model, saved)
-    assert {f.name: f.read_bytes() for f in saved.iterdir()} == before     # no temp files left either
+    assert {f.name: f.read_bytes() for f in saved.iterdir()} == before  # no temp files left either

@@ -1,4 +1,5 @@
 """Merge: merged equals unmerged to fp32 round-off; unmerge restores W0 bit for bit."""
+
 import pytest
 import torch
 
@@ -23,7 +24,7 @@ def test_merged_equals_unmerged(kind):
     inputs = tiny_inputs(kind)
     unmerged = logits(model, inputs)
     with lorakit.disable_adapters(model):
-        assert not torch.allclose(logits(model, inputs), unmerged, atol=1e-4)    # the adapter matters
+        assert not torch.allclose(logits(model, inputs), unmerged, atol=1e-4)  # the adapter matters
     lorakit.merge(model)
     torch.testing.assert_close(logits(model, inputs), unmerged, rtol=1e-5, atol=1e-5)
 
@@ -57,7 +58,7 @@ def test_merged_forward_skips_the_adapter_and_disable_unmerges_temporarily():
     lorakit.merge(model)
     with lorakit.disable_adapters(model):
         torch.testing.assert_close(logits(model, inputs), base)
-    assert all(l.merged_adapters == ["default"] for _, l in lorakit.lora_layers(model))
+    assert all(layer.merged_adapters == ["default"] for _, layer in lorakit.lora_layers(model))
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])
@@ -86,7 +87,7 @@ def test_unload_returns_the_untouched_base():
 
 
 def test_merging_into_a_tied_embedding_is_refused():
-    model = tiny("gpt2")          # wte is tied to lm_head
+    model = tiny("gpt2")  # wte is tied to lm_head
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["wte"], init_lora_weights=False))
     with pytest.raises(RuntimeError, match="tied to lm_head.weight"):
         lorakit.merge(model)

@@ -1,6 +1,7 @@
 """The serving engine without HTTP: mixed continuous batching against Hugging Face's own
 greedy generate, rows joining a running batch, the baseline mode, the LRU, hot load /
 replace / unload while a request runs, the directory scan, and refusals."""
+
 from __future__ import annotations
 
 import functools
@@ -15,8 +16,7 @@ import torch
 
 import lorakit
 from lorakit.models import load_model, load_tokenizer
-from lorakit.serve import (AdapterRefused, Engine, EngineConfig, EngineError, Forbidden, Timeout,
-                           UnknownAdapter)
+from lorakit.serve import AdapterRefused, Engine, EngineConfig, EngineError, Forbidden, Timeout, UnknownAdapter
 from lorakit.serve.engine import EngineEvents, Sampling
 from lorakit.serve.errors import check_name
 from lorakit.train.tasks import task_class
@@ -25,16 +25,21 @@ from ..train.conftest import model_dirs  # noqa: F401  (fixture)
 
 PROMPTS = {"a": "the film was very good", "b": "a b c", "c": "alice met bob in paris", None: "the food"}
 # Three adapters that differ in rank and targets, so a mixed batch pads ranks and skips layers.
-SPECS = {"a": dict(r=4, seed=1), "b": dict(r=8, target_modules=["q_proj", "v_proj", "o_proj"], seed=2),
-         "c": dict(r=2, target_modules="all-linear", seed=3)}
+SPECS = {
+    "a": dict(r=4, seed=1),
+    "b": dict(r=8, target_modules=["q_proj", "v_proj", "o_proj"], seed=2),
+    "c": dict(r=2, target_modules="all-linear", seed=3),
+}
 
 
 def make_adapter(model_dir: Path, out: Path, *, seed: int, task: str = "causal-lm", labels=None, **config) -> Path:
     """A random adapter (B drawn large enough to change greedy outputs), saved in PEFT format."""
     loaded = load_model(str(model_dir), task_class(task).auto_class, label_names=labels)
     torch.manual_seed(seed)
-    model = lorakit.inject(loaded.model, lorakit.LoraConfig(lora_alpha=8, init_lora_weights=False,
-                                                            modules_to_save=loaded.new_modules or None, **config))
+    model = lorakit.inject(
+        loaded.model,
+        lorakit.LoraConfig(lora_alpha=8, init_lora_weights=False, modules_to_save=loaded.new_modules or None, **config),
+    )
     with torch.no_grad():
         for _, layer in lorakit.lora_layers(model):
             layer.lora_B["default"].normal_(std=0.5)
@@ -58,9 +63,10 @@ def adapters_dir(llama_adapters, tmp_path) -> Path:
     return Path(shutil.copytree(llama_adapters, tmp_path / "adapters"))
 
 
-@functools.lru_cache(maxsize=None)
-def reference(model_dir: Path, adapter_dir: Path | None, prompt: str, max_tokens: int,
-              special_tokens: bool = True) -> str:
+@functools.cache
+def reference(
+    model_dir: Path, adapter_dir: Path | None, prompt: str, max_tokens: int, special_tokens: bool = True
+) -> str:
     """Hugging Face's own greedy generate on a fresh model: what the server must reproduce."""
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), "AutoModelForCausalLM").model.eval()
@@ -68,14 +74,21 @@ def reference(model_dir: Path, adapter_dir: Path | None, prompt: str, max_tokens
         lorakit.load_adapter(model, adapter_dir)
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=special_tokens)
     out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def make_engine(model_dirs, adapters_dir: Path, **config) -> Engine:
     model_dir = model_dirs["llama"]
     config.setdefault("watch_interval_s", 0)
-    return Engine(load_model(str(model_dir), "AutoModelForCausalLM").model, load_tokenizer(str(model_dir)), "causal-lm",
-                  adapters_dir, name="tiny", aliases=[str(model_dir)], config=EngineConfig(**config))
+    return Engine(
+        load_model(str(model_dir), "AutoModelForCausalLM").model,
+        load_tokenizer(str(model_dir)),
+        "causal-lm",
+        adapters_dir,
+        name="tiny",
+        aliases=[str(model_dir)],
+        config=EngineConfig(**config),
+    )
 
 
 class Recorder(EngineEvents):
@@ -99,8 +112,8 @@ def test_mixed_batch_equals_hugging_face_generate_per_adapter(model_dirs, adapte
         out = engine.generate([PROMPTS[n] for n in names], names, max_tokens=12)
     expected = [reference(model_dirs["llama"], adapters_dir / n if n else None, PROMPTS[n], 12) for n in names]
     assert [e.text for e in out] == expected
-    assert len(set(expected)) == 4                       # the adapters really differ
-    assert ("prefill", 4) in recorder.batches            # all four in one forward pass
+    assert len(set(expected)) == 4  # the adapters really differ
+    assert ("prefill", 4) in recorder.batches  # all four in one forward pass
     assert all(e.prompt_tokens == len(PROMPTS[n].split()) for e, n in zip(out, names))
 
 
@@ -112,14 +125,17 @@ def test_requests_join_a_running_batch(model_dirs, adapters_dir):
     late = {}
 
     with engine:
-        first, = engine.generation_jobs([engine.encode_prompt(PROMPTS["a"])], "a", Sampling(max_tokens=40))
-        joiners = [job for name in "bc"
-                   for job in engine.generation_jobs([engine.encode_prompt(PROMPTS[name])], name, Sampling(max_tokens=12))]
+        (first,) = engine.generation_jobs([engine.encode_prompt(PROMPTS["a"])], "a", Sampling(max_tokens=40))
+        joiners = [
+            job
+            for name in "bc"
+            for job in engine.generation_jobs([engine.encode_prompt(PROMPTS[name])], name, Sampling(max_tokens=12))
+        ]
         joiners[1].index = 1
         done = threading.Event()
 
         def on_first(event):
-            if event.delta and not late:       # a is running: submit the others from inside its step
+            if event.delta and not late:  # a is running: submit the others from inside its step
                 late["submitted"] = True
                 engine.submit(joiners, lambda e: e.final and late.setdefault(e.index, e))
             if event.final:
@@ -147,8 +163,9 @@ def test_baseline_mode_batches_one_adapter_at_a_time(model_dirs, adapters_dir):
     names = ["a", "b", "a", None, "c"]
     with engine:
         out = engine.generate([PROMPTS[n] for n in names], names, max_tokens=6)
-    assert [e.text for e in out] == [reference(model_dirs["llama"], adapters_dir / n if n else None, PROMPTS[n], 6)
-                                     for n in names]
+    assert [e.text for e in out] == [
+        reference(model_dirs["llama"], adapters_dir / n if n else None, PROMPTS[n], 6) for n in names
+    ]
     assert all(len(s) == 1 for s in seen) and {"a"} in seen and {None} in seen
 
 
@@ -168,14 +185,14 @@ def test_lru_eviction_and_reload_on_demand(model_dirs, adapters_dir):
     engine = make_engine(model_dirs, adapters_dir, max_adapters=1)
     engine.events = recorder = Recorder()
     with engine:
-        assert len(engine.loaded_names()) == 1 and len(engine.adapters()) == 3   # all validated, one kept
+        assert len(engine.loaded_names()) == 1 and len(engine.adapters()) == 3  # all validated, one kept
         first = engine.generate([PROMPTS["a"]], "a", max_tokens=8)[0].text
         assert engine.loaded_names() == ["a"]
         engine.generate([PROMPTS["b"]], "b", max_tokens=8)
         assert engine.loaded_names() == ["b"] and recorder.evicted[-1] == "a"
         again = engine.generate([PROMPTS["a"]], "a", max_tokens=8)[0].text
         assert engine.loaded_names() == ["a"] and recorder.evicted[-1] == "b"
-        assert len(lorakit.adapter_names(engine.model)) == 1          # evicted weights left the model
+        assert len(lorakit.adapter_names(engine.model)) == 1  # evicted weights left the model
     assert first == again == reference(model_dirs["llama"], adapters_dir / "a", PROMPTS["a"], 8)
 
 
@@ -196,7 +213,7 @@ def test_unload_and_replace_wait_for_the_request_in_flight(model_dirs, adapters_
 
         def run(name, action):
             seen.clear()
-            job, = engine.generation_jobs([engine.encode_prompt(PROMPTS["a"])], name, Sampling(max_tokens=30))
+            (job,) = engine.generation_jobs([engine.encode_prompt(PROMPTS["a"])], name, Sampling(max_tokens=30))
             engine.submit([job], lambda e: act(e, action))
             while "final" not in seen:
                 time.sleep(0.01)
@@ -204,15 +221,15 @@ def test_unload_and_replace_wait_for_the_request_in_flight(model_dirs, adapters_
 
         before = set(lorakit.adapter_names(engine.model))
         replaced = run("a", lambda: engine.load("a", "spare/x"))
-        assert replaced.text == ref(adapters_dir / "a", PROMPTS["a"], 30)       # old weights to the end
-        assert len(seen["during"]) == len(before) + 1                           # both versions meanwhile
-        assert len(lorakit.adapter_names(engine.model)) == len(before)          # the old one left after
+        assert replaced.text == ref(adapters_dir / "a", PROMPTS["a"], 30)  # old weights to the end
+        assert len(seen["during"]) == len(before) + 1  # both versions meanwhile
+        assert len(lorakit.adapter_names(engine.model)) == len(before)  # the old one left after
         assert engine.generate([PROMPTS["a"]], "a", max_tokens=30)[0].text == ref(spare, PROMPTS["a"], 30)
 
         unloaded = run("b", lambda: engine.unload("b"))
         assert unloaded.completion_tokens > 1
         assert unloaded.text == ref(adapters_dir / "b", PROMPTS["a"], 30)
-        assert len(seen["during"]) == len(before)                               # still held while running
+        assert len(seen["during"]) == len(before)  # still held while running
         assert len(lorakit.adapter_names(engine.model)) == len(before) - 1
         with pytest.raises(UnknownAdapter):
             engine.generate([PROMPTS["a"]], "b", max_tokens=2)
@@ -223,33 +240,42 @@ def test_scan_loads_new_reloads_changed_and_drops_removed(model_dirs, adapters_d
         make_adapter(model_dirs["llama"], adapters_dir / "d", seed=4, r=4)
         assert engine.scan()["loaded"] == ["d"]
         before = engine.generate([PROMPTS[None]], "d", max_tokens=8)[0].text
-        make_adapter(model_dirs["llama"], adapters_dir / "d", seed=5, r=2)      # rewritten in place
+        make_adapter(model_dirs["llama"], adapters_dir / "d", seed=5, r=2)  # rewritten in place
         assert engine.scan()["replaced"] == ["d"]
         after = engine.generate([PROMPTS[None]], "d", max_tokens=8)[0].text
         assert before != after == reference(model_dirs["llama"], adapters_dir / "d", PROMPTS[None], 8)
         shutil.rmtree(adapters_dir / "d")
         assert engine.scan()["removed"] == ["d"] and "d" not in engine.model_names()
-        engine.unload("a")                         # an admin unload sticks until the files change
+        engine.unload("a")  # an admin unload sticks until the files change
         assert engine.scan()["loaded"] == [] and "a" not in engine.model_names()
 
 
 def test_adapters_that_do_not_fit_are_refused(model_dirs, adapters_dir, tmp_path):
     import transformers as tf
+
     torch.manual_seed(0)
-    wider = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                               num_attention_heads=2, num_key_value_heads=2, vocab_size=31))
+    wider = tf.LlamaForCausalLM(
+        tf.LlamaConfig(
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=31,
+        )
+    )
     lorakit.inject(wider, lorakit.LoraConfig(r=4))
     lorakit.save_adapter(wider, adapters_dir / "wide")
     make_adapter(model_dirs["bert"], adapters_dir / "bert", seed=1, task="classification", labels=["neg", "pos"], r=4)
     with make_engine(model_dirs, adapters_dir) as engine:
-        assert "wide" not in engine.model_names() and "bert" not in engine.model_names()   # skipped at start
+        assert "wide" not in engine.model_names() and "bert" not in engine.model_names()  # skipped at start
         with pytest.raises(AdapterRefused, match="shape") as shape:
             engine.load("wide", "wide")
         with pytest.raises(AdapterRefused, match="classification"):
             engine.load("bert", "bert")
         with pytest.raises(Forbidden):
-            engine.load("escape", tmp_path)                     # outside the adapters dir
-        assert shape.value.status == 422 and engine.generate(["a b"], "a", max_tokens=2)   # still serving
+            engine.load("escape", tmp_path)  # outside the adapters dir
+        assert shape.value.status == 422 and engine.generate(["a b"], "a", max_tokens=2)  # still serving
 
 
 def test_names_limits_and_timeouts(model_dirs, adapters_dir):

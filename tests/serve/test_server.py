@@ -2,6 +2,7 @@
 endpoints for several adapters at once, streaming, hot load / replace / unload while
 requests run, the directory watch, LRU eviction, every refusal, metrics, classification,
 the OpenAI client, and the `lorakit serve` command itself."""
+
 from __future__ import annotations
 
 import contextlib
@@ -59,8 +60,10 @@ class Server:
         self.thread.join(10)
 
     def complete(self, model: str | None, prompt: str, max_tokens: int = 12, **extra) -> httpx.Response:
-        return self.client.post("/v1/completions", json={"model": model or "tiny", "prompt": prompt,
-                                                         "max_tokens": max_tokens, "temperature": 0, **extra})
+        return self.client.post(
+            "/v1/completions",
+            json={"model": model or "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra},
+        )
 
     def text(self, model: str | None, prompt: str, max_tokens: int = 12) -> str:
         response = self.complete(model, prompt, max_tokens)
@@ -70,7 +73,7 @@ class Server:
     def events(self, path: str, body: dict) -> list:
         with self.client.stream("POST", path, json=body) as response:
             assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
-            lines = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+            lines = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
         assert lines[-1] == "[DONE]"
         return [json.loads(line) for line in lines[:-1]]
 
@@ -88,8 +91,10 @@ class Server:
 def serve(model_dirs, adapters_dir):
     """Start a server on a copy of the adapters dir; options go to EngineConfig / Limits."""
     with contextlib.ExitStack() as stack:
+
         def start(limits: Limits | None = None, **config) -> Server:
             return stack.enter_context(Server(make_engine(model_dirs, adapters_dir, **config), limits))
+
         yield start
 
 
@@ -128,22 +133,28 @@ def test_completions_and_chat_for_several_adapters_at_once(serve, model_dirs, ad
     with ThreadPoolExecutor(8) as pool:
         texts = list(pool.map(lambda n: server.text(n, PROMPTS[n]), names))
     assert texts == [ref(model_dirs, adapters_dir, n, PROMPTS[n]) for n in names]
-    base_by_path = server.text(str(model_dirs["llama"]), PROMPTS[None])     # --model's own name is the base too
+    base_by_path = server.text(str(model_dirs["llama"]), PROMPTS[None])  # --model's own name is the base too
     assert base_by_path == texts[3]
 
-    chat = server.client.post("/v1/chat/completions", json={
-        "model": "b", "messages": [{"role": "user", "content": "the film"}], "max_tokens": 8, "temperature": 0})
+    chat = server.client.post(
+        "/v1/chat/completions",
+        json={"model": "b", "messages": [{"role": "user", "content": "the film"}], "max_tokens": 8, "temperature": 0},
+    )
     body = chat.json()
     assert chat.status_code == 200 and body["object"] == "chat.completion"
-    assert body["choices"][0]["message"] == {"role": "assistant",
-                                             "content": ref(model_dirs, adapters_dir, "b", "the film\n", 8, special_tokens=False)}
-    assert body["usage"]["prompt_tokens"] == 2 and body["usage"]["total_tokens"] == 2 + body["usage"]["completion_tokens"]
+    assert body["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": ref(model_dirs, adapters_dir, "b", "the film\n", 8, special_tokens=False),
+    }
+    assert (
+        body["usage"]["prompt_tokens"] == 2 and body["usage"]["total_tokens"] == 2 + body["usage"]["completion_tokens"]
+    )
 
 
 def test_mixed_batch_gives_what_each_adapter_gives_alone(serve):
     server = serve()
     requests = [(n, p) for n in ["a", "b", "c", None] for p in (PROMPTS["a"], PROMPTS["c"])]
-    alone = [server.text(n, p) for n, p in requests]                         # one at a time
+    alone = [server.text(n, p) for n, p in requests]  # one at a time
     prefills = server.metric("lorakit_batch_rows_count", kind="prefill")
     with ThreadPoolExecutor(len(requests)) as pool:
         with worker_paused(server.engine, len(requests)) as all_queued:
@@ -152,9 +163,10 @@ def test_mixed_batch_gives_what_each_adapter_gives_alone(serve):
                 time.sleep(0.01)
         together = [f.result() for f in futures]
     assert together == alone
-    assert server.metric("lorakit_batch_rows_count", kind="prefill") == prefills + 1    # one 8-row prefill
-    assert server.metric("lorakit_batch_rows_bucket", kind="decode", le="4.0") < \
-        server.metric("lorakit_batch_rows_count", kind="decode")                        # decode steps of >4 rows
+    assert server.metric("lorakit_batch_rows_count", kind="prefill") == prefills + 1  # one 8-row prefill
+    assert server.metric("lorakit_batch_rows_bucket", kind="decode", le="4.0") < server.metric(
+        "lorakit_batch_rows_count", kind="decode"
+    )  # decode steps of >4 rows
 
 
 def test_streaming_chunks_add_up_to_the_non_streaming_text(serve):
@@ -166,7 +178,12 @@ def test_streaming_chunks_add_up_to_the_non_streaming_text(serve):
     assert chunks[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
 
-    chat = {"model": "c", "messages": [{"role": "user", "content": "alice met bob"}], "max_tokens": 10, "temperature": 0}
+    chat = {
+        "model": "c",
+        "messages": [{"role": "user", "content": "alice met bob"}],
+        "max_tokens": 10,
+        "temperature": 0,
+    }
     reply = server.client.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
     deltas = server.events("/v1/chat/completions", {**chat, "stream": True})
     assert deltas[0]["object"] == "chat.completion.chunk" and deltas[0]["choices"][0]["delta"]["role"] == "assistant"
@@ -179,16 +196,24 @@ def test_models_health_and_metrics(serve):
     models = server.client.get("/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny", "a", "b", "c"]
     assert all(m["object"] == "model" and m["parent"] == "tiny" for m in models["data"][1:])
-    assert server.client.get("/health").json() == {"status": "ok", "model": "tiny", "task": "causal-lm",
-                                                   "adapters_known": 3, "adapters_loaded": 3, "waiting": 0,
-                                                   "running": 0}
+    assert server.client.get("/health").json() == {
+        "status": "ok",
+        "model": "tiny",
+        "task": "causal-lm",
+        "adapters_known": 3,
+        "adapters_loaded": 3,
+        "waiting": 0,
+        "running": 0,
+    }
     tokens = sum(server.complete("a", PROMPTS["a"], 5).json()["usage"]["completion_tokens"] for _ in range(2))
     server.complete("nope", "a b")
     assert server.metric("lorakit_requests_total", endpoint="/v1/completions", adapter="a", status="200") == 2
     assert server.metric("lorakit_requests_total", endpoint="/v1/completions", adapter="unknown", status="404") == 1
     assert server.metric("lorakit_generated_tokens_total", adapter="a") == tokens
     assert server.metric("lorakit_request_seconds_count", endpoint="/v1/completions") == 3
-    assert server.metric("lorakit_adapters_loaded") == 3 and server.metric("lorakit_batch_rows_count", kind="decode") > 0
+    assert (
+        server.metric("lorakit_adapters_loaded") == 3 and server.metric("lorakit_batch_rows_count", kind="decode") > 0
+    )
 
 
 # -- adapters at run time ----------------------------------------------------------------------
@@ -205,7 +230,7 @@ def test_load_replace_and_unload_while_requests_run(serve, monkeypatch, model_di
         slow.on = True
         with server.client.stream("POST", "/v1/completions", json={"model": model, **body}) as response:
             lines = response.iter_lines()
-            first = next(line for line in lines if line.startswith("data: "))     # the request is running
+            first = next(line for line in lines if line.startswith("data: "))  # the request is running
             result = action()
             rest = [line for line in lines if line.startswith("data: {")]
         slow.on = False
@@ -215,9 +240,10 @@ def test_load_replace_and_unload_while_requests_run(serve, monkeypatch, model_di
     # Replace a while a request runs on it: that request finishes on the old weights.
     def replace_a():
         return server.client.post("/v1/adapters", json={"name": "a", "path": "spare/x"}), in_model()
+
     text, (replaced, during) = stream_while("a", replace_a)
     assert replaced.status_code == 201 and replaced.json()["replaced"] is True
-    assert during == 4 and in_model() == 3                 # both versions of a, then only the new one
+    assert during == 4 and in_model() == 3  # both versions of a, then only the new one
     assert text == ref(model_dirs, adapters_dir, "a", PROMPTS["a"], 20)
     assert server.text("a", PROMPTS["a"], 20) == reference(model_dirs["llama"], spare, PROMPTS["a"], 20)
 
@@ -225,11 +251,12 @@ def test_load_replace_and_unload_while_requests_run(serve, monkeypatch, model_di
     def unload_b():
         gone = server.client.delete("/v1/adapters/b")
         return gone, server.complete("b", "a b"), in_model()
+
     body["prompt"] = PROMPTS["b"]
     text, (gone, after, held) = stream_while("b", unload_b)
     assert gone.status_code == 200 and after.status_code == 404
     assert text == ref(model_dirs, adapters_dir, "b", PROMPTS["b"], 20)
-    assert held == 3 and in_model() == 2                    # b stays until its request is done
+    assert held == 3 and in_model() == 2  # b stays until its request is done
 
     # Load a new name at run time.
     loaded = server.client.post("/v1/adapters", json={"name": "new.one", "path": str(spare)})
@@ -268,7 +295,7 @@ def test_lru_eviction_with_one_slot_reloads_on_demand(serve, model_dirs, adapter
     assert len(lorakit.adapter_names(server.engine.model)) == 1
     evictions = sum(server.metric("lorakit_adapter_evictions_total", adapter=n) for n in "abc")
     assert evictions >= len(order) - 1
-    with ThreadPoolExecutor(6) as pool:                   # concurrent requests for 3 adapters, one slot
+    with ThreadPoolExecutor(6) as pool:  # concurrent requests for 3 adapters, one slot
         together = list(pool.map(lambda n: server.text(n, PROMPTS["a"]), ["a", "b", "c"] * 2))
     assert together == [ref(model_dirs, adapters_dir, n, PROMPTS["a"]) for n in ["a", "b", "c"] * 2]
 
@@ -276,12 +303,15 @@ def test_lru_eviction_with_one_slot_reloads_on_demand(serve, model_dirs, adapter
 # -- refusals --------------------------------------------------------------------------------
 def test_errors_have_the_right_status_and_reason(serve, model_dirs, adapters_dir):
     import transformers as tf
+
     server = serve()
     post = server.client.post
 
     unknown = server.complete("nope", "a b")
     assert unknown.status_code == 404 and unknown.json()["error"]["known"] == ["tiny", "a", "b", "c"]
-    bad_json = post("/v1/completions", content=b'{"model": "a", "prompt": ', headers={"content-type": "application/json"})
+    bad_json = post(
+        "/v1/completions", content=b'{"model": "a", "prompt": ', headers={"content-type": "application/json"}
+    )
     assert bad_json.status_code == 400 and "malformed JSON" in bad_json.json()["error"]["message"]
     bad_value = server.complete("a", "a b", temperature=5)
     assert bad_value.status_code == 400 and "temperature" in bad_value.json()["error"]["message"]
@@ -289,37 +319,51 @@ def test_errors_have_the_right_status_and_reason(serve, model_dirs, adapters_dir
     assert too_long.status_code == 400 and "context" in too_long.json()["error"]["message"]
     huge = "a " * 30_000
     assert server.complete("a", huge).status_code == 413
-    chunked = post("/v1/completions", content=iter([b'{"model": "a", "prompt": "', huge.encode(), b'"}']),
-                   headers={"content-type": "application/json"})
+    chunked = post(
+        "/v1/completions",
+        content=iter([b'{"model": "a", "prompt": "', huge.encode(), b'"}']),
+        headers={"content-type": "application/json"},
+    )
     assert chunked.status_code == 413
 
     assert post("/v1/adapters", json={"name": "../evil", "path": "a"}).status_code == 400
-    assert post("/v1/adapters", json={"name": "tiny", "path": "a"}).status_code == 400     # the base's name
+    assert post("/v1/adapters", json={"name": "tiny", "path": "a"}).status_code == 400  # the base's name
     outside = post("/v1/adapters", json={"name": "evil", "path": "../../etc"})
     assert outside.status_code == 403 and "--allow-any-path" in outside.json()["error"]["message"]
     assert server.client.delete("/v1/adapters/...").status_code == 400
     assert server.client.delete("/v1/adapters/nope").status_code == 404
 
-    wider = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                               num_attention_heads=2, num_key_value_heads=2, vocab_size=31))
+    wider = tf.LlamaForCausalLM(
+        tf.LlamaConfig(
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=31,
+        )
+    )
     lorakit.save_adapter(lorakit.inject(wider, lorakit.LoraConfig(r=4)), adapters_dir / "spare" / "wide")
     refused = post("/v1/adapters", json={"name": "wide", "path": "spare/wide"})
     assert refused.status_code == 422 and "shape" in refused.json()["error"]["message"]
-    assert post("/v1/classify", json={"model": "a", "input": "a b"}).status_code == 400    # not a classifier
-    assert server.text("a", "a b", 2) is not None                                      # still serving
+    assert post("/v1/classify", json={"model": "a", "input": "a b"}).status_code == 400  # not a classifier
+    assert server.text("a", "a b", 2) is not None  # still serving
 
 
 def test_over_the_concurrency_cap_is_429(serve, monkeypatch):
     server = serve(Limits(max_concurrent=1))
     SlowSteps(monkeypatch, server.engine)
-    with server.client.stream("POST", "/v1/completions", json={"model": "a", "prompt": "a b", "max_tokens": 20,
-                                                                "temperature": 0, "stream": True}) as running:
+    with server.client.stream(
+        "POST",
+        "/v1/completions",
+        json={"model": "a", "prompt": "a b", "max_tokens": 20, "temperature": 0, "stream": True},
+    ) as running:
         lines = running.iter_lines()
         next(lines)
         refused = server.complete("b", "a b", 2)
         assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
         assert "data: [DONE]" in list(lines)
-    assert server.complete("b", "a b", 2).status_code == 200                   # the slot is free again
+    assert server.complete("b", "a b", 2).status_code == 200  # the slot is free again
 
 
 def test_requests_past_their_timeout_get_504(serve):
@@ -331,11 +375,13 @@ def test_requests_past_their_timeout_get_504(serve):
 # -- classification, the OpenAI client, the command ----------------------------------------------
 def test_classify_endpoint_with_bert_adapters(model_dirs, tmp_path):
     from lorakit.train.api import load_trained
+
     root = tmp_path / "cls"
     for i, name in enumerate(["sentiment", "other"]):
         make_adapter(model_dirs["bert"], root / name, seed=i, task="classification", labels=["neg", "pos"], r=4)
-    engine = Engine.from_pretrained(str(model_dirs["bert"]), root, served_name="tiny-bert",
-                                    config=EngineConfig(watch_interval_s=0))
+    engine = Engine.from_pretrained(
+        str(model_dirs["bert"]), root, served_name="tiny-bert", config=EngineConfig(watch_interval_s=0)
+    )
     texts = ["the film was very good", "the food was awful", "bob"]
     with Server(engine) as server:
         response = server.client.post("/v1/classify", json={"model": "sentiment", "input": texts})
@@ -346,23 +392,26 @@ def test_classify_endpoint_with_bert_adapters(model_dirs, tmp_path):
     expected = load_trained(str(model_dirs["bert"]), root / "sentiment")
     enc = expected.tokenizer(texts, return_tensors="pt", padding=True)
     import torch
+
     with torch.no_grad():
         probs = expected.model(**enc).logits.softmax(-1)
     for row, p in zip(body["data"], probs.tolist()):
         assert row["scores"] == pytest.approx(dict(zip(["neg", "pos"], p)), abs=1e-5)
         assert row["label"] == max(row["scores"], key=row["scores"].get)
-    assert single["data"][0]["scores"] != body["data"][0]["scores"]           # each adapter its own head
+    assert single["data"][0]["scores"] != body["data"][0]["scores"]  # each adapter its own head
     assert wrong.status_code == 400 and "classification" in wrong.json()["error"]["message"]
 
 
 def test_openai_client_talks_to_the_server(serve, model_dirs, adapters_dir):
-    openai = pytest.importorskip("openai")
+    import openai
+
     server = serve()
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     done = client.completions.create(model="a", prompt=PROMPTS["a"], max_tokens=12, temperature=0)
     assert done.choices[0].text == ref(model_dirs, adapters_dir, "a", PROMPTS["a"])
-    stream = client.chat.completions.create(model="c", messages=[{"role": "user", "content": "the film"}],
-                                            max_tokens=8, temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model="c", messages=[{"role": "user", "content": "the film"}], max_tokens=8, temperature=0, stream=True
+    )
     streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert streamed == ref(model_dirs, adapters_dir, "c", "the film\n", 8, special_tokens=False)
     assert [m.id for m in client.models.list()] == ["tiny", "a", "b", "c"]
@@ -370,13 +419,34 @@ def test_openai_client_talks_to_the_server(serve, model_dirs, adapters_dir):
         client.completions.create(model="nope", prompt="a b", max_tokens=2)
 
 
-@pytest.mark.slow   # a fresh interpreter importing torch and transformers: several seconds
+@pytest.mark.slow  # a fresh interpreter importing torch and transformers: several seconds
 def test_lorakit_serve_command(model_dirs, adapters_dir):
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--model", str(model_dirs["llama"]),
-                                "--adapters", str(adapters_dir), "--port", str(port), "--served-name", "tiny",
-                                "--max-adapters", "2", "--watch-interval", "0", "--log-level", "warning"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "serve",
+            "--model",
+            str(model_dirs["llama"]),
+            "--adapters",
+            str(adapters_dir),
+            "--port",
+            str(port),
+            "--served-name",
+            "tiny",
+            "--max-adapters",
+            "2",
+            "--watch-interval",
+            "0",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -387,8 +457,9 @@ def test_lorakit_serve_command(model_dirs, adapters_dir):
                     break
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        response = httpx.post(url + "/v1/completions", json={"model": "b", "prompt": PROMPTS["b"], "max_tokens": 12,
-                                                              "temperature": 0})
+        response = httpx.post(
+            url + "/v1/completions", json={"model": "b", "prompt": PROMPTS["b"], "max_tokens": 12, "temperature": 0}
+        )
         assert response.json()["choices"][0]["text"] == ref(model_dirs, adapters_dir, "b", PROMPTS["b"])
         assert httpx.get(url + "/health").json()["adapters_loaded"] == 2
     finally:

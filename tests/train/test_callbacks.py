@@ -1,10 +1,10 @@
 """The built-in callbacks, driven by a fake run: no trainer, no model."""
+
 from __future__ import annotations
 
 import io
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -22,9 +22,19 @@ from lorakit.train.callbacks import (
 from lorakit.train.state import TrainState
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-INFO = {"model": "tiny-gpt2", "task": "sst2", "method": "lora r=8", "trainable_params": 1234,
-        "total_params": 123400, "trainable_percent": 1.0, "train_examples": 800, "eval_examples": 200,
-        "max_steps": 20, "output_dir": "out", "config": {"lr": 1e-3, "r": 8}}
+INFO = {
+    "model": "tiny-gpt2",
+    "task": "sst2",
+    "method": "lora r=8",
+    "trainable_params": 1234,
+    "total_params": 123400,
+    "trainable_percent": 1.0,
+    "train_examples": 800,
+    "eval_examples": 200,
+    "max_steps": 20,
+    "output_dir": "out",
+    "config": {"lr": 1e-3, "r": 8},
+}
 
 
 def fake_run(callbacks, steps=range(1, 21), eval_every=5, state=None) -> TrainState:
@@ -34,8 +44,16 @@ def fake_run(callbacks, steps=range(1, 21), eval_every=5, state=None) -> TrainSt
         cb.on_train_begin(state, INFO)
     for step in steps:
         state.step = step
-        log = {"step": step, "epoch": 0, "loss": 2.0 / step, "lr": 1e-3, "grad_norm": 1.0,
-               "tokens_per_s": 5000.0, "examples_per_s": 50.0, "elapsed_s": 0.1 * step}
+        log = {
+            "step": step,
+            "epoch": 0,
+            "loss": 2.0 / step,
+            "lr": 1e-3,
+            "grad_norm": 1.0,
+            "tokens_per_s": 5000.0,
+            "examples_per_s": 50.0,
+            "elapsed_s": 0.1 * step,
+        }
         state.history.append(log)
         for cb in callbacks:
             cb.on_log(state, log)
@@ -48,11 +66,20 @@ def fake_run(callbacks, steps=range(1, 21), eval_every=5, state=None) -> TrainSt
 
 
 def summary(**over) -> dict:
-    return {"best_metric": 70.0, "best_step": 20, "metric_name": "accuracy", "steps": 20,
-            "final_eval": {"eval_loss": 0.05, "eval_accuracy": 70.0},
-            "baseline_eval": {"eval_loss": 0.69, "eval_accuracy": 48.5},
-            "train_runtime_s": 125.0, "tokens_per_s": 5000.0, "adapter_dir": "out/adapter",
-            "interrupted": False, "truncated": 3, **over}
+    return {
+        "best_metric": 70.0,
+        "best_step": 20,
+        "metric_name": "accuracy",
+        "steps": 20,
+        "final_eval": {"eval_loss": 0.05, "eval_accuracy": 70.0},
+        "baseline_eval": {"eval_loss": 0.69, "eval_accuracy": 48.5},
+        "train_runtime_s": 125.0,
+        "tokens_per_s": 5000.0,
+        "adapter_dir": "out/adapter",
+        "interrupted": False,
+        "truncated": 3,
+        **over,
+    }
 
 
 # ---------------------------------------------------------------- JSONL
@@ -66,15 +93,15 @@ def test_jsonl_has_exactly_the_records(tmp_path):
 
 
 def test_jsonl_resume_drops_steps_after_checkpoint(tmp_path):
-    fake_run([JsonlLogger(tmp_path)])                   # crashed run got to step 20 ...
-    resumed = TrainState(step=12, max_steps=20)         # ... but the checkpoint is at step 12
+    fake_run([JsonlLogger(tmp_path)])  # crashed run got to step 20 ...
+    resumed = TrainState(step=12, max_steps=20)  # ... but the checkpoint is at step 12
     fake_run([JsonlLogger(tmp_path)], steps=range(13, 21), state=resumed)
     records = read_metrics(tmp_path / "metrics.jsonl")
     log_steps = [r["step"] for r in records if "loss" in r]
     eval_steps = [r["step"] for r in records if "eval_loss" in r]
     assert log_steps == list(range(1, 21))
     assert eval_steps == [5, 10, 15, 20]
-    assert not list(tmp_path.glob("*.tmp"))             # the atomic rewrite left no temp file
+    assert not list(tmp_path.glob("*.tmp"))  # the atomic rewrite left no temp file
 
 
 def test_jsonl_fresh_run_starts_a_new_file(tmp_path):
@@ -85,7 +112,7 @@ def test_jsonl_fresh_run_starts_a_new_file(tmp_path):
 
 def test_jsonl_repairs_a_torn_last_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')   # crash mid-write
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')  # crash mid-write
     logger = JsonlLogger(tmp_path)
     logger.on_train_begin(TrainState(step=1), INFO)
     logger.on_log(TrainState(step=2), {"step": 2, "loss": 0.5})
@@ -118,7 +145,7 @@ def test_plot_nothing_to_plot(tmp_path):
 
 def test_ema():
     assert ema([], 0.9) == []
-    assert ema([4.0, 4.0], 0.9) == [4.0, 4.0]           # no bias toward 0 at the start
+    assert ema([4.0, 4.0], 0.9) == [4.0, 4.0]  # no bias toward 0 at the start
     assert ema([0.0, 10.0], 0.75) == [0.0, 2.5]
 
 
@@ -139,11 +166,21 @@ def test_report_before_after_and_delta(tmp_path):
     assert float(delta) == pytest.approx(70.0 - 48.5)
     _, before, after, delta = metric_row(text, "loss")
     assert float(delta) == pytest.approx(0.05 - 0.69)
-    for expected in ("`tiny-gpt2`", "sst2", "lora r=8", "1,234 of 123,400 (1%)", "800 train / 200 eval",
-                     "20 of 20", "2m 05s", "5,000 tokens/s", "| Truncated training sequences | 3 |",
-                     "`out/adapter`", "at step 20"):
+    for expected in (
+        "`tiny-gpt2`",
+        "sst2",
+        "lora r=8",
+        "1,234 of 123,400 (1%)",
+        "800 train / 200 eval",
+        "20 of 20",
+        "2m 05s",
+        "5,000 tokens/s",
+        "| Truncated training sequences | 3 |",
+        "`out/adapter`",
+        "at step 20",
+    ):
         assert expected in text, expected
-    assert "![curves]" not in text                     # no PNG next to it
+    assert "![curves]" not in text  # no PNG next to it
 
 
 def test_report_without_baseline_uses_history_and_links_plot(tmp_path):
@@ -162,7 +199,7 @@ def test_report_writer_end_to_end(tmp_path):
     for cb in callbacks:
         cb.on_train_end(state, summary())
     text = (tmp_path / "report.md").read_text()
-    assert "`tiny-gpt2`" in text                       # the info kept from on_train_begin
+    assert "`tiny-gpt2`" in text  # the info kept from on_train_begin
     assert "![curves](curves.png)" in text
     assert (tmp_path / "curves.png").read_bytes().startswith(PNG_SIGNATURE)
 
@@ -197,24 +234,29 @@ def test_progress_bar_resumes_at_state_step():
 
 def test_progress_bar_smooths_loss():
     bar = ProgressBar(disable=True, smoothing=0.5)
-    fake_run([bar], steps=range(1, 3))                 # losses 2.0, 1.0
+    fake_run([bar], steps=range(1, 3))  # losses 2.0, 1.0
     assert bar.loss == pytest.approx(1.5)
 
 
 # ---------------------------------------------------------------- TensorBoard, wiring
 
 
-def test_tensorboard_writes_events(tmp_path):
-    pytest.importorskip("tensorboard")
+def test_tensorboard_writes_the_logged_scalars(tmp_path):
+    """Read the event file back with TensorBoard's own reader: every step's loss, the evals."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     tb = TensorBoardLogger(tmp_path)
     state = fake_run([tb], steps=range(1, 6))
     tb.on_train_end(state, summary())
-    events = list(tmp_path.glob("events.out.tfevents.*"))
-    assert events and events[0].stat().st_size > 100
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert loss == [(step, pytest.approx(2.0 / step)) for step in range(1, 6)]
+    assert [(e.step, e.value) for e in events.Scalars("eval/accuracy")] == [(5, 55.0)]
 
 
 def test_tensorboard_missing_is_a_noop(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
     tb = TensorBoardLogger(tmp_path)
     assert not tb.available
     state = fake_run([tb], steps=range(1, 6))

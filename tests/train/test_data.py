@@ -75,7 +75,10 @@ def test_csv_row_with_wrong_field_count(tmp_path):
 
 
 def test_conll_last_column_docstart_and_no_trailing_blank(tmp_path):
-    text = "-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\n\nPeter NNP B-NP B-PER\nBlackburn NNP I-NP I-PER"
+    text = (
+        "-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\n\n"
+        "Peter NNP B-NP B-PER\nBlackburn NNP I-NP I-PER"
+    )
     records = read_records(write(tmp_path / "d.conll", text))
     assert records == [
         {"tokens": ["EU", "rejects"], "tags": ["B-ORG", "O"]},
@@ -90,7 +93,9 @@ def test_conll_line_without_tag_names_the_line(tmp_path):
 
 
 def test_e2e_is_detected_for_txt_with_double_bars(tmp_path):
-    path = write(tmp_path / "e2e.txt", "name : A | food : Thai||A serves Thai . \nname : A | food : Thai||Thai at A .\n")
+    path = write(
+        tmp_path / "e2e.txt", "name : A | food : Thai||A serves Thai . \nname : A | food : Thai||Thai at A .\n"
+    )
     assert detect_format(path) == "e2e"
     assert read_records(path) == [
         {"mr": "name : A | food : Thai", "ref": "A serves Thai ."},
@@ -121,7 +126,8 @@ def test_unknown_format_name(tmp_path):
 
 
 def test_hf_saved_dataset_decodes_class_labels(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     features = datasets.Features(
         {
             "tokens": datasets.Sequence(datasets.Value("string")),
@@ -142,7 +148,8 @@ def test_hf_saved_dataset_decodes_class_labels(tmp_path):
 
 
 def test_hub_name_with_config_and_split(monkeypatch):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     calls = []
 
     def fake_load_dataset(name, config, split):
@@ -156,7 +163,7 @@ def test_hub_name_with_config_and_split(monkeypatch):
 
 
 def test_hub_failure_is_a_data_error(monkeypatch):
-    datasets = pytest.importorskip("datasets")
+    import datasets
 
     def failing_load_dataset(*args, **kwargs):
         raise FileNotFoundError("offline")
@@ -209,7 +216,9 @@ def test_resolve_fields_overrides():
     records = [{"body_text": "a", "stars": 5, "sentence2": "b", "sentence1": "c"}]
     fields = resolve_fields(records, "classification", text_field="body_text", label_field="stars")
     assert fields == Fields("classification", text="body_text", label="stars")  # no auto pair with an override
-    fields = resolve_fields(records, "classification", text_field="sentence1", pair_field="body_text", label_field="stars")
+    fields = resolve_fields(
+        records, "classification", text_field="sentence1", pair_field="body_text", label_field="stars"
+    )
     assert (fields.text, fields.pair) == ("sentence1", "body_text")
 
 
@@ -219,7 +228,9 @@ def test_causal_lm_label_override_finds_the_prompt():
 
 
 def test_missing_override_column_lists_columns_and_option():
-    with pytest.raises(DataError, match=r"'body' \(--text-field\) not found in train.csv; columns are: sentence, label"):
+    with pytest.raises(
+        DataError, match=r"'body' \(--text-field\) not found in train.csv; columns are: sentence, label"
+    ):
         resolve_fields([{"sentence": "a", "label": 1}], "classification", text_field="body", source="train.csv")
 
 

@@ -1,6 +1,7 @@
 """Two processes with gloo on CPU (torchrun): the same loss curve and adapter as one process
 with the same global batch, for DDP and FSDP; a dead rank stops the job; resume works with
 another number of processes."""
+
 from __future__ import annotations
 
 import json
@@ -29,15 +30,36 @@ def free_port() -> int:
 
 def options(model_dirs, data_files, task, out: Path, **kw) -> dict:
     train_file, dev_file = data_files[task]
-    base = dict(model=str(model_dirs[MODEL_FOR_TASK[task]]), task=task, data=str(train_file), eval_data=str(dev_file),
-                output=str(out), batch_size=8, grad_accum=2, lr=1e-2, max_steps=8, rank=4, eval_every=4,
-                max_length=32, warmup_ratio=0.0)
+    base = dict(
+        model=str(model_dirs[MODEL_FOR_TASK[task]]),
+        task=task,
+        data=str(train_file),
+        eval_data=str(dev_file),
+        output=str(out),
+        batch_size=8,
+        grad_accum=2,
+        lr=1e-2,
+        max_steps=8,
+        rank=4,
+        eval_every=4,
+        max_length=32,
+        warmup_ratio=0.0,
+    )
     return {**base, **kw}
 
 
 def torchrun(opts: dict, nproc: int = 2, wait: bool = True, **extra) -> subprocess.Popen | subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-            "-m", "lorakit", "train", "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        "-m",
+        "lorakit",
+        "train",
+        "--quiet",
+    ]
     for key, value in {**opts, **extra}.items():
         if value is True:
             args.append(f"--{key.replace('_', '-')}")
@@ -63,28 +85,36 @@ def assert_same_adapter(a: Path, b: Path, bf16: bool = False) -> None:
     left, right = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
     assert left.keys() == right.keys() and left
     for key in left:
-        if bf16:     # rounding differs per element, and Adam's normalised steps amplify it on
-            assert (left[key] - right[key]).norm() <= 0.15 * right[key].norm(), key     # near-zero gradients
+        if bf16:  # rounding differs per element, and Adam's normalised steps amplify it on
+            assert (left[key] - right[key]).norm() <= 0.15 * right[key].norm(), key  # near-zero gradients
         else:
             torch.testing.assert_close(left[key], right[key], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("strategy,task,bf16", [("ddp", "classification", False), ("fsdp", "classification", False),
-                                               ("ddp", "causal-lm", False), ("fsdp", "causal-lm", True)])
+@pytest.mark.parametrize(
+    "strategy,task,bf16",
+    [
+        ("ddp", "classification", False),
+        ("fsdp", "classification", False),
+        ("ddp", "causal-lm", False),
+        ("fsdp", "causal-lm", True),
+    ],
+)
 def test_two_processes_equal_one(strategy, task, bf16, model_dirs, data_files, tmp_path):
     from lorakit.train.callbacks import default_callbacks
+
     flags = {"bf16": True} if bf16 else {}
     single = options(model_dirs, data_files, task, tmp_path / "single", **flags)
     train(TrainConfig(**single), callbacks=default_callbacks(tmp_path / "single" / "logs", progress=False))
     run = torchrun(options(model_dirs, data_files, task, tmp_path / "multi", **flags), distributed=strategy)
     assert run.returncode == 0, run.stderr[-3000:]
-    rel = 1e-2 if bf16 else 1e-4      # bf16 rounds each rank's half-batch differently from the whole batch
+    rel = 1e-2 if bf16 else 1e-4  # bf16 rounds each rank's half-batch differently from the whole batch
     assert curve(tmp_path / "multi") == pytest.approx(curve(tmp_path / "single"), rel=rel)
     for a, b in zip(evals(tmp_path / "multi"), evals(tmp_path / "single")):
         assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=rel)
     assert_same_adapter(tmp_path / "multi", tmp_path / "single", bf16)
     checkpoint = max((tmp_path / "multi" / "checkpoints").iterdir())
-    assert load_file(checkpoint / "adapter" / "adapter_model.safetensors")     # written once, never empty
+    assert load_file(checkpoint / "adapter" / "adapter_model.safetensors")  # written once, never empty
 
 
 def children(pid: int) -> list[int]:
@@ -94,8 +124,17 @@ def children(pid: int) -> list[int]:
 
 def test_a_dead_rank_stops_the_job_and_resume_works(model_dirs, data_files, tmp_path):
     out = tmp_path / "job"
-    opts = options(model_dirs, data_files, "classification", out, max_steps=400, eval_every=None, save_every=2,
-                   batch_size=4, grad_accum=1)
+    opts = options(
+        model_dirs,
+        data_files,
+        "classification",
+        out,
+        max_steps=400,
+        eval_every=None,
+        save_every=2,
+        batch_size=4,
+        grad_accum=1,
+    )
     job = torchrun(opts, wait=False)
     deadline = time.time() + 120
     while not list((out / "checkpoints").glob("step-*")) and time.time() < deadline:
@@ -120,8 +159,7 @@ def test_nproc_shortcut_launches_torchrun(model_dirs, data_files, tmp_path):
     for key, value in opts.items():
         if value is not None:
             args += [f"--{key.replace('_', '-')}", str(value)]
-    run = subprocess.run(args, capture_output=True, text=True, timeout=240,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(args, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
     assert "torch.distributed.run" in run.stderr and "--nproc_per_node=2" in run.stderr
     assert "all-reduced per step" in run.stdout

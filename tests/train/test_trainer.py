@@ -1,5 +1,6 @@
 """The trainer end to end on tiny local models: every task learns, resume is exact,
 Ctrl-C and NaN are handled, the output dir is a loadable adapter dir."""
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,22 @@ from .conftest import MODEL_FOR_TASK
 
 def config(model_dirs, data_files, task, tmp_path, **kw) -> TrainConfig:
     train_file, dev_file = data_files[task]
-    options = dict(model=str(model_dirs[MODEL_FOR_TASK[task]]), task=task, data=str(train_file),
-                   eval_data=str(dev_file), output=str(tmp_path / "out"), batch_size=8, lr=1e-2,
-                   max_steps=30, rank=4, alpha=8, eval_every=10, warmup_ratio=0.0, max_length=32,
-                   scheduler="constant")
+    options = dict(
+        model=str(model_dirs[MODEL_FOR_TASK[task]]),
+        task=task,
+        data=str(train_file),
+        eval_data=str(dev_file),
+        output=str(tmp_path / "out"),
+        batch_size=8,
+        lr=1e-2,
+        max_steps=30,
+        rank=4,
+        alpha=8,
+        eval_every=10,
+        warmup_ratio=0.0,
+        max_length=32,
+        scheduler="constant",
+    )
     return TrainConfig(**{**options, **kw})
 
 
@@ -79,6 +92,7 @@ def test_ctrl_c_saves_a_loadable_checkpoint(model_dirs, data_files, tmp_path):
     checkpoint = tmp_path / "out" / "checkpoints" / "step-0000005"
     assert (checkpoint / "trainer_state.json").is_file()
     from lorakit.models import load_model
+
     base = load_model(str(model_dirs["bert"]), "AutoModelForSequenceClassification", label_names=["neg", "pos"]).model
     lorakit.load_adapter(base, checkpoint / "adapter")
     assert lorakit.adapter_names(base) == ["default"]
@@ -91,7 +105,7 @@ class PoisonAt(BaseCallback):
     def on_log(self, state, record):
         if state.step == self.step:
             with torch.no_grad():
-                for name, p in self.model_ref["trainer"].params.items():
+                for p in self.model_ref["trainer"].params.values():
                     p.fill_(float("nan"))
 
 
@@ -110,7 +124,7 @@ def test_best_adapter_is_kept_in_the_output_dir(model_dirs, data_files, tmp_path
     evals = {r["step"]: r["eval_accuracy"] for r in result.state.history if "eval_accuracy" in r}
     assert result.state.best_metric == max(evals.values()) and evals[best_step] == result.state.best_metric
     checkpoints = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
-    assert len(checkpoints) <= 2 and checkpoints[-1] == "step-0000020"     # keep_checkpoints=2
+    assert len(checkpoints) <= 2 and checkpoints[-1] == "step-0000020"  # keep_checkpoints=2
 
 
 def test_lora_plus_gives_B_a_larger_learning_rate(model_dirs, data_files, tmp_path):
@@ -118,11 +132,18 @@ def test_lora_plus_gives_B_a_larger_learning_rate(model_dirs, data_files, tmp_pa
     from lorakit.train.api import build_model
     from lorakit.train.tasks import make_task
     from lorakit.train.trainer import Trainer
+
     cfg = config(model_dirs, data_files, "classification", tmp_path, lora_plus_ratio=16)
     model, tok, new = build_model(cfg, ["neg", "pos"])
     lorakit.inject(model, lora_config(cfg, new))
-    trainer = Trainer(model, make_task("classification", tok, 32, ["neg", "pos"]), [{"text": "good", "label": "pos"}],
-                      None, cfg, save_adapter=lambda m, p: None)
+    trainer = Trainer(
+        model,
+        make_task("classification", tok, 32, ["neg", "pos"]),
+        [{"text": "good", "label": "pos"}],
+        None,
+        cfg,
+        save_adapter=lambda m, p: None,
+    )
     lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
     assert lrs["lora_B"] == pytest.approx(16 * lrs["default"]) and lrs["head"] == pytest.approx(lrs["default"])
 
@@ -133,11 +154,18 @@ def test_head_lr_reaches_the_new_head_under_every_method(method, model_dirs, dat
     from lorakit.train.api import build_model
     from lorakit.train.tasks import make_task
     from lorakit.train.trainer import Trainer
+
     cfg = config(model_dirs, data_files, "classification", tmp_path, method=method, head_lr=5e-2)
     model, tok, new = build_model(cfg, ["neg", "pos"])
     model = methods.apply_method(model, cfg, new)
-    trainer = Trainer(model, make_task("classification", tok, 32, ["neg", "pos"]), [{"text": "good", "label": "pos"}],
-                      None, cfg, save_adapter=lambda m, p: None)
+    trainer = Trainer(
+        model,
+        make_task("classification", tok, 32, ["neg", "pos"]),
+        [{"text": "good", "label": "pos"}],
+        None,
+        cfg,
+        save_adapter=lambda m, p: None,
+    )
     groups = {g["name"]: g for g in trainer.optimizer.param_groups}
     head = {id(p) for name, p in model.named_parameters() if p.requires_grad and "classifier" in name}
     assert head and {id(p) for p in groups["head"]["params"]} == head
@@ -153,11 +181,12 @@ def test_bf16_autocast_and_gradient_checkpointing_train(option, model_dirs, data
 
 def test_overlong_sequences_are_truncated_and_counted(model_dirs, data_files, tmp_path):
     result = train(config(model_dirs, data_files, "classification", tmp_path, max_length=4, max_steps=2), callbacks=[])
-    assert result.summary["truncated"] == 64      # every "[CLS] the x was very y [SEP]" is longer than 4
+    assert result.summary["truncated"] == 64  # every "[CLS] the x was very y [SEP]" is longer than 4
 
 
 def test_empty_training_file_is_refused(model_dirs, data_files, tmp_path):
     from lorakit.train.data import DataError
+
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(DataError, match="empty.jsonl"):

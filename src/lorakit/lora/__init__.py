@@ -1,12 +1,75 @@
-"""The LoRA core: config, layer math, injection, merge, mixed batches, adapter I/O."""
-from .adapters import (ParameterCount, active_adapters, add_weighted_adapter, adapter_names,
-                       count_parameters, delete_adapter, disable_adapters, mixed_batch, set_adapter)
+"""The LoRA core: config, layer math, injection, merge, mixed batches, adapter I/O.
+
+functional.py       the math as pure functions (ΔW, the forward term, stacking, combining)
+layers.py           the wrappers (Linear/Conv1D, Embedding, Conv2d) that keep `base_layer`
+variants.py         the extension point: how an adapter's update enters its layer
+exact.py            exact merge/unmerge of one weight
+mixed.py            mixed-adapter batches, layer side (routing, stacks, gathered matmul)
+modules_to_save.py  whole modules trained per adapter (a new task head)
+architectures.py    default targets, block lists, adapter sites per architecture
+config.py           LoraConfig with PEFT's field names
+inject.py           target matching, wrapping, freezing; the model's adapter registry
+adapters.py         many adapters on one base: activate, disable, delete, mix, combine, count
+merge.py            merge, unmerge, merge_and_unload for a whole model
+io.py, combine.py   PEFT's on-disk format; combining saved adapters
+"""
+
+from .adapters import (
+    ParameterCount,
+    active_adapters,
+    adapter_names,
+    add_weighted_adapter,
+    count_parameters,
+    delete_adapter,
+    disable_adapters,
+    mixed_batch,
+    set_adapter,
+)
+from .architectures import DEFAULT_TARGETS
+from .combine import combine_adapters
 from .config import ConfigError, LoraConfig
-from .inject import (DEFAULT_TARGETS, Target, TargetError, find_targets, inject, lora_configs,
-                     lora_layers, set_trainable)
+from .inject import Target, TargetError, find_targets, inject, lora_configs, lora_layers, set_trainable
 from .io import AdapterLoadError, adapter_state_dict, load_adapter, read_adapter_weights, save_adapter
 from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from .merge import MergeError, merge, merge_and_unload, unload, unmerge
 from .modules_to_save import ModulesToSave
 from .variants import LoraVariant
-from .merge import MergeError, merge, merge_and_unload, unload, unmerge
-from .combine import combine_adapters
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "AdapterLoadError",
+    "ConfigError",
+    "LoraConfig",
+    "LoraConv2d",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "LoraVariant",
+    "MergeError",
+    "ModulesToSave",
+    "ParameterCount",
+    "Target",
+    "TargetError",
+    "active_adapters",
+    "adapter_names",
+    "adapter_state_dict",
+    "add_weighted_adapter",
+    "combine_adapters",
+    "count_parameters",
+    "delete_adapter",
+    "disable_adapters",
+    "find_targets",
+    "inject",
+    "lora_configs",
+    "lora_layers",
+    "load_adapter",
+    "merge",
+    "merge_and_unload",
+    "mixed_batch",
+    "read_adapter_weights",
+    "save_adapter",
+    "set_adapter",
+    "set_trainable",
+    "unload",
+    "unmerge",
+]

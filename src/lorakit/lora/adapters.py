@@ -1,17 +1,18 @@
 """Many adapters on one base: activate, disable, delete, mix per row, combine, count."""
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn as nn
 
 from . import functional as LF
 from .config import ConfigError, LoraConfig
-from .inject import (check_adapter_name, remove_adapter_modules, lora_configs, lora_layers, saved_modules,
-                     set_trainable)
+from .inject import check_adapter_name, lora_configs, lora_layers, remove_adapter_modules, saved_modules, set_trainable
 from .mixed import MixedRows
 
 
@@ -24,7 +25,8 @@ def require_adapters(model: nn.Module, names: Sequence[str]) -> None:
     known = adapter_names(model)
     missing = [n for n in names if n not in known]
     if missing:
-        raise KeyError(f"unknown adapter(s) {missing}; the model has: {known or 'no adapters (use lorakit.inject or load_adapter)'}")
+        have = known or "no adapters (use lorakit.inject or load_adapter)"
+        raise KeyError(f"unknown adapter(s) {missing}; the model has: {have}")
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -40,7 +42,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str], *, trainable: bool
     require_adapters(model, names)
     for _, layer in lora_layers(model):
         if layer.merged_adapters and set(layer.merged_adapters) != set(names):
-            layer.set_merged(names)   # keep a merged model merged with what is now active
+            layer.set_merged(names)  # keep a merged model merged with what is now active
         layer.active_adapters = names
     for _, wrapper in saved_modules(model):
         wrapper.active_adapter = next((n for n in names if n in wrapper.modules_to_save), None)
@@ -98,15 +100,17 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 class ParameterCount:
     trainable: int
     total: int
-    adapter: int   # A and B of every adapter (what the paper counts)
+    adapter: int  # A and B of every adapter (what the paper counts)
 
     @property
     def trainable_percent(self) -> float:
         return 100.0 * self.trainable / max(self.total, 1)
 
     def __str__(self) -> str:
-        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
-                f"trainable%: {self.trainable_percent:.4f} || LoRA A/B params: {self.adapter:,}")
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+            f"trainable%: {self.trainable_percent:.4f} || LoRA A/B params: {self.adapter:,}"
+        )
 
 
 def count_parameters(model: nn.Module, adapter_name: str | None = None) -> ParameterCount:
@@ -118,13 +122,21 @@ def count_parameters(model: nn.Module, adapter_name: str | None = None) -> Param
         for name in layer.adapter_names:
             if adapter_name in (None, name):
                 adapter += layer.lora_A[name].numel() + layer.lora_B[name].numel()
-    return ParameterCount(trainable=sum(p.numel() for p in seen.values() if p.requires_grad),
-                          total=sum(p.numel() for p in seen.values()), adapter=adapter)
+    return ParameterCount(
+        trainable=sum(p.numel() for p in seen.values() if p.requires_grad),
+        total=sum(p.numel() for p in seen.values()),
+        adapter=adapter,
+    )
 
 
-def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Sequence[float],
-                         adapter_name: str, combination: Literal["cat", "svd"] = "cat",
-                         svd_rank: int | None = None) -> None:
+def add_weighted_adapter(
+    model: nn.Module,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    adapter_name: str,
+    combination: Literal["cat", "svd"] = "cat",
+    svd_rank: int | None = None,
+) -> None:
     """A new adapter whose update is Σ wᵢ·ΔWᵢ.
 
     "cat" is exact: A = [A₁; A₂; ...], B = [w₁s₁B₁, w₂s₂B₂, ...] (rank Σrᵢ, scaling 1).
@@ -153,8 +165,15 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
             _average_into(wrapper.modules_to_save[adapter_name], [(wrapper.modules_to_save[a], w) for a, w in present])
     # Scaling is 1 everywhere: alpha = r (rank_pattern/alpha_pattern per layer are written on save).
     r = rank if combination == "svd" else sum(configs[a].r for a in adapters)
-    configs[adapter_name] = first.replace(r=r, lora_alpha=r, use_rslora=False, rank_pattern={},
-                                          alpha_pattern={}, enable_lora=None, target_modules=_union_targets(configs, adapters))
+    configs[adapter_name] = first.replace(
+        r=r,
+        lora_alpha=r,
+        use_rslora=False,
+        rank_pattern={},
+        alpha_pattern={},
+        enable_lora=None,
+        target_modules=_union_targets(configs, adapters),
+    )
     set_trainable(model, active_adapters(model)[0] if active_adapters(model) else adapter_name)
 
 
@@ -175,5 +194,7 @@ def _union_targets(configs: dict[str, LoraConfig], adapters: Sequence[str]) -> l
         return sorted({t for s in specs for t in s})
     if len({str(s) for s in specs}) == 1:
         return specs[0]
-    raise ConfigError("cannot combine adapters whose target_modules differ in form "
-                      f"({specs}); retrain them with the same target_modules")
+    raise ConfigError(
+        "cannot combine adapters whose target_modules differ in form "
+        f"({specs}); retrain them with the same target_modules"
+    )

@@ -7,6 +7,7 @@
 * ADAPTER_SITES: where the Houlsby/Lin adapters go in each family's block (the attention
   output projection, the feed-forward output projection), as module-path suffixes.
 """
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -14,13 +15,51 @@ import torch.nn as nn
 # The paper adapts the attention query and value projections (Wq, Wv). Per architecture
 # (`config.model_type`), the names of those modules.
 DEFAULT_TARGETS: dict[str, list[str]] = {
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "albert", "camembert", "vit",
-                     "layoutlm", "mpnet", "ernie", "megatron-bert"], ["query", "value"]),
+    **dict.fromkeys(
+        [
+            "bert",
+            "roberta",
+            "xlm-roberta",
+            "electra",
+            "albert",
+            "camembert",
+            "vit",
+            "layoutlm",
+            "mpnet",
+            "ernie",
+            "megatron-bert",
+        ],
+        ["query", "value"],
+    ),
     "distilbert": ["q_lin", "v_lin"],
     "gpt2": ["c_attn"],
-    **dict.fromkeys(["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2",
-                     "gemma3_text", "opt", "bart", "mbart", "gptj", "phi", "whisper", "marian",
-                     "pegasus", "starcoder2", "olmo", "olmo2", "granite", "smollm3"], ["q_proj", "v_proj"]),
+    **dict.fromkeys(
+        [
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "opt",
+            "bart",
+            "mbart",
+            "gptj",
+            "phi",
+            "whisper",
+            "marian",
+            "pegasus",
+            "starcoder2",
+            "olmo",
+            "olmo2",
+            "granite",
+            "smollm3",
+        ],
+        ["q_proj", "v_proj"],
+    ),
     **dict.fromkeys(["t5", "mt5", "umt5", "longt5"], ["q", "v"]),
     **dict.fromkeys(["gpt_neox", "bloom", "falcon"], ["query_key_value"]),
     "phi3": ["qkv_proj"],
@@ -48,7 +87,11 @@ def block_stacks(model: nn.Module) -> list[nn.ModuleList]:
     as in BLOCK_LISTS."""
     stacks: list[tuple[str, nn.ModuleList]] = []
     for name, module in model.named_modules():
-        if (isinstance(module, nn.ModuleList) and len(module) > 1 and name.rsplit(".", 1)[-1] in BLOCK_LISTS
-                and not any(name.startswith(outer + ".") for outer, _ in stacks)):
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module) > 1
+            and name.rsplit(".", 1)[-1] in BLOCK_LISTS
+            and not any(name.startswith(outer + ".") for outer, _ in stacks)
+        ):
             stacks.append((name, module))
     return [stack for _, stack in stacks]

@@ -3,11 +3,13 @@
 For every adapted module, the new update is Σ wᵢ·ΔWᵢ (see `functional.combine_factors`);
 modules_to_save and bias tensors are averaged with the same weights.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from safetensors.torch import save_file
@@ -28,7 +30,7 @@ def _modules(state: dict[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
     for key in state:
         for a_suffix, b_suffix in _PAIRS:
             if key.endswith(a_suffix):
-                found[key[len(PREFIX):-len(a_suffix)]] = (key, key[:-len(a_suffix)] + b_suffix)
+                found[key[len(PREFIX) : -len(a_suffix)]] = (key, key[: -len(a_suffix)] + b_suffix)
     return found
 
 
@@ -37,8 +39,13 @@ def _scaling(config: LoraConfig, path: str, r: int) -> float:
     return LF.lora_scaling(r, alpha, config.use_rslora)
 
 
-def combine_adapters(dirs: Sequence[str | os.PathLike], weights: Sequence[float], output: str | os.PathLike,
-                     combination: Literal["cat", "svd"] = "cat", rank: int | None = None) -> Path:
+def combine_adapters(
+    dirs: Sequence[str | os.PathLike],
+    weights: Sequence[float],
+    output: str | os.PathLike,
+    combination: Literal["cat", "svd"] = "cat",
+    rank: int | None = None,
+) -> Path:
     """Write a new adapter directory whose update is Σ wᵢ·ΔWᵢ over the adapters in `dirs`."""
     if len(dirs) != len(weights) or not dirs:
         raise ValueError(f"give one weight per adapter: {len(dirs)} adapters, {len(weights)} weights")
@@ -64,13 +71,22 @@ def combine_adapters(dirs: Sequence[str | os.PathLike], weights: Sequence[float]
         out[b_key] = B_new.reshape(b_shape[0], k, *b_shape[2:]).to(dtype).contiguous()
         ranks[path] = k
     lora_keys = {k for mods in modules for pair in mods.values() for k in pair}
-    for key in sorted({k for s in states for k in s} - lora_keys):     # heads and biases: averaged
+    for key in sorted({k for s in states for k in s} - lora_keys):  # heads and biases: averaged
         present = [(s[key], w) for s, w in zip(states, weights) if key in s]
         out[key] = sum(w * t.float() for t, w in present).to(present[0][0].dtype).contiguous()
     r = max(ranks.values(), default=rank)
-    config = configs[0].replace(r=r, lora_alpha=r, use_rslora=False, enable_lora=None,
-                                rank_pattern={p: k for p, k in ranks.items() if k != r},
-                                alpha_pattern={p: k for p, k in ranks.items() if k != r}).to_peft_dict()
+    config = (
+        configs[0]
+        .replace(
+            r=r,
+            lora_alpha=r,
+            use_rslora=False,
+            enable_lora=None,
+            rank_pattern={p: k for p, k in ranks.items() if k != r},
+            alpha_pattern={p: k for p, k in ranks.items() if k != r},
+        )
+        .to_peft_dict()
+    )
     # Full module paths: exact whatever layers or exclusions the inputs used.
     config.update(target_modules=sorted(ranks), layers_to_transform=None, exclude_modules=None)
     output = Path(output)

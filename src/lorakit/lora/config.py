@@ -3,6 +3,7 @@
 It serialises to `adapter_config.json` exactly as PEFT writes it, so an adapter directory
 written by lorakit loads in PEFT and vice versa.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,13 @@ CONFIG_NAME = "adapter_config.json"
 # PEFT fields whose non-default value means a feature lorakit does not implement: refusing to
 # load such an adapter beats silently computing something else.
 _UNSUPPORTED_PEFT = {
-    "use_dora": False, "layer_replication": None, "use_qalora": False, "lora_bias": False,
-    "target_parameters": None, "trainable_token_indices": None, "alora_invocation_tokens": None,
+    "use_dora": False,
+    "layer_replication": None,
+    "use_qalora": False,
+    "lora_bias": False,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
 }
 
 
@@ -85,53 +91,107 @@ class LoraConfig:
         hold anything): checked before they are converted or matched against module names."""
         for name in ("target_modules", "exclude_modules", "layers_pattern"):
             value = getattr(self, name)
-            _check(value is None or isinstance(value, str) or _is_str_list(value), name, value,
-                   "a string, a list of strings, or null")
-        _check(self.modules_to_save is None or _is_str_list(self.modules_to_save), "modules_to_save",
-               self.modules_to_save, 'a list of module names, e.g. ["classifier"], or null')
-        _check(self.layers_to_transform is None or isinstance(self.layers_to_transform, (int, list, tuple)),
-               "layers_to_transform", self.layers_to_transform, "a layer index, a list of them, or null")
+            _check(
+                value is None or isinstance(value, str) or _is_str_list(value),
+                name,
+                value,
+                "a string, a list of strings, or null",
+            )
+        _check(
+            self.modules_to_save is None or _is_str_list(self.modules_to_save),
+            "modules_to_save",
+            self.modules_to_save,
+            'a list of module names, e.g. ["classifier"], or null',
+        )
+        _check(
+            self.layers_to_transform is None or isinstance(self.layers_to_transform, (int, list, tuple)),
+            "layers_to_transform",
+            self.layers_to_transform,
+            "a layer index, a list of them, or null",
+        )
         for name in ("rank_pattern", "alpha_pattern"):
             value = getattr(self, name)
-            _check(isinstance(value, dict) and all(isinstance(k, str) for k in value), name, value,
-                   '{"module pattern": value}')
-        _check(self.enable_lora is None or (isinstance(self.enable_lora, dict)
-                                            and all(isinstance(m, (list, tuple)) for m in self.enable_lora.values())),
-               "enable_lora", self.enable_lora, '{"module pattern": [True, False, True]} or null')
+            _check(
+                isinstance(value, dict) and all(isinstance(k, str) for k in value),
+                name,
+                value,
+                '{"module pattern": value}',
+            )
+        _check(
+            self.enable_lora is None
+            or (
+                isinstance(self.enable_lora, dict)
+                and all(isinstance(m, (list, tuple)) for m in self.enable_lora.values())
+            ),
+            "enable_lora",
+            self.enable_lora,
+            '{"module pattern": [True, False, True]} or null',
+        )
         for name in ("use_rslora", "fan_in_fan_out", "inference_mode"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false")
         for name in ("task_type", "base_model_name_or_path", "revision"):
-            _check(getattr(self, name) is None or isinstance(getattr(self, name), str), name,
-                   getattr(self, name), "a string or null")
+            _check(
+                getattr(self, name) is None or isinstance(getattr(self, name), str),
+                name,
+                getattr(self, name),
+                "a string or null",
+            )
 
     def validate(self) -> None:
-        _check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r", self.r,
-               "a positive integer rank, e.g. r=8")
-        _check(_is_number(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", self.lora_alpha,
-               "a positive number, e.g. lora_alpha=16 (twice the rank is common)")
-        _check(_is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout",
-               self.lora_dropout, "a probability in [0, 1), e.g. 0.05")
-        _check(self.bias in ("none", "all", "lora_only"), "bias", self.bias,
-               'one of "none", "all", "lora_only"')
-        _check(self.init_lora_weights in (True, False, "kaiming", "gaussian"), "init_lora_weights",
-               self.init_lora_weights, 'True, False, "kaiming" or "gaussian"')
+        _check(
+            isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
+            "r",
+            self.r,
+            "a positive integer rank, e.g. r=8",
+        )
+        _check(
+            _is_number(self.lora_alpha) and self.lora_alpha > 0,
+            "lora_alpha",
+            self.lora_alpha,
+            "a positive number, e.g. lora_alpha=16 (twice the rank is common)",
+        )
+        _check(
+            _is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1,
+            "lora_dropout",
+            self.lora_dropout,
+            "a probability in [0, 1), e.g. 0.05",
+        )
+        _check(self.bias in ("none", "all", "lora_only"), "bias", self.bias, 'one of "none", "all", "lora_only"')
+        _check(
+            self.init_lora_weights in (True, False, "kaiming", "gaussian"),
+            "init_lora_weights",
+            self.init_lora_weights,
+            'True, False, "kaiming" or "gaussian"',
+        )
         for key, value in self.rank_pattern.items():
-            _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"rank_pattern[{key!r}]", value,
-                   "a positive integer rank")
+            _check(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                f"rank_pattern[{key!r}]",
+                value,
+                "a positive integer rank",
+            )
         for key, value in self.alpha_pattern.items():
             _check(_is_number(value) and value > 0, f"alpha_pattern[{key!r}]", value, "a positive number")
         for layer in self.layers_to_transform or []:
-            _check(isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0, "layers_to_transform", self.layers_to_transform,
-                   "non-negative layer indices, e.g. [0, 1]")
+            _check(
+                isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0,
+                "layers_to_transform",
+                self.layers_to_transform,
+                "non-negative layer indices, e.g. [0, 1]",
+            )
         for key, mask in (self.enable_lora or {}).items():
-            _check(len(mask) > 0 and any(mask) and all(isinstance(m, bool) for m in mask),
-                   f"enable_lora[{key!r}]", mask, "a list of booleans with at least one True, e.g. [True, False, True]")
+            _check(
+                len(mask) > 0 and any(mask) and all(isinstance(m, bool) for m in mask),
+                f"enable_lora[{key!r}]",
+                mask,
+                "a list of booleans with at least one True, e.g. [True, False, True]",
+            )
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str) and value != "all-linear":
                 _check_regex(value, name, "pass a list of module names instead, e.g. ['q_proj', 'v_proj']")
         for name in ("rank_pattern", "alpha_pattern", "enable_lora"):
-            for key in getattr(self, name) or {}:   # keys are regexes matched against module paths
+            for key in getattr(self, name) or {}:  # keys are regexes matched against module paths
                 _check_regex(key, f"{name} key", "use a module name or a dotted path suffix")
 
     # -- serialisation in PEFT's format ------------------------------------------------------
@@ -139,31 +199,37 @@ class LoraConfig:
         """The adapter_config.json content PEFT reads (lorakit-only fields left out)."""
         d = dataclasses.asdict(self)
         d.pop("enable_lora")
-        d["target_modules"] = sorted(d["target_modules"]) if isinstance(d["target_modules"], list) else d["target_modules"]
+        d["target_modules"] = (
+            sorted(d["target_modules"]) if isinstance(d["target_modules"], list) else d["target_modules"]
+        )
         d.update(peft_type="LORA", use_dora=False, lora_bias=False)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":
+    def from_dict(cls, d: dict[str, Any]) -> LoraConfig:
         """Build from an adapter_config.json dict (PEFT's or ours); PEFT-only fields at their
         defaults are ignored, a PEFT feature lorakit lacks (DoRA, ...) is a clear error."""
         if d.get("peft_type", "LORA") != "LORA":
             raise ConfigError(f"this adapter is of type {d['peft_type']!r}; lorakit loads LoRA adapters only")
         for key, default in _UNSUPPORTED_PEFT.items():
             if d.get(key, default) not in (default, None, False, [], {}):
-                raise ConfigError(f"the adapter uses PEFT's {key}={d[key]!r}, which lorakit does not "
-                                  "support; retrain or convert it as a plain LoRA adapter")
+                raise ConfigError(
+                    f"the adapter uses PEFT's {key}={d[key]!r}, which lorakit does not "
+                    "support; retrain or convert it as a plain LoRA adapter"
+                )
         if d.get("init_lora_weights") not in (True, False, "kaiming", "gaussian"):
-            d = {**d, "init_lora_weights": True}   # PEFT's other inits only matter before training
+            d = {**d, "init_lora_weights": True}  # PEFT's other inits only matter before training
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "LoraConfig":
+    def from_pretrained(cls, path: str | Path) -> LoraConfig:
         file = Path(path) / CONFIG_NAME
         if not file.is_file():
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: is this an adapter directory? "
-                                    "(lorakit and PEFT write one next to adapter_model.safetensors)")
+            raise FileNotFoundError(
+                f"no {CONFIG_NAME} in {path}: is this an adapter directory? "
+                "(lorakit and PEFT write one next to adapter_model.safetensors)"
+            )
         try:
             # ValueError: bad JSON (JSONDecodeError), bad UTF-8, an integer of more than 4300
             # digits; RecursionError: arrays nested thousands deep. All are the file's fault.
@@ -176,10 +242,10 @@ class LoraConfig:
             return cls.from_dict(d)
         except ConfigError as e:
             raise ConfigError(f"{file}: {e}") from e
-        except (TypeError, RecursionError) as e:   # a value of a type no check foresaw
+        except (TypeError, RecursionError) as e:  # a value of a type no check foresaw
             raise ConfigError(f"{file}: invalid value ({type(e).__name__}: {shorten(e)})") from e
 
-    def replace(self, **changes: Any) -> "LoraConfig":
+    def replace(self, **changes: Any) -> LoraConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -195,7 +261,7 @@ def _is_number(value: Any) -> bool:
         return False
     try:
         return math.isfinite(value)
-    except OverflowError:      # an int too large for a float
+    except OverflowError:  # an int too large for a float
         return False
 
 

@@ -4,9 +4,10 @@ Low-precision `W += ΔW; W -= ΔW` drifts, so the original W0 is kept aside whil
 merged (memory: one copy of that weight) and unmerging restores it bit for bit in any dtype;
 repeated merge/unmerge cycles cannot drift.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -20,7 +21,7 @@ class ExactMerge:
     """The merge state of one base weight."""
 
     def __init__(self) -> None:
-        self.original: Tensor | None = None     # W0, held only while something is merged
+        self.original: Tensor | None = None  # W0, held only while something is merged
 
     @torch.no_grad()
     def apply(self, weight: Tensor, deltas: Sequence[Tensor], safe: bool, why_not_finite: Callable[[], str]) -> None:

@@ -4,21 +4,21 @@ Matching follows PEFT: a list entry matches a module path exactly or as a dotted
 ("query" matches "bert.encoder.layer.0.attention.self.query"); a string is a regex that must
 match the whole path; "all-linear" is every linear layer but the output head.
 """
+
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import regex
 import torch.nn as nn
 
-from .config import ConfigError, LoraConfig
 from .architectures import BLOCK_LISTS, DEFAULT_TARGETS
+from .config import ConfigError, LoraConfig
 from .layers import SUPPORTED_TYPE_NAMES, LoraLayer, is_linear, is_supported, wrap
 from .modules_to_save import ModulesToSave
-
 
 
 class TargetError(ValueError):
@@ -28,6 +28,7 @@ class TargetError(ValueError):
 @dataclass
 class Target:
     """One module that LoRA would wrap, with the settings it gets."""
+
     name: str
     module: nn.Module
     r: int
@@ -45,8 +46,10 @@ def default_targets(model: nn.Module) -> list[str]:
     if model_type in DEFAULT_TARGETS:
         return DEFAULT_TARGETS[model_type]
     known = ", ".join(sorted(DEFAULT_TARGETS))
-    raise TargetError(f"no default LoRA targets for model type {model_type!r} (known: {known}); "
-                      f"set target_modules, e.g. one of: {', '.join(candidate_names(model)) or '(none)'}")
+    raise TargetError(
+        f"no default LoRA targets for model type {model_type!r} (known: {known}); "
+        f"set target_modules, e.g. one of: {', '.join(candidate_names(model)) or '(none)'}"
+    )
 
 
 def name_matches(name: str, spec: list[str] | str) -> bool:
@@ -75,9 +78,11 @@ def _matches(pattern: str, name: str) -> bool:
     try:
         return regex.fullmatch(pattern, name, timeout=PATTERN_TIMEOUT_S) is not None
     except TimeoutError as e:
-        raise TargetError(f"the pattern {pattern!r} took over {PATTERN_TIMEOUT_S:g} s to match {name!r}; "
-                          "use module names or a simpler pattern") from e
-    except regex.error as e:   # valid for `re` (checked in LoraConfig), not for `regex`
+        raise TargetError(
+            f"the pattern {pattern!r} took over {PATTERN_TIMEOUT_S:g} s to match {name!r}; "
+            "use module names or a simpler pattern"
+        ) from e
+    except regex.error as e:  # valid for `re` (checked in LoraConfig), not for `regex`
         raise TargetError(f"the pattern {pattern!r} is not a valid regular expression ({e})") from e
 
 
@@ -131,23 +136,35 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
             continue
         if _within(name, saved) or (config.exclude_modules and name_matches(name, config.exclude_modules)):
             continue
-        if config.layers_to_transform is not None and layer_index(name, config.layers_pattern) not in config.layers_to_transform:
+        if (
+            config.layers_to_transform is not None
+            and layer_index(name, config.layers_pattern) not in config.layers_to_transform
+        ):
             continue
         if _base(module) is None:
             unsupported.append(f"{name} ({type(module).__name__})")
             continue
-        targets.append(Target(name, module,
-                              r=pattern_value(name, config.rank_pattern, config.r),
-                              alpha=pattern_value(name, config.alpha_pattern, config.lora_alpha),
-                              slices=_slices(name, config)))
+        targets.append(
+            Target(
+                name,
+                module,
+                r=pattern_value(name, config.rank_pattern, config.r),
+                alpha=pattern_value(name, config.alpha_pattern, config.lora_alpha),
+                slices=_slices(name, config),
+            )
+        )
     if unsupported:
-        raise TargetError(f"target_modules={spec!r} matched modules LoRA cannot wrap: "
-                          f"{', '.join(unsupported[:5])}; supported layer types are "
-                          f"{', '.join(SUPPORTED_TYPE_NAMES)}. Target their sublayers instead, e.g. "
-                          f"{', '.join(candidate_names(model))}")
+        raise TargetError(
+            f"target_modules={spec!r} matched modules LoRA cannot wrap: "
+            f"{', '.join(unsupported[:5])}; supported layer types are "
+            f"{', '.join(SUPPORTED_TYPE_NAMES)}. Target their sublayers instead, e.g. "
+            f"{', '.join(candidate_names(model))}"
+        )
     if not targets:
-        raise TargetError(f"target_modules={spec!r} matched no module of this "
-                          f"{type(model).__name__}; candidate module names: {', '.join(candidate_names(model))}")
+        raise TargetError(
+            f"target_modules={spec!r} matched no module of this "
+            f"{type(model).__name__}; candidate module names: {', '.join(candidate_names(model))}"
+        )
     return targets
 
 
@@ -195,8 +212,15 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> None
             layer = wrap(t.module)
             if layer is not t.module:
                 set_submodule(model, t.name, layer)
-            layer.add_adapter(adapter_name, t.r, t.alpha, dropout=config.lora_dropout,
-                              use_rslora=config.use_rslora, init=config.init_lora_weights, slices=t.slices)
+            layer.add_adapter(
+                adapter_name,
+                t.r,
+                t.alpha,
+                dropout=config.lora_dropout,
+                use_rslora=config.use_rslora,
+                init=config.init_lora_weights,
+                slices=t.slices,
+            )
         for name in _modules_to_save_names(model, config):
             module = model.get_submodule(name)
             if not isinstance(module, ModulesToSave):
@@ -204,7 +228,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> None
                 set_submodule(model, name, module)
             module.add_adapter(adapter_name)
     except BaseException:
-        remove_adapter_modules(model, adapter_name)   # roll back: the model is as it was
+        remove_adapter_modules(model, adapter_name)  # roll back: the model is as it was
         raise
     lora_configs(model)[adapter_name] = config
 
@@ -237,10 +261,18 @@ def freeze_base(model: nn.Module) -> None:
 
 def own_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
     """Adapter `adapter_name`'s own parameters: A and B of every layer, its head copies."""
-    params = [p for _, layer in lora_layers(model) if adapter_name in layer.lora_A
-              for p in (layer.lora_A[adapter_name], layer.lora_B[adapter_name])]
-    params += [p for _, w in saved_modules(model) if adapter_name in w.modules_to_save
-               for p in w.modules_to_save[adapter_name].parameters()]
+    params = [
+        p
+        for _, layer in lora_layers(model)
+        if adapter_name in layer.lora_A
+        for p in (layer.lora_A[adapter_name], layer.lora_B[adapter_name])
+    ]
+    params += [
+        p
+        for _, w in saved_modules(model)
+        if adapter_name in w.modules_to_save
+        for p in w.modules_to_save[adapter_name].parameters()
+    ]
     return params
 
 
@@ -252,11 +284,15 @@ def freeze_adapter(model: nn.Module, adapter_name: str) -> None:
 
 def check_adapter_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
-        raise ConfigError(f"adapter name {name!r} is invalid: use letters, digits, '_' and '-' "
-                          "(it becomes a parameter name and a directory name)")
+        raise ConfigError(
+            f"adapter name {name!r} is invalid: use letters, digits, '_' and '-' "
+            "(it becomes a parameter name and a directory name)"
+        )
     if name in lora_configs(model):
-        raise ConfigError(f"the model already has an adapter named {name!r}; "
-                          "delete it (lorakit.delete_adapter) or choose another adapter_name")
+        raise ConfigError(
+            f"the model already has an adapter named {name!r}; "
+            "delete it (lorakit.delete_adapter) or choose another adapter_name"
+        )
 
 
 def _modules_to_save_names(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -264,8 +300,10 @@ def _modules_to_save_names(model: nn.Module, config: LoraConfig) -> list[str]:
         return []
     names = [n for n, _ in _plain_modules(model) if n and name_matches(n, config.modules_to_save)]
     if not names:
-        raise TargetError(f"modules_to_save={config.modules_to_save!r} matched no module; top-level "
-                          f"modules are: {', '.join(n for n, _ in model.named_children())}")
+        raise TargetError(
+            f"modules_to_save={config.modules_to_save!r} matched no module; top-level "
+            f"modules are: {', '.join(n for n, _ in model.named_children())}"
+        )
     # A match inside another match (classifier.dense inside classifier) is covered by its parent.
     return [n for n in names if not any(n.startswith(p + ".") for p in names)]
 
@@ -290,10 +328,15 @@ def bias_names(model: nn.Module, config: LoraConfig) -> list[str]:
     if config.bias == "none":
         return []
     if config.bias == "all":
-        return [n for n, _ in model.named_parameters() if n.endswith("bias") and ".lora_" not in n
-                and ".modules_to_save." not in n and ".original_module." not in n]
-    return [f"{n}.base_layer.bias" for n, m in lora_layers(model)
-            if getattr(m.base_layer, "bias", None) is not None]
+        return [
+            n
+            for n, _ in model.named_parameters()
+            if n.endswith("bias")
+            and ".lora_" not in n
+            and ".modules_to_save." not in n
+            and ".original_module." not in n
+        ]
+    return [f"{n}.base_layer.bias" for n, m in lora_layers(model) if getattr(m.base_layer, "bias", None) is not None]
 
 
 def set_trainable(model: nn.Module, adapter_name: str) -> None:

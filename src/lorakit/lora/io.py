@@ -17,6 +17,7 @@ directory or file is a FileNotFoundError. Nothing is allocated beyond what the f
 safetensors checks every declared shape and offset against the file size before reading,
 and the adapter's own tensors are bounded by the model's layer sizes (r <= min(in, out)).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,19 @@ from safetensors.torch import load_file, save_file
 from .._fs import atomic_write_json, atomic_write_with
 from .adapters import delete_adapter
 from .config import CONFIG_NAME, ConfigError, LoraConfig, shorten
-from .inject import (TargetError, add_adapter, bias_names, find_targets, freeze_adapter, freeze_base, lora_configs,
-                     lora_layers, pattern_value, saved_modules, set_trainable)
+from .inject import (
+    TargetError,
+    add_adapter,
+    bias_names,
+    find_targets,
+    freeze_adapter,
+    freeze_base,
+    lora_configs,
+    lora_layers,
+    pattern_value,
+    saved_modules,
+    set_trainable,
+)
 from .layers import LoraEmbedding, LoraLayer
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -101,7 +113,7 @@ def adapter_config_dict(model: nn.Module, adapter_name: str = "default") -> dict
     d = config.replace(enable_lora=None, target_modules=_target_spec(model, config, layers)).to_peft_dict()
     for path, layer in layers.items():
         r = layer.rank(adapter_name)
-        alpha = layer.scaling[adapter_name] * (r ** 0.5 if config.use_rslora else r)
+        alpha = layer.scaling[adapter_name] * (r**0.5 if config.use_rslora else r)
         if r != pattern_value(path, config.rank_pattern, config.r):
             d["rank_pattern"][path] = r
         if abs(alpha - pattern_value(path, config.alpha_pattern, config.lora_alpha)) > 1e-9 * alpha:
@@ -123,8 +135,9 @@ def _target_spec(model: nn.Module, config: LoraConfig, layers: dict) -> list[str
     return leaves if found == set(layers) else sorted(layers)
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", *,
-                 write: bool = True) -> Path:
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", *, write: bool = True
+) -> Path:
     """Write adapter `adapter_name` to directory `path` in PEFT's format. Each file is
     written atomically (temp file + rename): an interrupted save leaves the old files intact.
 
@@ -158,17 +171,21 @@ def read_adapter_weights(path: str | os.PathLike, allow_pickle: bool = False) ->
         if legacy.is_file() and allow_pickle:
             return _read_pickle(legacy)
         if legacy.is_file():
-            raise AdapterLoadError(f"{path} holds only a pickle file ({PICKLE_WEIGHTS_NAME}); pickle can run "
-                                   "code, so lorakit does not read it by default. Pass allow_pickle=True "
-                                   "(read with weights_only=True) or convert it to safetensors")
+            raise AdapterLoadError(
+                f"{path} holds only a pickle file ({PICKLE_WEIGHTS_NAME}); pickle can run "
+                "code, so lorakit does not read it by default. Pass allow_pickle=True "
+                "(read with weights_only=True) or convert it to safetensors"
+            )
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
     try:
         # safetensors validates the header (shapes, dtypes, offsets) against the file size
         # before it reads a tensor, so a hostile header cannot make it allocate more than the file.
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterLoadError(f"{file} is not a readable safetensors file ({shorten(e)}); it may be truncated "
-                               "or corrupted: save the adapter again") from e
+        raise AdapterLoadError(
+            f"{file} is not a readable safetensors file ({shorten(e)}); it may be truncated "
+            "or corrupted: save the adapter again"
+        ) from e
 
 
 def _read_pickle(file: Path) -> dict[str, torch.Tensor]:
@@ -181,23 +198,33 @@ def _read_pickle(file: Path) -> dict[str, torch.Tensor]:
         with zipfile.ZipFile(file) as z:
             records = z.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise AdapterLoadError(f"{file} is not in torch.save's zip format ({shorten(e)}); lorakit reads only "
-                               "that pickle format: convert the adapter to safetensors") from e
+        raise AdapterLoadError(
+            f"{file} is not in torch.save's zip format ({shorten(e)}); lorakit reads only "
+            "that pickle format: convert the adapter to safetensors"
+        ) from e
     if any(r.compress_type != zipfile.ZIP_STORED for r in records) or sum(r.file_size for r in records) > size:
-        raise AdapterLoadError(f"{file} holds compressed or oversized records, which torch.save never writes; "
-                               "refusing to read it")
+        raise AdapterLoadError(
+            f"{file} holds compressed or oversized records, which torch.save never writes; refusing to read it"
+        )
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling failure is the file's fault
         raise AdapterLoadError(f"{file} could not be read safely: {shorten(e)}") from e
-    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                            for k, v in state.items())):
+    if not (
+        isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
         raise AdapterLoadError(f"{file} does not hold a {{name: tensor}} dict; not an adapter's weights")
     return state
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, *,
-                 is_trainable: bool = False, allow_pickle: bool = False) -> nn.Module:
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str | None = None,
+    *,
+    is_trainable: bool = False,
+    allow_pickle: bool = False,
+) -> nn.Module:
     """Load the adapter at `path` (written by lorakit or PEFT) as `adapter_name` (default
     "default"), wrapping the model's modules first where they are not wrapped yet.
 
@@ -214,16 +241,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     try:
         add_adapter(model, config, name)
     except TargetError as e:
-        raise AdapterLoadError(f"the adapter at {path} (made for {config.base_model_name_or_path or 'an unknown base'}) "
-                               f"does not fit this {type(model).__name__}: {e}") from e
+        raise AdapterLoadError(
+            f"the adapter at {path} (made for {config.base_model_name_or_path or 'an unknown base'}) "
+            f"does not fit this {type(model).__name__}: {e}"
+        ) from e
     except ConfigError:
-        raise                    # the adapter name: the caller's argument, not the file
-    except ValueError as e:      # a rank larger than a layer, a slice mask that does not fit, ...
+        raise  # the adapter name: the caller's argument, not the file
+    except ValueError as e:  # a rank larger than a layer, a slice mask that does not fit, ...
         raise AdapterConfigError(f"{Path(path) / CONFIG_NAME} does not fit this {type(model).__name__}: {e}") from e
     try:
         _copy_into(model, name, config, state, path)
     except BaseException:
-        delete_adapter(model, name)   # nothing half-loaded stays behind
+        delete_adapter(model, name)  # nothing half-loaded stays behind
         raise
     if is_trainable:
         set_trainable(model, name)
@@ -239,24 +268,29 @@ def _copy_into(model: nn.Module, name: str, config: LoraConfig, state: dict[str,
     missing = sorted(set(targets) - set(state))
     unexpected = sorted(set(state) - set(targets))
     if missing or unexpected:
-        raise AdapterLoadError(f"adapter at {path} does not match the model: "
-                               f"{_few('missing', missing)}{'; ' if missing and unexpected else ''}"
-                               f"{_few('unexpected', unexpected)}. Was it made for another model or config?")
+        raise AdapterLoadError(
+            f"adapter at {path} does not match the model: "
+            f"{_few('missing', missing)}{'; ' if missing and unexpected else ''}"
+            f"{_few('unexpected', unexpected)}. Was it made for another model or config?"
+        )
     # Shapes and dtypes of every tensor first (cheap), then values: a bad file costs no
     # full pass over its tensors, and nothing is copied unless all of them pass.
     for key, target in targets.items():
         value = state[key]
         if value.shape != target.shape:
-            raise AdapterLoadError(f"{path}: {key}: the file has shape {tuple(value.shape)}, the model expects "
-                                   f"{tuple(target.shape)} (adapter_config.json says r={config.r}; a rank or "
-                                   "base-model size mismatch)")
+            raise AdapterLoadError(
+                f"{path}: {key}: the file has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(target.shape)} (adapter_config.json says r={config.r}; a rank or "
+                "base-model size mismatch)"
+            )
         # A float parameter takes any float type torch can check and cast; a non-float buffer
         # of a saved module (BatchNorm's step count) exactly its own type.
         ok = value.dtype in WEIGHT_DTYPES if target.is_floating_point() else value.dtype == target.dtype
         if not ok:
-            raise AdapterLoadError(f"{path}: {key} has dtype {value.dtype}; adapter weights must be float16, "
-                                   "bfloat16, float32 or float64")
-    for key, target in targets.items():
+            raise AdapterLoadError(
+                f"{path}: {key} has dtype {value.dtype}; adapter weights must be float16, bfloat16, float32 or float64"
+            )
+    for key in targets:
         if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
             raise AdapterLoadError(f"{path}: {key} holds NaN or infinite values; refusing to load a broken adapter")
     for key, target in targets.items():

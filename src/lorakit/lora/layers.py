@@ -9,10 +9,11 @@ variants.py) and, for the per-slice variant of a fused projection, `slices[name]
 Exact merging lives in exact.py, mixed-batch routing in mixed.py, the math in functional.py,
 whole modules trained per adapter (a new task head) in modules_to_save.py.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,7 +37,8 @@ def conv1d_type() -> type | None:
 
 class LoraLayer(nn.Module):
     """Base class: adapter bookkeeping, merge/unmerge, the forward skeleton."""
-    fan_in: int      # set by each layer type
+
+    fan_in: int  # set by each layer type
     fan_out: int
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -67,21 +69,34 @@ class LoraLayer(nn.Module):
         return self.base_layer.weight
 
     # -- adapters --------------------------------------------------------------------------
-    def add_adapter(self, name: str, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-                    init: bool | str = True, slices: Sequence[bool] | None = None,
-                    variant: LoraVariant = PLAIN) -> None:
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: bool | str = True,
+        slices: Sequence[bool] | None = None,
+        variant: LoraVariant = PLAIN,
+    ) -> None:
         """Create adapter `name`: A random (Kaiming-uniform or Gaussian), B zero, so the
         wrapped layer starts out computing exactly what the base layer computes."""
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer; delete it first or pick another name")
         if r > min(self.fan_in, self.fan_out):
-            raise ValueError(f"rank r={r} exceeds this layer's size ({self.fan_out}x{self.fan_in}); "
-                             f"use r <= {min(self.fan_in, self.fan_out)}")
+            raise ValueError(
+                f"rank r={r} exceeds this layer's size ({self.fan_out}x{self.fan_in}); "
+                f"use r <= {min(self.fan_in, self.fan_out)}"
+            )
         a_shape, b_shape = self._lora_shapes(r)
-        if slices is not None:   # k enabled slices, each its own rank-r pair
+        if slices is not None:  # k enabled slices, each its own rank-r pair
             if self.fan_out % len(slices):
-                raise ValueError(f"enable_lora mask of length {len(slices)} does not divide the "
-                                 f"layer's {self.fan_out} outputs into equal slices")
+                raise ValueError(
+                    f"enable_lora mask of length {len(slices)} does not divide the "
+                    f"layer's {self.fan_out} outputs into equal slices"
+                )
             a_shape = (sum(slices) * r, *a_shape[1:])
             b_shape = (sum(slices) * self.fan_out // len(slices), r)
         w = self.weight
@@ -103,7 +118,7 @@ class LoraLayer(nn.Module):
             nn.init.normal_(A, std=1 / r)
         else:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        if init is False:   # non-identity start: lets tests see the adapter's effect
+        if init is False:  # non-identity start: lets tests see the adapter's effect
             nn.init.normal_(B, std=0.02)
 
     def delete_adapter(self, name: str) -> None:
@@ -159,17 +174,22 @@ class LoraLayer(nn.Module):
         """Make the base weight W0 + Σ ΔW over `names` (exact.py: rounded once, unmerged bit
         for bit); `safe` refuses a NaN/inf result and leaves the layer as it was."""
         names = [n for n in names if n in self.lora_A]
-        self.exact.apply(self.dense_weight(), [self.delta_weight(n) for n in names], safe,
-                         lambda: self._why_not_finite(names))
+        self.exact.apply(
+            self.dense_weight(), [self.delta_weight(n) for n in names], safe, lambda: self._why_not_finite(names)
+        )
         self.merged_adapters = names
 
     def _why_not_finite(self, names: Sequence[str]) -> str:
         broken = [n for n in names if not all(torch.isfinite(m).all() for m in (self.lora_A[n], self.lora_B[n]))]
         if broken:
-            return (f"adapter(s) {broken} hold NaN or infinite weights; refusing to merge a broken adapter "
-                    "(retrain it, or resume from a checkpoint before the divergence)")
-        return (f"merging {list(names)} gives NaN or infinite values in the {self.weight.dtype} base weight (an "
-                "overflow); merge into a float32 copy of the model, or keep the adapter unmerged")
+            return (
+                f"adapter(s) {broken} hold NaN or infinite weights; refusing to merge a broken adapter "
+                "(retrain it, or resume from a checkpoint before the divergence)"
+            )
+        return (
+            f"merging {list(names)} gives NaN or infinite values in the {self.weight.dtype} base weight (an "
+            "overflow); merge into a float32 copy of the model, or keep the adapter unmerged"
+        )
 
     def merge(self, names: Sequence[str] | None = None, safe: bool = True) -> None:
         names = self.active_adapters if names is None else names
@@ -186,7 +206,7 @@ class LoraLayer(nn.Module):
         if self.mixed is not None:
             if self.merged_adapters:
                 raise RuntimeError("mixed_batch needs unmerged adapters; call lorakit.unmerge(model) first")
-            if self.mixed.uniform:   # every row on one adapter (or none): the ordinary path, no gathering
+            if self.mixed.uniform:  # every row on one adapter (or none): the ordinary path, no gathering
                 name = self.mixed.only
                 return self._adapter_forward(x, out, name) if name in self.lora_A else out
             return self._mixed_forward(x, out)
@@ -210,8 +230,9 @@ class LoraLayer(nn.Module):
         """Plain LoRA: out + scaling·dropout(x)·Aᵀ·Bᵀ. x: [..., in], out: [..., out]."""
         A, B = self.A_matrix(name), self.B_matrix(name)
         # Adapters run in the compute dtype (x's): cast the small A and B, never the activations.
-        return LF.lora_forward(self.dropout(x, self.dropout_p[name]), out, A.to(x.dtype), B.to(x.dtype),
-                               self.scaling[name])
+        return LF.lora_forward(
+            self.dropout(x, self.dropout_p[name]), out, A.to(x.dtype), B.to(x.dtype), self.scaling[name]
+        )
 
     def extra_repr(self) -> str:
         ranks = {n: self.rank(n) for n in self.adapter_names}
@@ -253,14 +274,21 @@ class LoraEmbedding(LoraLayer):
     def lora_term(self, ids: Tensor, out: Tensor, name: str) -> Tensor:
         # The lookup replaces x·Aᵀ: h = A[:, ids]ᵀ -> [..., r]; no dropout on token ids.
         e = self.base_layer
-        h = F.embedding(ids, self.A_matrix(name).to(out.dtype).t(), e.padding_idx, e.max_norm, e.norm_type,
-                        e.scale_grad_by_freq, e.sparse)
+        h = F.embedding(
+            ids,
+            self.A_matrix(name).to(out.dtype).t(),
+            e.padding_idx,
+            e.max_norm,
+            e.norm_type,
+            e.scale_grad_by_freq,
+            e.sparse,
+        )
         return LF.lora_forward_h(h, out, self.B_matrix(name).to(out.dtype), self.scaling[name])
 
     def _mixed_forward(self, ids: Tensor, out: Tensor) -> Tensor:
-        At, Bt, index = mixed_weights(self, ids.shape[0], ids.device, out.dtype)   # [n+1, num, r], [n+1, r, dim]
+        At, Bt, index = mixed_weights(self, ids.shape[0], ids.device, out.dtype)  # [n+1, num, r], [n+1, r, dim]
         rows = index.view(-1, *([1] * (ids.dim() - 1))).expand_as(ids)
-        h = At[rows, ids]                                                 # [b, ..., r]
+        h = At[rows, ids]  # [b, ..., r]
         delta = torch.bmm(h.reshape(ids.shape[0], -1, h.shape[-1]), Bt.index_select(0, index))
         return out + delta.view(out.shape)
 
@@ -309,8 +337,9 @@ def wrap(module: nn.Module) -> LoraLayer:
         return LoraEmbedding(module)
     if isinstance(module, nn.Conv2d):
         return LoraConv2d(module)
-    raise TypeError(f"{type(module).__name__} is not a layer type LoRA can wrap; "
-                    f"supported: {', '.join(SUPPORTED_TYPE_NAMES)}")
+    raise TypeError(
+        f"{type(module).__name__} is not a layer type LoRA can wrap; supported: {', '.join(SUPPORTED_TYPE_NAMES)}"
+    )
 
 
 def is_linear(module: nn.Module) -> bool:

@@ -1,14 +1,15 @@
 """Merging ΔW into the base weights (no added latency) and taking LoRA out again."""
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
-from .adapters import require_adapters, active_adapters
-from .inject import lora_configs, lora_layers, saved_modules, set_submodule
+from .adapters import active_adapters, require_adapters
 from .exact import MergeError
+from .inject import lora_configs, lora_layers, saved_modules, set_submodule
 from .layers import LoraLayer
 
 
@@ -21,8 +22,11 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, safe_mer
     if adapter_names is not None:
         require_adapters(model, adapter_names)
     _refuse_tied(model)
-    _merge_all(model, lambda layer: [*layer.merged_adapters,
-                                     *(layer.active_adapters if adapter_names is None else adapter_names)], safe_merge)
+    _merge_all(
+        model,
+        lambda layer: [*layer.merged_adapters, *(layer.active_adapters if adapter_names is None else adapter_names)],
+        safe_merge,
+    )
     return model
 
 
@@ -53,9 +57,11 @@ def _refuse_tied(model: nn.Module) -> None:
     for path, layer in lora_layers(model):
         shared = owners.get(id(layer.weight), [])
         if len(shared) > 1:
-            raise RuntimeError(f"cannot merge into {path}: its weight is tied to "
-                               f"{', '.join(n for n in shared if not n.startswith(path + '.'))}, which "
-                               "would change as well. Keep this adapter unmerged, or untie the weights first")
+            raise RuntimeError(
+                f"cannot merge into {path}: its weight is tied to "
+                f"{', '.join(n for n in shared if not n.startswith(path + '.'))}, which "
+                "would change as well. Keep this adapter unmerged, or untie the weights first"
+            )
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -77,7 +83,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = True) -> nn.Module:
     # Merge everywhere first (all or nothing), then unwrap: a refused merge leaves the model as it was.
     _merge_all(model, lambda layer: names, safe_merge)
     for name, layer in list(lora_layers(model)):
-        layer.exact.forget()   # the merge is final: drop the copy kept for unmerge
+        layer.exact.forget()  # the merge is final: drop the copy kept for unmerge
         set_submodule(model, name, layer.base_layer)
     return _unload_wrappers(model)
 
@@ -87,8 +93,10 @@ def _refuse_non_finite_heads(model: nn.Module) -> None:
     for path, wrapper in saved_modules(model):
         for key, value in wrapper.active_module().state_dict().items():
             if value.is_floating_point() and not torch.isfinite(value).all():
-                raise MergeError(f"cannot merge: the adapter's copy of {path}.{key} holds NaN or infinite values; "
-                                 "refusing to merge a broken adapter. Nothing was merged")
+                raise MergeError(
+                    f"cannot merge: the adapter's copy of {path}.{key} holds NaN or infinite values; "
+                    "refusing to merge a broken adapter. Nothing was merged"
+                )
 
 
 def unload(model: nn.Module) -> nn.Module:

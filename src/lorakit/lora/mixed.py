@@ -5,6 +5,7 @@
 (`functional.mixed_lora_forward`), from a stack of the layer's adapters that `AdapterStacks`
 keeps while their weights do not change.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -22,10 +23,11 @@ if TYPE_CHECKING:  # the layer type, for annotations only (layers.py imports thi
 @dataclass
 class MixedRows:
     """Which adapter each batch row uses: `names[index[i]]`, index == len(names) for none."""
+
     names: tuple[str, ...]
     index: Tensor  # [batch] long
 
-    uniform: bool = field(init=False)     # every row on the same adapter (or every row on none)
+    uniform: bool = field(init=False)  # every row on the same adapter (or every row on none)
     _routes: dict = field(init=False, default_factory=dict, repr=False)
     _bags: dict = field(init=False, default_factory=dict, repr=False)
 
@@ -59,10 +61,12 @@ class MixedRows:
         index = self.index.to(device)
         if batch == len(index):
             return index
-        if batch % len(index) == 0:   # generate() repeats rows for beams / num_return_sequences
+        if batch % len(index) == 0:  # generate() repeats rows for beams / num_return_sequences
             return index.repeat_interleave(batch // len(index))
-        raise ValueError(f"mixed_batch was given {len(index)} adapter names but the batch has "
-                         f"{batch} rows; pass one name (or None) per row")
+        raise ValueError(
+            f"mixed_batch was given {len(index)} adapter names but the batch has "
+            f"{batch} rows; pass one name (or None) per row"
+        )
 
 
 class AdapterStacks:
@@ -71,7 +75,7 @@ class AdapterStacks:
     keyed on the parameters' version counters, so an optimizer step or a load invalidates it."""
 
     def __init__(self) -> None:
-        self._cache: tuple | None = None    # (names, dtype, params, their versions, stacks)
+        self._cache: tuple | None = None  # (names, dtype, params, their versions, stacks)
 
     def clear(self) -> None:
         self._cache = None
@@ -94,8 +98,9 @@ class AdapterStacks:
         return stacks
 
 
-def mixed_weights(layer: LoraLayer, batch: int, device: torch.device, dtype: torch.dtype
-                  ) -> tuple[Tensor, Tensor, Tensor]:
+def mixed_weights(
+    layer: LoraLayer, batch: int, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
     """Stacked weights and each row's slot in them.
 
     Training stacks just the adapters of this batch (differentiable). Inference stacks every

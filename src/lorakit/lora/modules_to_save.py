@@ -1,4 +1,5 @@
 """Whole modules trained per adapter, beside the low-rank ones (PEFT's `modules_to_save`)."""
+
 from __future__ import annotations
 
 import copy
@@ -51,5 +52,9 @@ class ModulesToSave(nn.Module):
             name = self.active_adapter if self.mixed is None else self.mixed.only
             return self.module_for(name)(x, *args, **kwargs)
         # Heads are small: each adapter's copy runs on its own rows.
-        return per_adapter_rows(self, x, self.original_module(x, *args, **kwargs),
-                                lambda name, xs, outs: self.modules_to_save[name](xs, *args, **kwargs))
+        return per_adapter_rows(
+            self,
+            x,
+            self.original_module(x, *args, **kwargs),
+            lambda name, xs, outs: self.modules_to_save[name](xs, *args, **kwargs),
+        )

@@ -11,6 +11,7 @@ and the layer's `dense_weight` hook is where merging reads it.
     variant.forward(layer, name, x, out)     out + this adapter's term, x: [..., in]
     variant.delta_weight(layer, name)        ΔW in fp32, the base weight's layout
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -23,9 +24,10 @@ if TYPE_CHECKING:
 
 class LoraVariant:
     """Plain LoRA (Hu et al. 2021): the layer type's own low-rank term and ΔW."""
+
     name = "lora"
-    gathered = True      # may join a mixed batch's gathered matmul (a variant with its own
-                         # per-row math sets False and runs per adapter there)
+    gathered = True  # may join a mixed batch's gathered matmul (a variant with its own
+    # per-row math sets False and runs per adapter there)
 
     def create(self, layer: LoraLayer, adapter: str) -> None:
         """Make the variant's extra parameters (plain LoRA has none)."""

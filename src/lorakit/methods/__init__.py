@@ -14,11 +14,34 @@ new_modules)` sets a model up; `save_method` / `load_method` write and read only
 trains (method_config.json + method_model.safetensors; LoRA: PEFT's format);
 `method_parameter_count` counts as the paper does (task head excluded).
 """
+
 from .apply import METHODS, Method, MethodSpec, apply_method, build, lora_config, method_parameter_count, method_spec
 from .errors import MethodError
-from .io import (METHOD_CONFIG, MethodLoadError, is_method_dir, load_method, method_state_dict, read_method_config,
-                 save_method)
+from .io import (
+    METHOD_CONFIG,
+    MethodLoadError,
+    is_method_dir,
+    load_method,
+    method_state_dict,
+    read_method_config,
+    save_method,
+)
 
-__all__ = ["METHODS", "METHOD_CONFIG", "Method", "MethodError", "MethodLoadError", "MethodSpec", "apply_method",
-           "build", "is_method_dir", "lora_config", "load_method", "method_parameter_count", "method_spec", "method_state_dict",
-           "read_method_config", "save_method"]
+__all__ = [
+    "METHODS",
+    "METHOD_CONFIG",
+    "Method",
+    "MethodError",
+    "MethodLoadError",
+    "MethodSpec",
+    "apply_method",
+    "build",
+    "is_method_dir",
+    "lora_config",
+    "load_method",
+    "method_parameter_count",
+    "method_spec",
+    "method_state_dict",
+    "read_method_config",
+    "save_method",
+]

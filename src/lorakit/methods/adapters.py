@@ -11,6 +11,7 @@ sum (and, in BERT, before its LayerNorm):
     adapter-l   Lin: after the MLP only, with its own LayerNorm on the adapter's input
                 per block d·m + m + m·d + d + 2·d parameters
 """
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -21,16 +22,15 @@ from ..lora.inject import set_submodule
 from .errors import MethodError
 
 
-
 class Adapter(nn.Module):
     """h: [..., d] -> h + up(act(down(norm(h)))): [..., d], bottleneck m; the identity at init."""
 
     def __init__(self, d: int, m: int, layer_norm: bool = False) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d) if layer_norm else nn.Identity()
-        self.down = nn.Linear(d, m)            # [m, d]
+        self.down = nn.Linear(d, m)  # [m, d]
         self.act = nn.GELU()
-        self.up = nn.Linear(m, d)              # [d, m], zero: the adapter starts as the identity
+        self.up = nn.Linear(m, d)  # [d, m], zero: the adapter starts as the identity
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
@@ -47,7 +47,7 @@ class WithAdapter(nn.Module):
         self.adapter = adapter
 
     @property
-    def weight(self) -> Tensor:   # models that read `proj.weight.dtype` (T5) still can
+    def weight(self) -> Tensor:  # models that read `proj.weight.dtype` (T5) still can
         return self.base_layer.weight
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -78,8 +78,10 @@ def find_sites(model: nn.Module) -> tuple[list[str], list[str]]:
             return attn_sites, mlp_sites
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     known = "; ".join(f"{arch}: {a} + {m}" for arch, (a, m) in ADAPTER_SITES.items())
-    raise MethodError(f"adapters: cannot find the attention and MLP output projections of this "
-                      f"{type(model).__name__} (model type {model_type!r}). Known layouts: {known}")
+    raise MethodError(
+        f"adapters: cannot find the attention and MLP output projections of this "
+        f"{type(model).__name__} (model type {model_type!r}). Known layouts: {known}"
+    )
 
 
 def add_adapters(model: nn.Module, kind: str, adapter_size: int) -> nn.Module:

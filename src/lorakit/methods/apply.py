@@ -1,8 +1,10 @@
 """The registry of methods, applying one to a model, and counting its parameters."""
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch.nn as nn
 
@@ -16,7 +18,7 @@ from .prefix import PrefixModel
 @dataclass(frozen=True)
 class Method:
     summary: str
-    options: tuple[str, ...] = ()     # the TrainConfig fields it is built from
+    options: tuple[str, ...] = ()  # the TrainConfig fields it is built from
 
 
 METHODS: dict[str, Method] = {
@@ -43,18 +45,21 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 SPEC_KEY = "lorakit_method"
-PAPER_COUNT_NOTE = ("paper_count: the trainable parameters without the task head, as the LoRA paper counts them; "
-                    "head: the freshly initialised task head, trained by every method")
+PAPER_COUNT_NOTE = (
+    "paper_count: the trainable parameters without the task head, as the LoRA paper counts them; "
+    "head: the freshly initialised task head, trained by every method"
+)
 
 
 @dataclass
 class MethodSpec:
     """What a non-LoRA method did to a model: enough to rebuild it on a fresh base."""
+
     name: str
-    settings: dict[str, Any]         # e.g. {"adapter_size": 16}
-    head_modules: list[str]          # new task-head modules of the base model, trained in full
-    params: list[str]                # names of the parameters the method trains (and saves)
-    head_params: list[str]           # those of them in the head
+    settings: dict[str, Any]  # e.g. {"adapter_size": 16}
+    head_modules: list[str]  # new task-head modules of the base model, trained in full
+    params: list[str]  # names of the parameters the method trains (and saves)
+    head_params: list[str]  # those of them in the head
 
 
 def method_spec(model: nn.Module) -> MethodSpec | None:
@@ -75,24 +80,36 @@ def apply_method(model: nn.Module, config, new_modules: Sequence[str]) -> nn.Mod
     if config.method not in METHODS:
         raise unknown_method(config.method)
     if config.method.startswith("prefix") and config.eval_generate:
-        raise MethodError(f"{config.method} cannot generate text; drop --eval-generate (loss and perplexity are still scored)")
+        raise MethodError(
+            f"{config.method} cannot generate text; drop --eval-generate (loss and perplexity are still scored)"
+        )
     settings = {option: getattr(config, option) for option in METHODS[config.method].options}
     return build(model, config.method, settings, new_modules)
 
 
 def lora_config(config, new_modules: Sequence[str]) -> lora.LoraConfig:
     """The LoraConfig a TrainConfig asks for; the new task-head modules train in full."""
-    return lora.LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=config.targets,
-                           lora_dropout=config.dropout, use_rslora=config.use_rslora,
-                           init_lora_weights=True if config.init == "kaiming" else "gaussian",
-                           modules_to_save=list(new_modules) or None, base_model_name_or_path=config.model)
+    return lora.LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        target_modules=config.targets,
+        lora_dropout=config.dropout,
+        use_rslora=config.use_rslora,
+        init_lora_weights=True if config.init == "kaiming" else "gaussian",
+        modules_to_save=list(new_modules) or None,
+        base_model_name_or_path=config.model,
+    )
 
 
 def build(model: nn.Module, name: str, settings: dict[str, Any], head_modules: Sequence[str] = ()) -> nn.Module:
     """Apply non-LoRA method `name` with `settings` to `model`: everything is frozen but what
     the method trains and the head modules."""
     if name not in _BUILDERS:
-        raise unknown_method(name) if name not in METHODS else MethodError(f"{name} is not built here: use lorakit.inject")
+        raise (
+            unknown_method(name)
+            if name not in METHODS
+            else MethodError(f"{name} is not built here: use lorakit.inject")
+        )
     model.requires_grad_(False)
     for head in head_modules:
         try:
@@ -105,8 +122,13 @@ def build(model: nn.Module, name: str, settings: dict[str, Any], head_modules: S
     if not params:
         raise MethodError(f"{name} leaves nothing to train in this {type(model).__name__}")
     heads = [inner + h for h in head_modules]
-    root.__dict__[SPEC_KEY] = MethodSpec(name, dict(settings), list(head_modules), params,
-                                         [n for n in params if any(n.startswith(h + ".") for h in heads)])
+    root.__dict__[SPEC_KEY] = MethodSpec(
+        name,
+        dict(settings),
+        list(head_modules),
+        params,
+        [n for n in params if any(n.startswith(h + ".") for h in heads)],
+    )
     return root
 
 
@@ -125,5 +147,11 @@ def method_parameter_count(model: nn.Module) -> dict[str, Any]:
         head = sum(p.numel() for _, w in saved_modules(model) for p in w.modules_to_save.parameters())
         biases = {b for config in lora_configs(model).values() for b in bias_names(model, config)}
         trainable = lora.count_parameters(model).adapter + sum(sizes[b] for b in biases) + head
-    return {"method": name, "trainable": trainable, "head": head, "paper_count": trainable - head,
-            "total": sum(sizes.values()), "note": PAPER_COUNT_NOTE}
+    return {
+        "method": name,
+        "trainable": trainable,
+        "head": head,
+        "paper_count": trainable - head,
+        "total": sum(sizes.values()),
+        "note": PAPER_COUNT_NOTE,
+    }

@@ -3,6 +3,7 @@
 Each takes a frozen model and sets `requires_grad` on what it trains (the new task head is
 added by the caller); nothing is wrapped or added, so the model's outputs start unchanged.
 """
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -10,11 +11,14 @@ import torch.nn as nn
 from ..lora import architectures
 from .errors import MethodError
 
+
 def block_stacks(model: nn.Module) -> list[nn.ModuleList]:
     stacks = architectures.block_stacks(model)
     if not stacks:
-        raise MethodError(f"cannot find the transformer blocks of this {type(model).__name__}: no module list "
-                          f"named {', '.join(architectures.BLOCK_LISTS)}")
+        raise MethodError(
+            f"cannot find the transformer blocks of this {type(model).__name__}: no module list "
+            f"named {', '.join(architectures.BLOCK_LISTS)}"
+        )
     return stacks
 
 
@@ -36,8 +40,10 @@ def train_biases(model: nn.Module) -> nn.Module:
     """bitfit: every parameter named `bias` trains (projections, MLP and LayerNorm biases)."""
     biases = [p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] == "bias"]
     if not biases:
-        raise MethodError(f"bitfit trains bias terms, and this {type(model).__name__} has none "
-                          "(LLaMA-style models have no biases); choose another --method")
+        raise MethodError(
+            f"bitfit trains bias terms, and this {type(model).__name__} has none "
+            "(LLaMA-style models have no biases); choose another --method"
+        )
     for p in biases:
         p.requires_grad_(True)
     return model

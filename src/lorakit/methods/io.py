@@ -8,6 +8,7 @@ Loading rebuilds the method on a fresh base from method_config.json, then copies
 in, strictly: missing or unexpected names, other shapes, non-float or non-finite values are
 errors naming the keys.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,9 +49,13 @@ def method_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def method_config_dict(model: nn.Module) -> dict:
     spec = _spec(model)
     base = model.model if isinstance(model, PrefixModel) else model
-    return {"method": spec.name, "settings": spec.settings, "head_modules": spec.head_modules,
-            "base_model_name_or_path": getattr(getattr(base, "config", None), "_name_or_path", None) or None,
-            "parameters": method_parameter_count(model)}
+    return {
+        "method": spec.name,
+        "settings": spec.settings,
+        "head_modules": spec.head_modules,
+        "base_model_name_or_path": getattr(getattr(base, "config", None), "_name_or_path", None) or None,
+        "parameters": method_parameter_count(model),
+    }
 
 
 def _spec(model: nn.Module):
@@ -94,7 +99,9 @@ def load_method(model: nn.Module, path: str | os.PathLike, *, is_trainable: bool
     try:
         root = build(model, config["method"], config["settings"], config["head_modules"])
     except MethodError as e:
-        raise MethodLoadError(f"the {config['method']} model at {path} does not fit this {type(model).__name__}: {e}") from e
+        raise MethodLoadError(
+            f"the {config['method']} model at {path} does not fit this {type(model).__name__}: {e}"
+        ) from e
     _copy_into(root, state, path)
     if not is_trainable:
         root.requires_grad_(False)
@@ -107,13 +114,17 @@ def _copy_into(model: nn.Module, state: dict[str, torch.Tensor], path) -> None:
     expected = _spec(model).params
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise MethodLoadError(f"{path} does not match the model: {len(missing)} missing ({', '.join(missing[:3])}), "
-                              f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}). Was it made for another "
-                              "model or setting?")
+        raise MethodLoadError(
+            f"{path} does not match the model: {len(missing)} missing ({', '.join(missing[:3])}), "
+            f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}). Was it made for another "
+            "model or setting?"
+        )
     for name in expected:
         value, target = state[name], params[name]
         if value.shape != target.shape:
-            raise MethodLoadError(f"{name}: the file has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}")
+            raise MethodLoadError(
+                f"{name}: the file has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}"
+            )
         if not value.is_floating_point() or not torch.isfinite(value).all():
             raise MethodLoadError(f"{name} is not finite floating point; refusing to load a broken {path}")
     for name in expected:

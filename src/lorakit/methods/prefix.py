@@ -25,6 +25,7 @@ Generation is not supported (a clear error): the prefix would have to follow the
 prefix-embed cannot feed decoder classifiers (they find the last token from input_ids): a clear
 error points to prefix-layer.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -36,7 +37,7 @@ from torch import Tensor
 
 from .errors import MethodError
 
-TOKEN_TASKS = ("ner", "causal-lm")    # logits per input token: cut back after prefix-embed
+TOKEN_TASKS = ("ner", "causal-lm")  # logits per input token: cut back after prefix-embed
 IGNORE = -100
 
 
@@ -50,9 +51,12 @@ def layer_activations(model: nn.Module, ids: Tensor) -> tuple[list[Tensor], list
     """The keys and values, per attention layer ([H_kv, P, d_head] each), that the model
     computes for the token ids [P], read from the cache it fills."""
     from transformers import DynamicCache
+
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        raise MethodError(f"prefix-layer supports encoder-only and decoder-only models, not the encoder-decoder "
-                          f"{type(model).__name__}; use prefix-embed or another --method")
+        raise MethodError(
+            f"prefix-layer supports encoder-only and decoder-only models, not the encoder-decoder "
+            f"{type(model).__name__}; use prefix-embed or another --method"
+        )
     was_training = model.training
     cache = DynamicCache()
     try:
@@ -61,8 +65,10 @@ def layer_activations(model: nn.Module, ids: Tensor) -> tuple[list[Tensor], list
     finally:
         model.train(was_training)
     if not cache.layers or cache.get_seq_length() != len(ids):
-        raise MethodError(f"prefix-layer needs a model that reads a key/value cache (`cache=`) in its attention; "
-                          f"this {type(model).__name__} does not; use prefix-embed or another --method")
+        raise MethodError(
+            f"prefix-layer needs a model that reads a key/value cache (`cache=`) in its attention; "
+            f"this {type(model).__name__} does not; use prefix-embed or another --method"
+        )
     return [layer.keys[0].clone() for layer in cache.layers], [layer.values[0].clone() for layer in cache.layers]
 
 
@@ -92,16 +98,18 @@ class PrefixModel(nn.Module):
         super().__init__()
         self.model, self.kind, self.length, self.task = model, kind, length, task
         if kind == "embed" and task == "classification" and pools_last_token(model):
-            raise MethodError(f"prefix-embed cannot classify with {type(model).__name__}: it scores the last "
-                              "non-padding token, which it finds from input_ids, not inputs_embeds; use prefix-layer")
-        self.init_ids = random_token_ids(model, length)       # [P]: the tokens the prefix starts as
+            raise MethodError(
+                f"prefix-embed cannot classify with {type(model).__name__}: it scores the last "
+                "non-padding token, which it finds from input_ids, not inputs_embeds; use prefix-layer"
+            )
+        self.init_ids = random_token_ids(model, length)  # [P]: the tokens the prefix starts as
         if kind == "embed":
             embedding = model.get_input_embeddings().weight
-            self.prefix = nn.Parameter(embedding[self.init_ids.to(embedding.device)].detach().clone())   # [P, d]
+            self.prefix = nn.Parameter(embedding[self.init_ids.to(embedding.device)].detach().clone())  # [P, d]
         else:
             keys, values = layer_activations(model, self.init_ids)
-            self.keys = nn.ParameterList(keys)        # L x [H_kv, P, d_head]
-            self.values = nn.ParameterList(values)    # L x [H_kv, P, d_head]
+            self.keys = nn.ParameterList(keys)  # L x [H_kv, P, d_head]
+            self.values = nn.ParameterList(values)  # L x [H_kv, P, d_head]
 
     @property
     def config(self):
@@ -111,32 +119,42 @@ class PrefixModel(nn.Module):
         """A fresh Cache holding the prefix keys and values, L x [B, H_kv, P, d_head] (the
         model appends each batch's own keys and values to it)."""
         from transformers import DynamicCache
-        return DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
-                                            for k, v in zip(self.keys, self.values)])
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None, labels: Tensor | None = None, **kwargs):
+        return DynamicCache(
+            ddp_cache_data=[
+                (k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in zip(self.keys, self.values)
+            ]
+        )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        **kwargs,
+    ):
         B, T = input_ids.shape
         P = self.length
         self._check_positions(T)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        inputs = {"attention_mask": torch.cat([mask.new_ones(B, P), mask], dim=1)}                  # [B, P+T]
+        inputs = {"attention_mask": torch.cat([mask.new_ones(B, P), mask], dim=1)}  # [B, P+T]
         if self.kind == "embed":
-            embeds = self.model.get_input_embeddings()(input_ids)                                  # [B, T, d]
-            prefix = self.prefix.to(embeds.dtype).expand(B, -1, -1)                               # [B, P, d]
-            inputs["inputs_embeds"] = torch.cat([prefix, embeds], dim=1)                           # [B, P+T, d]
+            embeds = self.model.get_input_embeddings()(input_ids)  # [B, T, d]
+            prefix = self.prefix.to(embeds.dtype).expand(B, -1, -1)  # [B, P, d]
+            inputs["inputs_embeds"] = torch.cat([prefix, embeds], dim=1)  # [B, P+T, d]
             if token_type_ids is not None:
                 inputs["token_type_ids"] = torch.cat([token_type_ids.new_zeros(B, P), token_type_ids], dim=1)
         else:
             inputs.update(input_ids=input_ids, cache=self.cache(B))
-            if self.task != "causal-lm":      # the text keeps its own positions 0..T-1
-                inputs["position_ids"] = torch.arange(T, device=input_ids.device)[None]          # [1, T]
+            if self.task != "causal-lm":  # the text keeps its own positions 0..T-1
+                inputs["position_ids"] = torch.arange(T, device=input_ids.device)[None]  # [1, T]
             if token_type_ids is not None:
                 inputs["token_type_ids"] = token_type_ids
         cut = self.kind == "embed" and self.task in TOKEN_TASKS
         out = self.model(**inputs, labels=None if cut else labels, **kwargs)
         if cut:
-            out.logits = out.logits[:, P:]                                                         # [B, T, V]
+            out.logits = out.logits[:, P:]  # [B, T, V]
             if labels is not None:
                 out.loss = token_loss(out.logits, labels, shift=self.task == "causal-lm")
         return out
@@ -144,16 +162,22 @@ class PrefixModel(nn.Module):
     def _check_positions(self, length: int) -> None:
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit and self.length + length > limit:
-            raise MethodError(f"a prefix of {self.length} plus {length} tokens exceeds the model's {limit} positions; "
-                              "lower --max-length or --prefix-length")
+            raise MethodError(
+                f"a prefix of {self.length} plus {length} tokens exceeds the model's {limit} positions; "
+                "lower --max-length or --prefix-length"
+            )
 
     def generate(self, *args, **kwargs):
-        raise MethodError(f"prefix-{self.kind} models cannot generate text in lorakit (the prefix would have to "
-                          "follow the decoding cache); evaluate loss/perplexity instead (--eval-generate 0), or "
-                          "use lora, a full/top2/bitfit or an adapter method")
+        raise MethodError(
+            f"prefix-{self.kind} models cannot generate text in lorakit (the prefix would have to "
+            "follow the decoding cache); evaluate loss/perplexity instead (--eval-generate 0), or "
+            "use lora, a full/top2/bitfit or an adapter method"
+        )
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         if self.kind == "layer":
-            raise MethodError("prefix-layer cannot train with --gradient-checkpointing: checkpointed layers drop "
-                              "the key/value cache that carries the prefix")
+            raise MethodError(
+                "prefix-layer cannot train with --gradient-checkpointing: checkpointed layers drop "
+                "the key/value cache that carries the prefix"
+            )
         self.model.gradient_checkpointing_enable(**kwargs)

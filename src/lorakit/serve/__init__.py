@@ -15,17 +15,32 @@ step by step, and works without HTTP too (`with engine: engine.generate(...)`).
     engine.py    the scheduler: one worker thread, continuous batching
     app.py       the FastAPI app (routes.py, formats.py, middleware.py, protocol.py)
 """
+
 from .engine import Engine
 from .errors import AdapterRefused, Busy, EngineError, Forbidden, Timeout, UnknownAdapter
 from .jobs import EngineConfig, Event, Sampling
 
-__all__ = ["AdapterRefused", "Busy", "Engine", "EngineConfig", "EngineError", "Event", "Forbidden", "Limits",
-           "Sampling", "Timeout", "UnknownAdapter", "create_app", "serve"]
+__all__ = [
+    "AdapterRefused",
+    "Busy",
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "Event",
+    "Forbidden",
+    "Limits",
+    "Sampling",
+    "Timeout",
+    "UnknownAdapter",
+    "create_app",
+    "serve",
+]
 
 
 def __getattr__(name: str):
     # The HTTP side needs fastapi and prometheus_client; import it only when asked for.
     if name in ("create_app", "serve", "Limits"):
         from . import app
+
         return getattr(app, name)
     raise AttributeError(name)

@@ -12,6 +12,7 @@ malformed JSON, 403 a path outside the adapters dir, 404 unknown model (with the
 ones), 413 body too large, 422 an adapter that does not fit the base, 429 too many requests
 at once, 503 busy, 504 timeout.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,9 +33,9 @@ from .middleware import BodyLimit, Gate, Metrics, Observe, describe_validation, 
 
 @dataclass
 class Limits:
-    max_body_bytes: int = 1 << 20     # larger request bodies: 413
-    max_concurrent: int = 64          # generation/classification requests at once; more: 429
-    default_max_tokens: int = 16      # /v1/completions without max_tokens (OpenAI's default)
+    max_body_bytes: int = 1 << 20  # larger request bodies: 413
+    max_concurrent: int = 64  # generation/classification requests at once; more: 429
+    default_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
 
 
 def create_app(engine: Engine, limits: Limits | None = None, *, admin: bool = True) -> FastAPI:
@@ -46,7 +47,7 @@ def create_app(engine: Engine, limits: Limits | None = None, *, admin: bool = Tr
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        await run_in_threadpool(engine.start)     # loads the adapters dir: blocking work
+        await run_in_threadpool(engine.start)  # loads the adapters dir: blocking work
         yield
         await run_in_threadpool(engine.stop)
 
@@ -55,7 +56,7 @@ def create_app(engine: Engine, limits: Limits | None = None, *, admin: bool = Tr
     state.engine, state.limits, state.metrics, state.started = engine, limits, metrics, P.now()
     state.gate = Gate(limits.max_concurrent, metrics.in_flight)
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
-    app.add_middleware(Observe, metrics=metrics)   # outermost: sees every status, 413 included
+    app.add_middleware(Observe, metrics=metrics)  # outermost: sees every status, 413 included
     app.add_exception_handler(EngineError, _engine_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(HTTPException, _http_error)
@@ -77,10 +78,21 @@ async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
     return error_response(e.status_code, kind, str(e.detail))
 
 
-def serve(model: str, adapters_dir: str, *, host: str = "127.0.0.1", port: int = 8000,
-          served_name: str | None = None, task: str | None = None, config=None, limits: Limits | None = None,
-          admin: bool = True, log_level: str = "info") -> None:
+def serve(
+    model: str,
+    adapters_dir: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    served_name: str | None = None,
+    task: str | None = None,
+    config=None,
+    limits: Limits | None = None,
+    admin: bool = True,
+    log_level: str = "info",
+) -> None:
     """Load the model and run the server until interrupted (what `lorakit serve` does)."""
     import uvicorn
+
     engine = Engine.from_pretrained(model, adapters_dir, task=task, served_name=served_name, config=config)
     uvicorn.run(create_app(engine, limits, admin=admin), host=host, port=port, log_level=log_level)

@@ -6,10 +6,12 @@ Rows are left-padded to one length, so every row's next token sits in the last c
     cache every layer's keys/values [rows, heads, cached columns, head dim]
 Positions count each row's real tokens, so padding never shifts a row's RoPE angles.
 """
+
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -66,13 +68,20 @@ class DecoderStep:
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """[rows, vocab] fp32 logits at each row's last position (the cache grows in place)."""
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         **{self.cache_kw: cache}, **self.logits_kwargs)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self.cache_kw: cache},
+            **self.logits_kwargs,
+        )
         return out.logits[:, -1].float()
 
     def prefill(self, jobs: Sequence[Job]) -> tuple[torch.Tensor, Any, torch.Tensor]:
         """The prompts of `jobs`, left-padded, through the model: (mask, cache, logits)."""
         from transformers import DynamicCache
+
         width = max(len(j.prompt_ids) for j in jobs)
         ids = torch.tensor([[self.pad_id] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs])
         mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs])
@@ -83,7 +92,7 @@ class DecoderStep:
     def decode(self, batch: RunningBatch) -> torch.Tensor:
         """Every row's next token through the model; extends the batch's mask by one column."""
         mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.jobs), 1)], 1)
-        positions = batch.mask.sum(1, keepdim=True)    # each row's next position: its real tokens so far
+        positions = batch.mask.sum(1, keepdim=True)  # each row's next position: its real tokens so far
         logits = self.forward(batch.next[:, None], mask, positions, batch.cache)
         batch.mask = mask
         return logits
@@ -94,9 +103,12 @@ def forward_keywords(model: torch.nn.Module) -> tuple[str, dict]:
     models whose cache the running batch cannot splice."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
+
     if not all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers):
-        raise EngineError(f"{type(model).__name__} uses sliding-window or other special attention layers; "
-                          "lorakit serve batches only decoders with full attention")
+        raise EngineError(
+            f"{type(model).__name__} uses sliding-window or other special attention layers; "
+            "lorakit serve batches only decoders with full attention"
+        )
     params = inspect.signature(model.forward).parameters
     logits = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     return ("cache" if "cache" in params else "past_key_values"), logits

@@ -19,6 +19,7 @@ Design
 * The adapters (known, loaded, held by requests, evicted) are the registry's (registry.py);
   choosing tokens and stop strings is sampling.py's.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,9 +30,10 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -58,9 +60,18 @@ class _Command:
 class Engine:
     """One base model, many adapters, one worker thread. See the module docstring."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, task: str, adapters_dir: str | Path, *,
-                 name: str, aliases: Iterable[str] = (), config: EngineConfig | None = None,
-                 events: EngineEvents | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        task: str,
+        adapters_dir: str | Path,
+        *,
+        name: str,
+        aliases: Iterable[str] = (),
+        config: EngineConfig | None = None,
+        events: EngineEvents | None = None,
+    ) -> None:
         if task not in TASKS:
             raise EngineError(f"lorakit serve serves {' and '.join(TASKS)} models, not {task!r}")
         self.model = model.eval()
@@ -68,27 +79,42 @@ class Engine:
         self.task = task
         self.name = name
         self.config = config or EngineConfig()
-        self.registry = AdapterRegistry(model, task, adapters_dir, name=name, base_names={name, *aliases},
-                                        max_adapters=self.config.max_adapters,
-                                        allow_any_path=self.config.allow_any_path, events=events)
+        self.registry = AdapterRegistry(
+            model,
+            task,
+            adapters_dir,
+            name=name,
+            base_names={name, *aliases},
+            max_adapters=self.config.max_adapters,
+            allow_any_path=self.config.allow_any_path,
+            events=events,
+        )
         self.max_context = context_length(model, tokenizer)
-        self._tokenizer_lock = threading.Lock()   # fast tokenizers are not safe to share across threads
+        self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to share across threads
         self._text = TextTail(self._decode_text, eos_ids(model, tokenizer), self.max_context)
         self._step = DecoderStep(model, tokenizer.pad_token_id or 0) if task == "causal-lm" else None
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[Job] = deque()
         self._batch: RunningBatch | None = None
-        self._admitted: list[Job] = []          # taken from the queue this turn, maybe not yet in the batch
+        self._admitted: list[Job] = []  # taken from the queue this turn, maybe not yet in the batch
         self._worker: threading.Thread | None = None
         self._watcher: threading.Thread | None = None
         self._stopping = threading.Event()
 
     @classmethod
-    def from_pretrained(cls, model: str, adapters_dir: str | Path, *, task: str | None = None,
-                        served_name: str | None = None, config: EngineConfig | None = None) -> Engine:
+    def from_pretrained(
+        cls,
+        model: str,
+        adapters_dir: str | Path,
+        *,
+        task: str | None = None,
+        served_name: str | None = None,
+        config: EngineConfig | None = None,
+    ) -> Engine:
         """Load `model` (alias, path or hub id) with the head its adapters need. The task is
         `task`, else the one the adapters in `adapters_dir` record, else causal-lm."""
         from ..models import load_model, load_tokenizer
+
         adapters_dir = Path(adapters_dir)
         if not adapters_dir.is_dir():
             raise FileNotFoundError(f"adapters dir {adapters_dir} does not exist")
@@ -96,8 +122,9 @@ class Engine:
         task = task or found.get("task") or "causal-lm"
         labels = found.get("labels") if found.get("task") == task else None
         base = load_model(model, task_class(task).auto_class, label_names=labels or None).model
-        return cls(base, load_tokenizer(model), task, adapters_dir, name=served_name or model,
-                   aliases=[model], config=config)
+        return cls(
+            base, load_tokenizer(model), task, adapters_dir, name=served_name or model, aliases=[model], config=config
+        )
 
     @property
     def events(self) -> EngineEvents:
@@ -134,7 +161,7 @@ class Engine:
         if self._worker is None:
             return
         self._stopping.set()
-        if self._watcher is not None:      # first: a scan in progress still needs the worker
+        if self._watcher is not None:  # first: a scan in progress still needs the worker
             self._watcher.join()
         self._inbox.put(_STOP)
         self._worker.join()
@@ -188,7 +215,7 @@ class Engine:
                 replaced = self._call(lambda n=name, p=path: self.registry.install(n, p, True))
                 done["replaced" if replaced else "loaded"].append(name)
             except Busy:
-                pass        # every slot is in use: try again on the next pass
+                pass  # every slot is in use: try again on the next pass
             except EngineError as e:
                 log.warning("adapter %s not served: %s", name, e)
                 self.registry.skip_until_changed(name, fingerprint)
@@ -223,10 +250,19 @@ class Engine:
             if not ids:
                 raise EngineError(f"prompt {i} is empty")
             if room < 1 or wanted > room:
-                raise EngineError(f"prompt {i} has {len(ids)} tokens; with max_tokens={wanted} that exceeds "
-                                  f"the model's context of {self.max_context} tokens")
-            jobs.append(Job(adapter, i, prompt_ids=list(ids), sampling=sampling.replace(max_tokens=wanted),
-                            generator=request_generator(sampling)))
+                raise EngineError(
+                    f"prompt {i} has {len(ids)} tokens; with max_tokens={wanted} that exceeds "
+                    f"the model's context of {self.max_context} tokens"
+                )
+            jobs.append(
+                Job(
+                    adapter,
+                    i,
+                    prompt_ids=list(ids),
+                    sampling=sampling.replace(max_tokens=wanted),
+                    generator=request_generator(sampling),
+                )
+            )
         return jobs
 
     def classification_jobs(self, texts: Sequence[str], adapter: str | None) -> list[Job]:
@@ -251,7 +287,7 @@ class Engine:
         events: asyncio.Queue[Event] = asyncio.Queue()
 
         def emit(event: Event) -> None:
-            with contextlib.suppress(RuntimeError):    # the loop closed: nobody is listening any more
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening any more
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         self.submit(jobs, emit)
@@ -278,14 +314,19 @@ class Engine:
                 finals[event.index] = event
         return [finals[i] for i in range(len(jobs))]
 
-    def generate(self, prompts: Sequence[str], adapters: Sequence[str | None] | str | None = None,
-                 **sampling: Any) -> list[Event]:
+    def generate(
+        self, prompts: Sequence[str], adapters: Sequence[str | None] | str | None = None, **sampling: Any
+    ) -> list[Event]:
         """Blocking convenience: continue each prompt (raw text) with its adapter (one for
         all, or one per prompt; None: the base), greedy unless `temperature` is given."""
         names = adapters if isinstance(adapters, (list, tuple)) else [adapters] * len(prompts)
-        jobs = [job for prompt, name in zip(prompts, names)
-                for job in self.generation_jobs([self.encode_prompt(prompt)], self.resolve(name) if name else None,
-                                                Sampling(**sampling))]
+        jobs = [
+            job
+            for prompt, name in zip(prompts, names)
+            for job in self.generation_jobs(
+                [self.encode_prompt(prompt)], self.resolve(name) if name else None, Sampling(**sampling)
+            )
+        ]
         for i, job in enumerate(jobs):
             job.index = i
         return self.run(jobs)
@@ -296,7 +337,7 @@ class Engine:
         return [event.result for event in self.run(self.classification_jobs(texts, name))]
 
     def stats(self) -> dict[str, int]:
-        batch = self._batch     # read once: the worker may replace it meanwhile
+        batch = self._batch  # read once: the worker may replace it meanwhile
         return {**self.registry.counts(), "waiting": len(self._waiting), "running": len(batch.jobs) if batch else 0}
 
     # -- helpers for the public API ----------------------------------------------------------
@@ -316,7 +357,7 @@ class Engine:
         while not self._stopping.wait(self.config.watch_interval_s):
             try:
                 self.scan()
-            except Exception:   # the watch must outlive a bad pass (a dir removed mid-scan, ...)
+            except Exception:  # the watch must outlive a bad pass (a dir removed mid-scan, ...)
                 log.exception("adapter directory scan failed")
 
     def _decode_text(self, tokens: list[int]) -> str:
@@ -333,7 +374,7 @@ class Engine:
                     self._generate_step()
                 else:
                     self._classify_step()
-            except Exception as e:   # a failed forward fails its batch; the server keeps serving
+            except Exception as e:  # a failed forward fails its batch; the server keeps serving
                 log.exception("batch failed")
                 self._fail_running(Internal(f"generation failed: {type(e).__name__}: {e}"))
         self._shut_down()
@@ -378,7 +419,7 @@ class Engine:
                 self._bind()
                 try:
                     item.future.set_result(item.fn())
-                except Exception as e:       # the caller gets it, the worker carries on
+                except Exception as e:  # the caller gets it, the worker carries on
                     item.future.set_exception(e)
             try:
                 item = self._inbox.get_nowait()
@@ -413,8 +454,9 @@ class Engine:
                 self._keep([i for i in range(len(self._batch.jobs)) if i not in gone])
 
     def _timeout(self, job: Job) -> Timeout:
-        return Timeout(f"the request took longer than {self.config.request_timeout_s:g} s "
-                       f"({len(job.tokens)} tokens generated)")
+        return Timeout(
+            f"the request took longer than {self.config.request_timeout_s:g} s ({len(job.tokens)} tokens generated)"
+        )
 
     def _end(self, job: Job, error: EngineError | None) -> None:
         self.registry.release(job)
@@ -450,7 +492,7 @@ class Engine:
             return disable_adapters(self.model)
         if self.config.mixed:
             return mixed_batch(self.model, ids)
-        set_adapter(self.model, ids[0])   # baseline: one adapter per batch, switched per batch
+        set_adapter(self.model, ids[0])  # baseline: one adapter per batch, switched per batch
         return contextlib.nullcontext()
 
     # -- generation ------------------------------------------------------------------------------
@@ -505,8 +547,16 @@ class Engine:
 
     def _finish(self, job: Job, reason: str) -> None:
         self.registry.release(job)
-        job.send(Event(job.index, delta=job.output[job.sent:], finish_reason=reason, text=job.output,
-                       prompt_tokens=len(job.prompt_ids), completion_tokens=len(job.tokens)))
+        job.send(
+            Event(
+                job.index,
+                delta=job.output[job.sent :],
+                finish_reason=reason,
+                text=job.output,
+                prompt_tokens=len(job.prompt_ids),
+                completion_tokens=len(job.tokens),
+            )
+        )
 
     # -- classification ----------------------------------------------------------------------
     @torch.no_grad()
@@ -515,8 +565,9 @@ class Engine:
         if not jobs:
             return
         with self._tokenizer_lock:
-            enc = self.tokenizer([j.text for j in jobs], padding=True, truncation=True,
-                                 max_length=self.max_context, return_tensors="pt")
+            enc = self.tokenizer(
+                [j.text for j in jobs], padding=True, truncation=True, max_length=self.max_context, return_tensors="pt"
+            )
         self.events.on_batch("classify", len(jobs))
         with self._adapters_for(jobs):
             probs = self.model(**enc).logits.float().softmax(-1)
@@ -524,8 +575,9 @@ class Engine:
             labels = self._labels(job.slot, len(row))
             best = max(range(len(row)), key=row.__getitem__)
             self.registry.release(job)
-            job.send(Event(job.index, finish_reason="stop",
-                           result={"label": labels[best], "scores": dict(zip(labels, row))}))
+            job.send(
+                Event(job.index, finish_reason="stop", result={"label": labels[best], "scores": dict(zip(labels, row))})
+            )
 
     def _labels(self, slot, count: int) -> list[str]:
         if slot is not None and len(slot.labels) == count:

@@ -1,8 +1,10 @@
 """The server's errors: each carries the HTTP status and OpenAI error type it maps to."""
+
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
@@ -26,6 +28,7 @@ class UnknownAdapter(EngineError):
 
 class AdapterRefused(EngineError):
     """The adapter does not fit the base model (architecture, shapes, files)."""
+
     status, kind = 422, "adapter_load_error"
 
 
@@ -48,8 +51,9 @@ class Internal(EngineError):
 def check_name(name: str) -> str:
     """An adapter name: letters, digits, `_ . -`; never only dots (`..` is not a name)."""
     if not NAME_PATTERN.fullmatch(name) or set(name) == {"."}:
-        raise EngineError(f"invalid adapter name {name!r}: use 1-128 characters from A-Z a-z 0-9 _ . - "
-                          "(and not only dots)")
+        raise EngineError(
+            f"invalid adapter name {name!r}: use 1-128 characters from A-Z a-z 0-9 _ . - (and not only dots)"
+        )
     return name
 
 

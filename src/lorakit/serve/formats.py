@@ -1,8 +1,10 @@
 """How a finished request and its server-sent-event chunks look, per OpenAI endpoint."""
+
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from . import protocol as P
 from .jobs import Event
@@ -23,7 +25,9 @@ class CompletionFormat:
 
     def response(self, finals: list[Event]) -> Any:
         choices = [P.CompletionChoice(index=e.index, text=e.text, finish_reason=e.finish_reason) for e in finals]
-        return P.Completion(id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage(finals))
+        return P.Completion(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage(finals)
+        )
 
     def chunk(self, event: Event, first: bool) -> Any:
         choice = P.CompletionChoice(index=event.index, text=event.delta, finish_reason=event.finish_reason)
@@ -37,10 +41,13 @@ class ChatFormat(CompletionFormat):
     prefix = "chatcmpl"
 
     def response(self, finals: list[Event]) -> Any:
-        choices = [P.ChatChoice(index=e.index, message=P.AssistantMessage(content=e.text), finish_reason=e.finish_reason)
-                   for e in finals]
-        return P.ChatCompletion(id=self.id, created=self.created, model=self.model, choices=choices,
-                                usage=self.usage(finals))
+        choices = [
+            P.ChatChoice(index=e.index, message=P.AssistantMessage(content=e.text), finish_reason=e.finish_reason)
+            for e in finals
+        ]
+        return P.ChatCompletion(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage(finals)
+        )
 
     def chunk(self, event: Event, first: bool) -> Any:
         delta = P.Delta(role="assistant" if first else None, content=event.delta)
@@ -48,8 +55,9 @@ class ChatFormat(CompletionFormat):
         return P.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
 
     def usage_chunk(self, finals: list[Event]) -> Any:
-        return P.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[],
-                                     usage=self.usage(finals))
+        return P.ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=[], usage=self.usage(finals)
+        )
 
 
 def sse(payload: Any) -> str:

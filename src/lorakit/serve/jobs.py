@@ -1,11 +1,13 @@
 """What the engine works on: its settings, a request's sampling, one row of work (`Job`) and
 what a request hears back (`Event`)."""
+
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -16,13 +18,13 @@ log = logging.getLogger("lorakit.serve")
 
 @dataclass
 class EngineConfig:
-    max_adapters: int = 8            # adapters held in the model at once (LRU eviction beyond)
-    max_batch_size: int = 32         # rows in one forward pass
-    max_tokens: int = 512            # cap on a request's max_tokens
+    max_adapters: int = 8  # adapters held in the model at once (LRU eviction beyond)
+    max_batch_size: int = 32  # rows in one forward pass
+    max_tokens: int = 512  # cap on a request's max_tokens
     request_timeout_s: float = 120.0
-    mixed: bool = True               # False: one adapter per batch (the baseline to beat)
-    watch_interval_s: float = 2.0    # poll the adapters dir this often; 0: no watch
-    allow_any_path: bool = False     # admin loads may point outside the adapters dir
+    mixed: bool = True  # False: one adapter per batch (the baseline to beat)
+    watch_interval_s: float = 2.0  # poll the adapters dir this often; 0: no watch
+    allow_any_path: bool = False  # admin loads may point outside the adapters dir
 
     def __post_init__(self) -> None:
         for key in ("max_adapters", "max_batch_size", "max_tokens"):
@@ -32,8 +34,8 @@ class EngineConfig:
 
 @dataclass
 class Sampling:
-    max_tokens: int | None = None    # None: as many as the cap and the context allow
-    temperature: float = 0.0         # 0: greedy
+    max_tokens: int | None = None  # None: as many as the cap and the context allow
+    temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
@@ -46,10 +48,11 @@ class Sampling:
 class Event:
     """What a request hears from the worker: new text, then one final event (finish_reason,
     or error; classification: result)."""
+
     index: int
     delta: str = ""
     finish_reason: str | None = None
-    text: str = ""                   # the whole text, on the final event
+    text: str = ""  # the whole text, on the final event
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: EngineError | None = None
@@ -63,18 +66,19 @@ class Event:
 @dataclass(eq=False)
 class Job:
     """One row of work: a prompt to continue, or a text to classify."""
+
     adapter: str | None
     index: int = 0
     emit: Callable[[Event], None] = lambda event: None
     deadline: float = float("inf")
     prompt_ids: list[int] = field(default_factory=list)
-    text: str = ""                   # classification input
+    text: str = ""  # classification input
     sampling: Sampling = field(default_factory=Sampling)
     tokens: list[int] = field(default_factory=list)
     output: str = ""
-    sent: int = 0                    # characters of `output` already emitted
-    slot: Any = None                 # the registry's Slot this job holds while it runs
-    bound: bool = False              # holds its slot (or needs none: the base)
+    sent: int = 0  # characters of `output` already emitted
+    slot: Any = None  # the registry's Slot this job holds while it runs
+    bound: bool = False  # holds its slot (or needs none: the base)
     cancelled: bool = False
     generator: torch.Generator | None = None
 

@@ -1,5 +1,6 @@
 """What the HTTP side keeps around the routes: OpenAI-shaped error bodies, the concurrency
 gate, Prometheus metrics, the body-size limit and the request observer (ASGI middleware)."""
+
 from __future__ import annotations
 
 import time
@@ -13,8 +14,15 @@ from . import protocol as P
 from .errors import TooMany
 from .jobs import EngineEvents
 
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/models", "/v1/adapters",
-             "/health", "/metrics")
+ENDPOINTS = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/classify",
+    "/v1/models",
+    "/v1/adapters",
+    "/health",
+    "/metrics",
+)
 
 
 def error_response(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:
@@ -52,21 +60,39 @@ class Metrics(EngineEvents):
 
     def __init__(self, engine) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("lorakit_requests", "HTTP requests by endpoint, model (adapter) and status",
-                                ["endpoint", "adapter", "status"], registry=r)
-        self.latency = Histogram("lorakit_request_seconds", "Request latency; streams until their last byte",
-                                 ["endpoint"], registry=r,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.requests = Counter(
+            "lorakit_requests",
+            "HTTP requests by endpoint, model (adapter) and status",
+            ["endpoint", "adapter", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "lorakit_request_seconds",
+            "Request latency; streams until their last byte",
+            ["endpoint"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
         self.tokens = Counter("lorakit_generated_tokens", "Tokens generated", ["adapter"], registry=r)
-        self.batch = Histogram("lorakit_batch_rows", "Rows per forward pass (prefill, decode, classify)",
-                               ["kind"], registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-        self.evictions = Counter("lorakit_adapter_evictions", "Adapters evicted from memory (LRU)",
-                                 ["adapter"], registry=r)
-        self.in_flight = Gauge("lorakit_requests_in_flight", "Generation/classification requests in progress",
-                               registry=r)
-        for key, help_ in (("adapters_loaded", "Adapters held in the model"),
-                           ("adapters_known", "Adapters known (loaded or on disk)"),
-                           ("waiting", "Rows waiting for a batch"), ("running", "Rows in the running batch")):
+        self.batch = Histogram(
+            "lorakit_batch_rows",
+            "Rows per forward pass (prefill, decode, classify)",
+            ["kind"],
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        )
+        self.evictions = Counter(
+            "lorakit_adapter_evictions", "Adapters evicted from memory (LRU)", ["adapter"], registry=r
+        )
+        self.in_flight = Gauge(
+            "lorakit_requests_in_flight", "Generation/classification requests in progress", registry=r
+        )
+        for key, help_ in (
+            ("adapters_loaded", "Adapters held in the model"),
+            ("adapters_known", "Adapters known (loaded or on disk)"),
+            ("waiting", "Rows waiting for a batch"),
+            ("running", "Rows in the running batch"),
+        ):
             Gauge(f"lorakit_{key}", help_, registry=r).set_function(lambda key=key: engine.stats()[key])
 
     def on_batch(self, kind: str, rows: int) -> None:

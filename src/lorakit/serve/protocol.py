@@ -4,6 +4,7 @@ plus lorakit's classify and adapter-admin calls.
 Requests ignore fields they do not know (OpenAI clients send extras such as `user`), and
 validate the ones they do: a bad value is a 400 naming the field.
 """
+
 from __future__ import annotations
 
 import time
@@ -25,9 +26,10 @@ class StreamOptions(_Request):
 
 class GenerationRequest(_Request):
     """What completions and chat completions share: the model, sampling, stop, streaming."""
+
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)     # OpenAI's default; 0 is greedy
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default; 0 is greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1, description="one choice per prompt")
     stop: str | list[str] | None = Field(None, description="up to 4 strings that end the text")
@@ -44,8 +46,13 @@ class GenerationRequest(_Request):
         return stop
 
     def sampling(self, max_tokens: int | None) -> Sampling:
-        return Sampling(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                        stop=tuple(self.stop or ()), seed=self.seed)
+        return Sampling(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=tuple(self.stop or ()),
+            seed=self.seed,
+        )
 
     @property
     def include_usage(self) -> bool:
@@ -72,7 +79,7 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)    # newer clients' name for max_tokens
+    max_completion_tokens: int | None = Field(None, ge=1)  # newer clients' name for max_tokens
 
 
 class ClassifyRequest(_Request):
@@ -109,6 +116,7 @@ class CompletionChoice(BaseModel):
 
 class Completion(BaseModel):
     """A `/v1/completions` response, and (object "text_completion", no usage) a stream chunk."""
+
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
@@ -163,7 +171,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "lorakit"
     root: str
-    parent: str | None = None        # adapters: the base model they run on
+    parent: str | None = None  # adapters: the base model they run on
 
 
 class ModelList(BaseModel):
@@ -187,7 +195,7 @@ class ErrorDetail(BaseModel):
     message: str
     type: str
     code: int
-    known: list[str] | None = None   # unknown model: the names this server serves
+    known: list[str] | None = None  # unknown model: the names this server serves
 
 
 class ErrorResponse(BaseModel):

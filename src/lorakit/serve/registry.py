@@ -11,15 +11,16 @@ Methods that touch the model run on the engine's worker thread (or in a test, on
 thread); the read-only views (`resolve`, `model_names`, `adapters`, ...) are safe from any
 thread.
 """
+
 from __future__ import annotations
 
 import itertools
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -36,37 +37,48 @@ log = logging.getLogger("lorakit.serve")
 @dataclass(eq=False)
 class Slot:
     """One adapter's weights inside the model, under the name `id`."""
+
     id: str
     name: str
     labels: list[str]
     holds: int = 0
-    retired: bool = False            # replaced or unloaded: leaves the model when holds reach 0
+    retired: bool = False  # replaced or unloaded: leaves the model when holds reach 0
 
 
 @dataclass(eq=False)
 class Adapter:
     """An adapter the server knows: where it lives and, while loaded, its slot."""
+
     name: str
     path: Path
     fingerprint: tuple
-    from_dir: bool                   # a subdirectory of the adapters dir: the watch manages it
+    from_dir: bool  # a subdirectory of the adapters dir: the watch manages it
     slot: Slot | None = None
 
 
 class AdapterRegistry:
-    def __init__(self, model: torch.nn.Module, task: str, adapters_dir: str | Path, *, name: str,
-                 base_names: Iterable[str], max_adapters: int, allow_any_path: bool = False,
-                 events: EngineEvents | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        task: str,
+        adapters_dir: str | Path,
+        *,
+        name: str,
+        base_names: Iterable[str],
+        max_adapters: int,
+        allow_any_path: bool = False,
+        events: EngineEvents | None = None,
+    ) -> None:
         self.model, self.task, self.name = model, task, name
         self.adapters_dir = Path(adapters_dir).resolve()
         self.base_names = set(base_names)
         self.max_adapters, self.allow_any_path = max_adapters, allow_any_path
         self.events = events or EngineEvents()
         self._adapters: dict[str, Adapter] = {}
-        self._loaded: OrderedDict[str, Slot] = OrderedDict()   # LRU order: oldest first
-        self._skip: dict[str, tuple] = {}     # dir adapters not to (re)load until their files change
+        self._loaded: OrderedDict[str, Slot] = OrderedDict()  # LRU order: oldest first
+        self._skip: dict[str, tuple] = {}  # dir adapters not to (re)load until their files change
         self._slot_ids = itertools.count()
-        self._lock = threading.Lock()         # guards the dicts above for readers on other threads
+        self._lock = threading.Lock()  # guards the dicts above for readers on other threads
 
     # -- views, safe from any thread ---------------------------------------------------------
     def resolve(self, model: str) -> str | None:
@@ -85,9 +97,16 @@ class AdapterRegistry:
     def adapters(self) -> list[dict]:
         """Every known adapter: name, path, whether loaded, requests holding it."""
         with self._lock:
-            return [{"name": a.name, "path": str(a.path), "loaded": a.slot is not None,
-                     "in_use": a.slot.holds if a.slot else 0, "from_dir": a.from_dir}
-                    for a in sorted(self._adapters.values(), key=lambda a: a.name)]
+            return [
+                {
+                    "name": a.name,
+                    "path": str(a.path),
+                    "loaded": a.slot is not None,
+                    "in_use": a.slot.holds if a.slot else 0,
+                    "from_dir": a.from_dir,
+                }
+                for a in sorted(self._adapters.values(), key=lambda a: a.name)
+            ]
 
     def loaded_names(self) -> list[str]:
         """Loaded adapters, least recently used first."""
@@ -108,8 +127,10 @@ class AdapterRegistry:
         path = Path(path).expanduser()
         resolved = (path if path.is_absolute() else self.adapters_dir / path).resolve()
         if not self.allow_any_path and not resolved.is_relative_to(self.adapters_dir):
-            raise Forbidden(f"{path} is outside the adapters dir {self.adapters_dir} "
-                            "(start the server with --allow-any-path to allow that)")
+            raise Forbidden(
+                f"{path} is outside the adapters dir {self.adapters_dir} "
+                "(start the server with --allow-any-path to allow that)"
+            )
         with self._lock:
             self._skip.pop(name, None)
         return resolved, resolved.parent == self.adapters_dir and resolved.name == name

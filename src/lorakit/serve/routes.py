@@ -1,13 +1,14 @@
 """The HTTP routes, as FastAPI routers over the app's state (engine, limits, gate, metrics).
 
-    generation  POST /v1/completions, /v1/chat/completions, /v1/classify
-    info        GET /v1/models, /health, /metrics
-    admin       GET|POST /v1/adapters, DELETE /v1/adapters/{name}
+generation  POST /v1/completions, /v1/chat/completions, /v1/classify
+info        GET /v1/models, /health, /metrics
+admin       GET|POST /v1/adapters, DELETE /v1/adapters/{name}
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -49,8 +50,9 @@ async def _finals(request: Request, events: AsyncIterator[Event], model: str) ->
     return [finals[i] for i in sorted(finals)]
 
 
-async def _stream(request: Request, events: AsyncIterator[Event], fmt: CompletionFormat, usage: bool,
-                  model: str) -> AsyncIterator[str]:
+async def _stream(
+    request: Request, events: AsyncIterator[Event], fmt: CompletionFormat, usage: bool, model: str
+) -> AsyncIterator[str]:
     """SSE chunks as tokens arrive. An error before the first chunk is raised (a proper
     HTTP status); later, it is sent as an error event and the stream ends."""
     started, finals = set(), []
@@ -87,10 +89,11 @@ async def _respond(request: Request, jobs: list[Job], body: P.GenerationRequest,
             return JSONResponse(fmt.response(await _finals(request, events, body.model)).model_dump())
         finally:
             gate.leave()
-    chunks = _stream(request, events, fmt, body.include_usage, body.model)   # leaves the gate when done
+    chunks = _stream(request, events, fmt, body.include_usage, body.model)  # leaves the gate when done
     first = await anext(chunks)
-    return StreamingResponse(prepend(first, chunks), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(
+        prepend(first, chunks), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
 
 
 @generation.post("/v1/completions")
@@ -131,8 +134,7 @@ async def classify(body: P.ClassifyRequest, request: Request) -> P.ClassifyRespo
 def models(request: Request) -> P.ModelList:
     engine, started = _engine(request), request.app.state.started
     cards = [P.ModelCard(id=engine.name, created=started, root=engine.name)]
-    cards += [P.ModelCard(id=a["name"], created=started, root=a["path"], parent=engine.name)
-              for a in engine.adapters()]
+    cards += [P.ModelCard(id=a["name"], created=started, root=a["path"], parent=engine.name) for a in engine.adapters()]
     return P.ModelList(data=cards)
 
 
@@ -140,8 +142,10 @@ def models(request: Request) -> P.ModelList:
 def health(request: Request) -> JSONResponse:
     engine = _engine(request)
     status = "ok" if engine.alive else "down"
-    return JSONResponse({"status": status, "model": engine.name, "task": engine.task, **engine.stats()},
-                        status_code=200 if engine.alive else 503)
+    return JSONResponse(
+        {"status": status, "model": engine.name, "task": engine.task, **engine.stats()},
+        status_code=200 if engine.alive else 503,
+    )
 
 
 @info.get("/metrics")
@@ -154,8 +158,12 @@ def prometheus(request: Request) -> Response:
 @admin.get("/v1/adapters")
 def list_adapters(request: Request) -> dict:
     engine = _engine(request)
-    return {"object": "list", "data": engine.adapters(), "loaded": engine.loaded_names(),
-            "max_adapters": engine.config.max_adapters}
+    return {
+        "object": "list",
+        "data": engine.adapters(),
+        "loaded": engine.loaded_names(),
+        "max_adapters": engine.config.max_adapters,
+    }
 
 
 @admin.post("/v1/adapters", status_code=201)

@@ -5,9 +5,10 @@ row's own generator, so a seed reproduces one request whatever else is in the ba
 `TextTail.add` appends a token to a job and says what text is now certain (a split UTF-8
 character or the start of a stop string is held back) and whether the job is finished.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -63,8 +64,9 @@ class TextTail:
         cut = min((i for i in (text.find(s) for s in job.sampling.stop) if i >= 0), default=-1)
         if cut >= 0:
             text, reason = text[:cut], "stop"
-        if reason is None and (len(job.tokens) >= job.sampling.max_tokens
-                               or len(job.prompt_ids) + len(job.tokens) >= self.max_context):
+        if reason is None and (
+            len(job.tokens) >= job.sampling.max_tokens or len(job.prompt_ids) + len(job.tokens) >= self.max_context
+        ):
             reason = "length"
         job.output = text
         if reason is not None:
@@ -74,5 +76,5 @@ class TextTail:
         ready = len(text) - hold if not text.endswith("\ufffd") else job.sent
         if ready <= job.sent:
             return "", None
-        delta, job.sent = text[job.sent:ready], ready
+        delta, job.sent = text[job.sent : ready], ready
         return delta, None

@@ -8,13 +8,15 @@ An output directory is a loadable adapter directory (PEFT format, the best adapt
 eval metric, else the last) plus `lorakit_task.json` (task, labels, base model), and
 `checkpoints/` and `logs/` subfolders.
 """
+
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -23,8 +25,8 @@ from .. import lora, methods
 from .._fs import atomic_write_json, remove_stale_temps
 from ..adapter_dir import TASK_FILE, read_task_info
 from ..models import load_model, load_tokenizer
-from .config import TrainConfig
 from . import preflight
+from .config import TrainConfig
 from .data import DataError, read_records
 from .distributed import init_distributed
 from .state import BaseCallback
@@ -43,8 +45,14 @@ def read_examples(path: str, config: TrainConfig, limit: int | None, what: str) 
     """Records from a file or dataset, turned into the task's examples (optionally a
     seeded random subset of `limit`)."""
     records = read_records(path)
-    fields = resolve_fields(records, config.task, text_field=config.text_field, pair_field=config.pair_field,
-                            label_field=config.label_field, source=f"{what} {path}")
+    fields = resolve_fields(
+        records,
+        config.task,
+        text_field=config.text_field,
+        pair_field=config.pair_field,
+        label_field=config.label_field,
+        source=f"{what} {path}",
+    )
     examples = to_examples(records, fields, source=f"{what} {path}")
     if not examples:
         raise DataError(f"{what} {path} is empty")
@@ -68,8 +76,10 @@ def training_device(config: TrainConfig) -> torch.device:
     if config.device:
         device = torch.device(config.device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise preflight.TrainConfigError(f"--device={config.device!r} is invalid: this machine has no CUDA GPU "
-                                             "(or this torch build has no CUDA); use --device=cpu")
+            raise preflight.TrainConfigError(
+                f"--device={config.device!r} is invalid: this machine has no CUDA GPU "
+                "(or this torch build has no CUDA); use --device=cpu"
+            )
         return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -92,65 +102,100 @@ def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) 
     output = Path(config.output)
     if dist.is_main:
         preflight.check_output_dir(config)
-    device = training_device(config)       # a --device this machine lacks fails here, not after loading
+    device = training_device(config)  # a --device this machine lacks fails here, not after loading
     seed_everything(config.seed)
     train_examples = read_examples(config.data, config, config.max_train_examples, "training data")
-    eval_examples = read_examples(config.eval_data, config, config.max_eval_examples, "eval data") if config.eval_data else []
-    labels = build_label_map(train_examples, eval_examples, eval_source=f"eval data {config.eval_data}") \
-        if task_class(config.task).labelled else []
+    eval_examples = (
+        read_examples(config.eval_data, config, config.max_eval_examples, "eval data") if config.eval_data else []
+    )
+    labels = (
+        build_label_map(train_examples, eval_examples, eval_source=f"eval data {config.eval_data}")
+        if task_class(config.task).labelled
+        else []
+    )
     model, tokenizer, new_modules = build_model(config, labels)
     preflight.check_lora_targets(config, model, new_modules)
-    seed_everything(config.seed)    # adapter init does not depend on how loading used the RNG
+    seed_everything(config.seed)  # adapter init does not depend on how loading used the RNG
     model = methods.apply_method(model, config, new_modules)
     model.to(device)
     task = make_task(config.task, tokenizer, config.max_length, labels)
     if dist.is_main:
         preflight.check_disk_space(config, model)
-        for directory in (output, output / LOGS):   # temp files a killed run left behind
+        for directory in (output, output / LOGS):  # temp files a killed run left behind
             remove_stale_temps(directory)
         write_task_file(output, config, labels)
     if callbacks is None:
         from .callbacks import default_callbacks
+
         callbacks = default_callbacks(output / LOGS)
     count = lora.count_parameters(model)
     paper = methods.method_parameter_count(model)
-    info = {"model": config.model, "task": config.task, "method": config.method,
-            "trainable_params": count.trainable, "total_params": count.total,
-            "trainable_percent": count.trainable_percent,
-            # the LoRA paper's convention: the task head is not counted
-            "trainable_params_paper": paper["paper_count"], "trainable_params_head": paper["head"]}
-    trainer = Trainer(model, task, train_examples, eval_examples, config,
-                      save_adapter=lambda m, path, write: methods.save_method(m, path, write=write),
-                      callbacks=callbacks, info=info, dist=dist)
+    info = {
+        "model": config.model,
+        "task": config.task,
+        "method": config.method,
+        "trainable_params": count.trainable,
+        "total_params": count.total,
+        "trainable_percent": count.trainable_percent,
+        # the LoRA paper's convention: the task head is not counted
+        "trainable_params_paper": paper["paper_count"],
+        "trainable_params_head": paper["head"],
+    }
+    trainer = Trainer(
+        model,
+        task,
+        train_examples,
+        eval_examples,
+        config,
+        save_adapter=lambda m, path, write: methods.save_method(m, path, write=write),
+        callbacks=callbacks,
+        info=info,
+        dist=dist,
+    )
     return trainer.train()
 
 
 def write_task_file(output: Path, config: TrainConfig, labels: Sequence[str]) -> None:
-    atomic_write_json(output / TASK_FILE, {"task": config.task, "labels": list(labels), "model": config.model,
-                                          "max_length": config.max_length, "text_field": config.text_field,
-                                          "pair_field": config.pair_field, "label_field": config.label_field})
+    atomic_write_json(
+        output / TASK_FILE,
+        {
+            "task": config.task,
+            "labels": list(labels),
+            "model": config.model,
+            "max_length": config.max_length,
+            "text_field": config.text_field,
+            "pair_field": config.pair_field,
+            "label_field": config.label_field,
+        },
+    )
 
 
 # -- using a trained adapter -----------------------------------------------------------------
 @dataclass
 class Trained:
     """A base model with an adapter loaded, ready for evaluate / predict / generate."""
+
     model: nn.Module
     tokenizer: Any
     task: Task
     info: dict[str, Any]
 
 
-def load_trained(model: str | None, adapter_dirs: str | Path | Sequence[str | Path], task: str | None = None,
-                 max_length: int | None = None) -> Trained:
+def load_trained(
+    model: str | None,
+    adapter_dirs: str | Path | Sequence[str | Path],
+    task: str | None = None,
+    max_length: int | None = None,
+) -> Trained:
     """Load the base model once and every adapter in `adapter_dirs` (named by their folder),
     the first one active."""
     dirs = [Path(adapter_dirs)] if isinstance(adapter_dirs, (str, Path)) else [Path(d) for d in adapter_dirs]
     info = read_task_info(dirs[0])
     info["task"] = task or task_of(info)
     if info["task"] is None:
-        raise ValueError(f"{dirs[0]} names no task lorakit knows (PEFT task_type {info.get('task_type')!r}); "
-                         "pass --task")
+        raise ValueError(
+            f"{dirs[0]} names no task lorakit knows (PEFT task_type {info.get('task_type')!r}); pass --task"
+        )
     model_name = model or info.get("model")
     if not model_name:
         raise ValueError(f"no base model recorded in {dirs[0]}; pass --model")
@@ -158,15 +203,19 @@ def load_trained(model: str | None, adapter_dirs: str | Path | Sequence[str | Pa
     base = load_model(model_name, task_class(info["task"]).auto_class, label_names=labels or None).model
     tokenizer = load_tokenizer(model_name)
     for i, d in enumerate(dirs):
-        if methods.is_method_dir(d):      # full/top2/bitfit/adapter/prefix: its trained tensors onto the base
+        if methods.is_method_dir(d):  # full/top2/bitfit/adapter/prefix: its trained tensors onto the base
             if len(dirs) > 1:
-                raise ValueError(f"{d} holds a {methods.read_method_config(d)['method']} model; only LoRA adapters "
-                                 "load several at once")
+                raise ValueError(
+                    f"{d} holds a {methods.read_method_config(d)['method']} model; only LoRA adapters "
+                    "load several at once"
+                )
             base = methods.load_method(base, d)
         else:
             lora.load_adapter(base, d, adapter_name="default" if len(dirs) == 1 else _adapter_name(d, i))
     base.eval()
-    return Trained(base, tokenizer, make_task(info["task"], tokenizer, max_length or info.get("max_length", 256), labels), info)
+    return Trained(
+        base, tokenizer, make_task(info["task"], tokenizer, max_length or info.get("max_length", 256), labels), info
+    )
 
 
 def _adapter_name(path: Path, index: int) -> str:
@@ -174,19 +223,28 @@ def _adapter_name(path: Path, index: int) -> str:
     return name or f"adapter{index}"
 
 
-def evaluate(trained: Trained, data: str, generate: int = 0, batch_size: int = 32, max_new_tokens: int = 64,
-             fields: dict[str, str | None] | None = None) -> dict[str, float]:
+def evaluate(
+    trained: Trained,
+    data: str,
+    generate: int = 0,
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    fields: dict[str, str | None] | None = None,
+) -> dict[str, float]:
     """Score the loaded adapter on a data file (metrics in percent; loss/perplexity raw)."""
     config = _config_for(trained, data, fields)
     examples = read_examples(data, config, None, "eval data")
     if trained.task.labels:
         unseen = {e.get("label") for e in examples if "label" in e} - set(trained.task.labels)
         if unseen:
-            raise DataError(f"eval data {data} has label(s) {sorted(unseen)} the adapter was not trained on "
-                            f"(it knows {trained.task.labels})")
+            raise DataError(
+                f"eval data {data} has label(s) {sorted(unseen)} the adapter was not trained on "
+                f"(it knows {trained.task.labels})"
+            )
     with torch.no_grad():
-        return trained.task.evaluate(trained.model, examples, batch_size=batch_size, generate=generate,
-                                     max_new_tokens=max_new_tokens)
+        return trained.task.evaluate(
+            trained.model, examples, batch_size=batch_size, generate=generate, max_new_tokens=max_new_tokens
+        )
 
 
 def _config_for(trained: Trained, data: str, fields: dict[str, str | None] | None) -> TrainConfig:

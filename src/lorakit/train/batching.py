@@ -5,26 +5,29 @@ padding-free packing, and length-grouped batch order. No task and no model in he
                      [b b b . . .]      position_ids    [0 1 2 3 0 1 2 0 1 2 3 4]
                      [c c c c c .]      cu_seq_lens     [0, 4, 7, 12]
 """
+
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
-IGNORE = -100   # label id the loss skips (prompt tokens, padding, non-first sub-tokens)
-PACK_FROM_PADDING = 0.15   # pack a batch whose padded layout would be at least this much padding
+IGNORE = -100  # label id the loss skips (prompt tokens, padding, non-first sub-tokens)
+PACK_FROM_PADDING = 0.15  # pack a batch whose padded layout would be at least this much padding
 
 
 @dataclass
 class Encoded:
     """One example as token ids. `labels` is an int (classification) or a list aligned
     with (NER, causal-lm) or independent of (seq2seq) `input_ids`."""
+
     input_ids: list[int]
     labels: Any = None
     token_type_ids: list[int] | None = None
-    word_ids: list[int | None] | None = None     # NER: which word each token came from
+    word_ids: list[int | None] | None = None  # NER: which word each token came from
     truncated: bool = False
 
     def __len__(self) -> int:
@@ -46,8 +49,10 @@ def pad(rows: Iterable[list[int]], width: int, value: int) -> torch.Tensor:
 def padded_batch(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """input_ids, attention_mask (and token_type_ids) padded to this batch's longest row."""
     width = max(len(e) for e in batch)
-    out = {"input_ids": pad([e.input_ids for e in batch], width, pad_id),
-           "attention_mask": pad([[1] * len(e) for e in batch], width, 0)}
+    out = {
+        "input_ids": pad([e.input_ids for e in batch], width, pad_id),
+        "attention_mask": pad([[1] * len(e) for e in batch], width, 0),
+    }
     if batch[0].token_type_ids is not None:
         out["token_type_ids"] = pad([e.token_type_ids for e in batch], width, 0)
     return out
@@ -72,20 +77,27 @@ def pack(batch: Sequence[Encoded]) -> dict[str, Any]:
         bounds.append(bounds[-1] + len(e))
     cu = torch.tensor(bounds, dtype=torch.int32)
     longest = max(len(e) for e in batch)
-    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
-            "labels": torch.tensor([labels]),
-            # transformers' names for variable-length attention: they reach every attention call
-            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    return {
+        "input_ids": torch.tensor([ids]),
+        "position_ids": torch.tensor([positions]),
+        "labels": torch.tensor([labels]),
+        # transformers' names for variable-length attention: they reach every attention call
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
 
 
 def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
     """`items` in consecutive slices of `size` (the last may be shorter)."""
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True,
-                           mega_batches: int = 50) -> list[list[int]]:
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True, mega_batches: int = 50
+) -> list[list[int]]:
     """Split ``range(len(lengths))`` into batches of similar lengths (less padding).
 
     Shuffle the indices, sort each chunk of ``mega_batches * batch_size`` by length

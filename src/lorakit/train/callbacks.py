@@ -7,6 +7,7 @@ Everything a run leaves behind in its log directory comes from here:
     curves.png      loss and eval metrics vs step (`plot_curves`)
     report.md       what was trained, how long it took, and the scores before and after (`write_report`)
 """
+
 from __future__ import annotations
 
 import json
@@ -53,13 +54,20 @@ class ProgressBar(BaseCallback):
         self.file = file
         self.smoothing = smoothing
         self.bar: tqdm | None = None
-        self.loss: float | None = None   # EMA of the training loss: raw per-step loss is too jumpy to read
+        self.loss: float | None = None  # EMA of the training loss: raw per-step loss is too jumpy to read
 
     def on_train_begin(self, state: TrainState, info: dict[str, Any]) -> None:
         total = state.max_steps or info.get("max_steps") or None
         # `initial` makes a resumed run start at its step and keeps tqdm's rate (and ETA) honest.
-        self.bar = tqdm(total=total, initial=state.step, unit="step", desc="train", dynamic_ncols=True,
-                        disable=self.disable, file=self.file)
+        self.bar = tqdm(
+            total=total,
+            initial=state.step,
+            unit="step",
+            desc="train",
+            dynamic_ncols=True,
+            disable=self.disable,
+            file=self.file,
+        )
         self.loss = None
 
     def on_log(self, state: TrainState, record: dict[str, Any]) -> None:
@@ -67,8 +75,11 @@ class ProgressBar(BaseCallback):
             return
         if (loss := record.get("loss")) is not None:
             self.loss = loss if self.loss is None else self.smoothing * self.loss + (1 - self.smoothing) * loss
-        postfix = {"loss": None if self.loss is None else f"{self.loss:.4f}", "lr": _sci(record.get("lr")),
-                   "tok/s": _si(record.get("tokens_per_s"))}
+        postfix = {
+            "loss": None if self.loss is None else f"{self.loss:.4f}",
+            "lr": _sci(record.get("lr")),
+            "tok/s": _si(record.get("tokens_per_s")),
+        }
         self.bar.set_postfix({k: v for k, v in postfix.items() if v is not None}, refresh=False)
         # Advance to the record's step rather than by 1, so sparse logging still lands right.
         self.bar.update(max(0, record.get("step", state.step) - self.bar.n))
@@ -76,8 +87,11 @@ class ProgressBar(BaseCallback):
     def on_evaluate(self, state: TrainState, record: dict[str, Any]) -> None:
         if self.disable is True:
             return
-        scores = "  ".join(f"{k.removeprefix('eval_')}={_num(v)}" for k, v in record.items()
-                           if k.startswith("eval_") and isinstance(v, (int, float)))
+        scores = "  ".join(
+            f"{k.removeprefix('eval_')}={_num(v)}"
+            for k, v in record.items()
+            if k.startswith("eval_") and isinstance(v, (int, float))
+        )
         tqdm.write(f"eval @ step {record.get('step', state.step)}: {scores}", file=self.file)
 
     def on_train_end(self, state: TrainState, summary: dict[str, Any]) -> None:
@@ -231,7 +245,7 @@ def plot_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path | None:
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss")
-        span = max(2, len(losses) // 10)   # smooth more when there are more points
+        span = max(2, len(losses) // 10)  # smooth more when there are more points
         ax.plot(steps, ema(list(losses), 1 - 2 / (span + 1)), color="tab:blue", label="train loss (EMA)")
     if "loss" in evals:
         ax.plot(*zip(*evals["loss"]), "o-", color="tab:orange", label="eval loss")
@@ -241,8 +255,7 @@ def plot_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path | None:
 
     if others:
         ax = axes[1]
-        lines = [ax.plot(*zip(*evals[k]), "o-", label=f"{k} (%)")[0]
-                 for k in others if k not in _RATIO_METRICS]
+        lines = [ax.plot(*zip(*evals[k]), "o-", label=f"{k} (%)")[0] for k in others if k not in _RATIO_METRICS]
         if lines:
             ax.set_ylabel("%")
         if "perplexity" in evals:
@@ -255,15 +268,16 @@ def plot_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path | None:
 
     out_png = Path(out_png)
     with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)   # the temp name ends in .tmp: say the format
+        fig.savefig(tmp, format="png", dpi=120)  # the temp name ends in .tmp: say the format
     return out_png
 
 
 # ---------------------------------------------------------------- report
 
 
-def write_report(out_md: str | Path, info: dict[str, Any], summary: dict[str, Any],
-                 history: list[dict[str, Any]]) -> Path:
+def write_report(
+    out_md: str | Path, info: dict[str, Any], summary: dict[str, Any], history: list[dict[str, Any]]
+) -> Path:
     """Write a short markdown report of a run; `history` fills in evals the summary lacks."""
     out_md = Path(out_md)
     evals = [r for r in history if any(k.startswith("eval_") for k in r)]
@@ -276,13 +290,24 @@ def write_report(out_md: str | Path, info: dict[str, Any], summary: dict[str, An
     if final or baseline:
         lines += ["", "## Evaluation", "", *_metrics_table(baseline, final)]
     if summary.get("best_metric") is not None:
-        lines += ["", f"Best {summary.get('metric_name', 'metric')}: **{_num(summary['best_metric'])}** "
-                      f"at step {summary.get('best_step')}."]
+        lines += [
+            "",
+            f"Best {summary.get('metric_name', 'metric')}: **{_num(summary['best_metric'])}** "
+            f"at step {summary.get('best_step')}.",
+        ]
     if (out_md.parent / PLOT_FILE).exists():
         lines += ["", f"![curves]({PLOT_FILE})"]
     if config := info.get("config"):
-        lines += ["", "<details><summary>Configuration</summary>", "", "```json",
-                  json.dumps(config, indent=2, sort_keys=True, default=str), "```", "", "</details>"]
+        lines += [
+            "",
+            "<details><summary>Configuration</summary>",
+            "",
+            "```json",
+            json.dumps(config, indent=2, sort_keys=True, default=str),
+            "```",
+            "",
+            "</details>",
+        ]
     atomic_write_text(out_md, "\n".join(lines) + "\n")
     return out_md
 
@@ -325,7 +350,7 @@ def _metrics_table(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     before = {k.removeprefix("eval_"): v for k, v in before.items()}
     after = {k.removeprefix("eval_"): v for k, v in after.items()}
     rows = ["| Metric | Before | After | Δ |", "|---|---:|---:|---:|"]
-    for name in dict.fromkeys(names):   # ordered, deduplicated (eval_x and x are the same metric)
+    for name in dict.fromkeys(names):  # ordered, deduplicated (eval_x and x are the same metric)
         b, a = before.get(name), after.get(name)
         delta = f"{a - b:+.4g}" if _is_number(a) and _is_number(b) else "–"
         unit = "" if name in _RATIO_METRICS else " (%)"
@@ -350,7 +375,7 @@ class ReportWriter(BaseCallback):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         png = self.log_dir / PLOT_FILE
         if plot_curves(self.log_dir / METRICS_FILE, png) is None:
-            png.unlink(missing_ok=True)   # don't let the report link a stale plot from an earlier run
+            png.unlink(missing_ok=True)  # don't let the report link a stale plot from an earlier run
         write_report(self.log_dir / REPORT_FILE, self.info, summary, state.history)
 
 

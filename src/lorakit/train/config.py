@@ -1,11 +1,12 @@
 """`TrainConfig`: every option of a training run, with sensible defaults, validated up front
 (before any model is loaded) with messages that name the field, the value and the fix."""
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,22 +37,22 @@ class TrainConfig:
     output: str = "runs/lorakit"
     method: str = "lora"
     # LoRA
-    targets: list[str] | str | None = None    # None: the architecture's Wq, Wv
+    targets: list[str] | str | None = None  # None: the architecture's Wq, Wv
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     use_rslora: bool = False
-    init: str = "kaiming"                     # or "gaussian" (the paper's)
+    init: str = "kaiming"  # or "gaussian" (the paper's)
     # other methods
-    adapter_size: int = 16                    # adapter-h / adapter-l bottleneck m
-    prefix_length: int = 16                   # prefix-embed / prefix-layer positions
+    adapter_size: int = 16  # adapter-h / adapter-l bottleneck m
+    prefix_length: int = 16  # prefix-embed / prefix-layer positions
     # optimisation
     lr: float = 1e-3
-    lora_plus_ratio: float = 1.0              # LoRA+: B's learning rate = lr * ratio (16 in the paper)
-    head_lr: float | None = None              # new task heads (modules_to_save); default lr
+    lora_plus_ratio: float = 1.0  # LoRA+: B's learning rate = lr * ratio (16 in the paper)
+    head_lr: float | None = None  # new task heads (modules_to_save); default lr
     weight_decay: float = 0.0
     epochs: int = 1
-    max_steps: int | None = None              # overrides epochs when set
+    max_steps: int | None = None  # overrides epochs when set
     batch_size: int = 16
     grad_accum: int = 1
     max_length: int = 128
@@ -60,23 +61,25 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     bf16: bool = False
     gradient_checkpointing: bool = False
-    packing: bool = True                      # causal-lm: padding-free batches (same gradients, no padding compute)
-    group_by_length: bool | None = None       # length-grouped batches; None: on unless batches are packed
-    attention: str | None = None              # attention kernel: sdpa | eager | ...; None: the model's default
+    packing: bool = True  # causal-lm: padding-free batches (same gradients, no padding compute)
+    group_by_length: bool | None = None  # length-grouped batches; None: on unless batches are packed
+    attention: str | None = None  # attention kernel: sdpa | eager | ...; None: the model's default
     seed: int = 0
-    device: str | None = None                 # cpu | cuda | cuda:N; None: this process's GPU if there is one, else cpu
+    device: str | None = None  # cpu | cuda | cuda:N; None: this process's GPU if there is one, else cpu
     # evaluation and checkpoints
-    eval_every: int | None = None             # steps; None: only at the end
-    eval_before: bool = True                  # score the model before training too
-    eval_generate: int = 0                    # generation tasks: BLEU/ROUGE-L on this many inputs
+    eval_every: int | None = None  # steps; None: only at the end
+    eval_before: bool = True  # score the model before training too
+    eval_generate: int = 0  # generation tasks: BLEU/ROUGE-L on this many inputs
     max_new_tokens: int = 64
     eval_batch_size: int = 32
-    eval_loss_examples: int | None = None     # generation tasks: eval loss on at most this many (all refs still score BLEU)
-    save_every: int | None = None             # steps; None: at eval points and the end
+    eval_loss_examples: int | None = (
+        None  # generation tasks: eval loss on at most this many (all refs still score BLEU)
+    )
+    save_every: int | None = None  # steps; None: at eval points and the end
     keep_checkpoints: int = 2
     resume: bool = False
     # processes (torchrun): data parallel strategy
-    distributed: str = "ddp"                  # "ddp" (replicated base) or "fsdp" (sharded base)
+    distributed: str = "ddp"  # "ddp" (replicated base) or "fsdp" (sharded base)
     # data
     text_field: str | None = None
     pair_field: str | None = None
@@ -88,7 +91,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.targets, str) and self.targets not in ("all-linear",) and "," in self.targets:
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
-        elif isinstance(self.targets, str) and self.targets not in ("all-linear",) and not _looks_like_regex(self.targets):
+        elif (
+            isinstance(self.targets, str)
+            and self.targets not in ("all-linear",)
+            and not _looks_like_regex(self.targets)
+        ):
             self.targets = [self.targets]
         self.validate()
 
@@ -96,12 +103,31 @@ class TrainConfig:
         _need(self.task in TASKS, "task", self.task, f"one of {', '.join(TASKS)}")
         _need(bool(self.data), "data", self.data, "a training data file or dataset (--data train.jsonl)")
         _need(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")
-        for name in ("rank", "epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size",
-                     "keep_checkpoints", "log_every", "max_new_tokens", "adapter_size", "prefix_length"):
+        for name in (
+            "rank",
+            "epochs",
+            "batch_size",
+            "grad_accum",
+            "max_length",
+            "eval_batch_size",
+            "keep_checkpoints",
+            "log_every",
+            "max_new_tokens",
+            "adapter_size",
+            "prefix_length",
+        ):
             value = getattr(self, name)
-            _need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value, "a positive integer")
-        for name in ("max_steps", "eval_every", "save_every", "max_train_examples", "max_eval_examples",
-                     "eval_loss_examples"):
+            _need(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value, "a positive integer"
+            )
+        for name in (
+            "max_steps",
+            "eval_every",
+            "save_every",
+            "max_train_examples",
+            "max_eval_examples",
+            "eval_loss_examples",
+        ):
             value = getattr(self, name)
             _need(value is None or (isinstance(value, int) and value > 0), name, value, "a positive integer or unset")
         _need(self.alpha > 0, "alpha", self.alpha, "a positive number (e.g. twice the rank)")
@@ -110,54 +136,81 @@ class TrainConfig:
         _need(self.lora_plus_ratio >= 1, "lora_plus_ratio", self.lora_plus_ratio, ">= 1 (1 = plain LoRA, 16 = LoRA+)")
         _need(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "a fraction in [0, 1)")
         _need(self.scheduler in SCHEDULERS, "scheduler", self.scheduler, f"one of {', '.join(SCHEDULERS)}")
-        _need(self.attention is None or self.attention in attention_kernels(), "attention", self.attention,
-              f"one of {', '.join(attention_kernels())}")
-        _need(self.device is None or re.fullmatch(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?", str(self.device)) is not None,
-              "device", self.device, "cpu, cuda or cuda:N (or unset: the GPU if there is one)")
+        _need(
+            self.attention is None or self.attention in attention_kernels(),
+            "attention",
+            self.attention,
+            f"one of {', '.join(attention_kernels())}",
+        )
+        _need(
+            self.device is None or re.fullmatch(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?", str(self.device)) is not None,
+            "device",
+            self.device,
+            "cpu, cuda or cuda:N (or unset: the GPU if there is one)",
+        )
         _need(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0 disables clipping)")
         _need(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         _need(self.init in ("kaiming", "gaussian"), "init", self.init, '"kaiming" or "gaussian"')
         _need(self.eval_generate >= 0, "eval_generate", self.eval_generate, ">= 0")
         _need(self.distributed in ("ddp", "fsdp"), "distributed", self.distributed, '"ddp" or "fsdp"')
-        _need(self.head_lr is None or 0 < self.head_lr < 1, "head_lr", self.head_lr, "a learning rate in (0, 1), or unset")
+        _need(
+            self.head_lr is None or 0 < self.head_lr < 1, "head_lr", self.head_lr, "a learning rate in (0, 1), or unset"
+        )
         self._validate_targets()
         self._validate_combinations()
 
     def _validate_targets(self) -> None:
         if isinstance(self.targets, list):
-            _need(bool(self.targets) and all(isinstance(t, str) and t for t in self.targets), "targets", self.targets,
-                  "module names, e.g. query,value (or a regex, or all-linear)")
+            _need(
+                bool(self.targets) and all(isinstance(t, str) and t for t in self.targets),
+                "targets",
+                self.targets,
+                "module names, e.g. query,value (or a regex, or all-linear)",
+            )
         elif isinstance(self.targets, str) and self.targets != "all-linear":
             try:
                 re.compile(self.targets)
             except re.error as e:
-                raise TrainConfigError(f"--targets={self.targets!r} is invalid: not a regular expression ({e}); "
-                                       "expected module names, e.g. query,value") from e
+                raise TrainConfigError(
+                    f"--targets={self.targets!r} is invalid: not a regular expression ({e}); "
+                    "expected module names, e.g. query,value"
+                ) from e
 
     def _validate_combinations(self) -> None:
         """Options that are fine alone but wrong together: each would be silently ignored."""
         if self.eval_generate and not REGISTRY[self.task].generative:
-            raise TrainConfigError(f"--eval-generate={self.eval_generate} is invalid with --task={self.task}: BLEU/ROUGE-L "
-                                   "score generated text (causal-lm, seq2seq only); drop --eval-generate")
+            raise TrainConfigError(
+                f"--eval-generate={self.eval_generate} is invalid with --task={self.task}: BLEU/ROUGE-L "
+                "score generated text (causal-lm, seq2seq only); drop --eval-generate"
+            )
         if self.eval_every and not self.eval_data:
-            raise TrainConfigError(f"--eval-every={self.eval_every} is invalid without --eval-data: there is nothing to "
-                                   "evaluate; give --eval-data, or use --save-every for checkpoints alone")
+            raise TrainConfigError(
+                f"--eval-every={self.eval_every} is invalid without --eval-data: there is nothing to "
+                "evaluate; give --eval-data, or use --save-every for checkpoints alone"
+            )
         if self.method != "lora":
-            lora_only = {"targets": self.targets is not None, "use_rslora": self.use_rslora,
-                         "lora_plus_ratio": self.lora_plus_ratio != 1}
+            lora_only = {
+                "targets": self.targets is not None,
+                "use_rslora": self.use_rslora,
+                "lora_plus_ratio": self.lora_plus_ratio != 1,
+            }
             for name, given in lora_only.items():
                 if given:
-                    raise TrainConfigError(f"--{name.replace('_', '-')}={getattr(self, name)!r} is invalid with "
-                                           f"--method={self.method}: it is a LoRA option; drop it or use --method=lora")
+                    raise TrainConfigError(
+                        f"--{name.replace('_', '-')}={getattr(self, name)!r} is invalid with "
+                        f"--method={self.method}: it is a LoRA option; drop it or use --method=lora"
+                    )
         if self.method.startswith("prefix") and self.gradient_checkpointing:
-            raise TrainConfigError(f"--gradient-checkpointing is invalid with --method={self.method}: prefix methods "
-                                   "change the attention inputs that checkpointing recomputes; drop one of them")
+            raise TrainConfigError(
+                f"--gradient-checkpointing is invalid with --method={self.method}: prefix methods "
+                "change the attention inputs that checkpointing recomputes; drop one of them"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """Options from a YAML or TOML file (keys = option names, '-' or '_'), then `overrides`."""
         return cls(**{**read_config_file(path), **{k: v for k, v in overrides.items() if v is not None}})
 
@@ -168,7 +221,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise TrainConfigError(f"config file {path} does not exist")
     try:
         text = path.read_text(encoding="utf-8")
-        data = tomllib.loads(text) if path.suffix == ".toml" else (json.loads(text) if path.suffix == ".json" else yaml.load(text, _NoAliasLoader))
+        data = (
+            tomllib.loads(text)
+            if path.suffix == ".toml"
+            else (json.loads(text) if path.suffix == ".json" else yaml.load(text, _NoAliasLoader))
+        )
     # ValueError: bad UTF-8, an integer of more than 4300 digits (and JSON's own errors);
     # RecursionError: lists nested thousands deep. All are the file's fault.
     except (tomllib.TOMLDecodeError, yaml.YAMLError, ValueError, RecursionError) as e:
@@ -180,8 +237,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise TrainConfigError(f"config file {path}: unknown option(s) {', '.join(unknown)}; "
-                               f"known options: {', '.join(sorted(fields))}")
+        raise TrainConfigError(
+            f"config file {path}: unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(fields))}"
+        )
     for key, value in data.items():
         expected = str(fields[key].type)
         if not _has_type(value, expected):
@@ -195,8 +253,9 @@ class _NoAliasLoader(yaml.SafeLoader):
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
-            raise yaml.YAMLError(f"YAML aliases (*name) are not allowed in a training config "
-                                 f"({self.peek_event().start_mark})")
+            raise yaml.YAMLError(
+                f"YAML aliases (*name) are not allowed in a training config ({self.peek_event().start_mark})"
+            )
         return super().compose_node(parent, index)
 
 
@@ -214,8 +273,11 @@ def _has_type(value: Any, annotation: str) -> bool:
             return True
         if part == "float" and isinstance(value, (int, float)) and value == value and abs(value) != float("inf"):
             return True
-        if (part == "str" and isinstance(value, str)) or (part.startswith("list") and isinstance(value, list)) \
-                or (part.startswith("dict") and isinstance(value, dict)):
+        if (
+            (part == "str" and isinstance(value, str))
+            or (part.startswith("list") and isinstance(value, list))
+            or (part.startswith("dict") and isinstance(value, dict))
+        ):
             return True
     return False
 
@@ -223,6 +285,7 @@ def _has_type(value: Any, annotation: str) -> bool:
 def attention_kernels() -> list[str]:
     """The attention implementations transformers knows ("eager" plus its registered kernels)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     return ["eager", *ALL_ATTENTION_FUNCTIONS.keys()]
 
 

@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DataError", "FORMATS", "detect_format", "read_conll", "read_csv", "read_e2e", "read_hf", "read_jsonl",
-           "read_records"]
+__all__ = [
+    "DataError",
+    "FORMATS",
+    "detect_format",
+    "read_conll",
+    "read_csv",
+    "read_e2e",
+    "read_hf",
+    "read_jsonl",
+    "read_records",
+]
 
 FORMATS = ("jsonl", "csv", "tsv", "conll", "e2e", "hf")
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".conll": "conll", ".txt": "conll"}

@@ -11,12 +11,14 @@ update equals the single-process one with the same global batch.
     FSDP  (torch's FSDP2 `fully_shard`) every block's parameters, frozen base included, are
           sharded across ranks; per-parameter sharding has no "uniform requires_grad" limit.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -32,6 +34,7 @@ STRATEGIES = ("ddp", "fsdp")
 @dataclass
 class DistContext:
     """This process's place in the job. `world == 1`: a plain single-process run."""
+
     rank: int = 0
     world: int = 1
     strategy: str = "ddp"
@@ -111,6 +114,7 @@ def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
 
 def _fully_shard(model: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
+
     for block in _blocks(model):
         fully_shard(block)
     fully_shard(model)
@@ -127,6 +131,7 @@ def load_full(param: torch.Tensor, full: torch.Tensor) -> None:
     with torch.no_grad():
         if hasattr(param, "device_mesh"):
             from torch.distributed.tensor import distribute_tensor
+
             param.copy_(distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements))
         else:
             param.copy_(full)
@@ -148,13 +153,17 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p in optimizer.state:
-                state[names[id(p)]] = {k: whole_tensor(v).detach().cpu() if torch.is_tensor(v) else v
-                                       for k, v in optimizer.state[p].items()}
+                state[names[id(p)]] = {
+                    k: whole_tensor(v).detach().cpu() if torch.is_tensor(v) else v
+                    for k, v in optimizer.state[p].items()
+                }
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     return {"state": state, "groups": groups}
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor], saved: dict[str, Any]) -> None:
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor], saved: dict[str, Any]
+) -> None:
     """Inverse of `full_optimizer_state`: whole tensors are re-sharded like their parameter."""
     for group, settings in zip(optimizer.param_groups, saved["groups"]):
         group.update(settings)
@@ -166,5 +175,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, params: dict[str, tor
 def _like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     if hasattr(param, "device_mesh"):
         from torch.distributed.tensor import distribute_tensor
+
         return distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements)
     return full.to(param.device)

@@ -114,9 +114,7 @@ def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str] | str]) -
     return float(BLEU().corpus_score(list(hypotheses), streams).score)
 
 
-def rouge_l(
-    hypotheses: Sequence[str], references: Sequence[Sequence[str] | str], use_stemmer: bool = True
-) -> float:
+def rouge_l(hypotheses: Sequence[str], references: Sequence[Sequence[str] | str], use_stemmer: bool = True) -> float:
     """Mean ROUGE-L F-measure (0-100) over hypotheses; with several references the best one counts.
 
     Uses Google's ``rouge-score``, whose tokenizer lowercases and keeps only ``[a-z0-9]`` runs:

@@ -12,10 +12,11 @@ A model opts in only after a probe shows that its logits on a packed row equal i
 on the examples one by one (`packing_support`); anything else (no kwargs pass-through, a
 prefix method, sliding windows, an older transformers) trains padded.
 """
+
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from .batching import IGNORE, Encoded, pack
 
-PACKED = "lorakit_packed_"      # + the kernel run on the re-padded q, k, v: "sdpa" or "eager"
+PACKED = "lorakit_packed_"  # + the kernel run on the re-padded q, k, v: "sdpa" or "eager"
 
 
 # -- attention -----------------------------------------------------------------------------
@@ -51,30 +52,32 @@ _padding_index = _PaddingIndex()
 
 def _repad(x: torch.Tensor, index: torch.Tensor, rows: int, width: int) -> torch.Tensor:
     """(1, H, N, D) packed -> (rows, H, width, D), zeros after each example."""
-    tokens = x[0].transpose(0, 1)                                          # (N, H, D)
+    tokens = x[0].transpose(0, 1)  # (N, H, D)
     padded = tokens.new_zeros(rows * width, *tokens.shape[1:]).index_copy(0, index, tokens)
     return padded.view(rows, width, *tokens.shape[1:]).transpose(1, 2)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
-                     groups: int, dropout: float = 0.0) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, groups: int, dropout: float = 0.0
+) -> torch.Tensor:
     """Plain causal softmax attention, (B, H, T, D) q and (B, H/groups, T, D) k, v ->
     (B, T, H, D). Matmuls and a softmax: on CPU in bf16 forward + backward run faster than
     SDPA's fused kernel (measured on SmolLM2 in benchmarks/e2e.py)."""
-    if groups > 1:                                                         # grouped-query attention
+    if groups > 1:  # grouped-query attention
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     length = q.shape[2]
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling                # (B, H, T, T)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # (B, H, T, T)
     future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
     scores = scores.masked_fill(future, float("-inf"))
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    if dropout:                                                            # attention dropout (training)
+    if dropout:  # attention dropout (training)
         weights = F.dropout(weights, dropout)
     return torch.matmul(weights, v).transpose(1, 2)
 
 
 def _model_sdpa(module: nn.Module, *args, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     return sdpa_attention_forward(module, *args, **kwargs)
 
 
@@ -83,7 +86,7 @@ def _model_eager(module: nn.Module, *args, **kwargs):
     return sys.modules[type(module).__module__].eager_attention_forward(module, *args, **kwargs)
 
 
-UNPACKED: dict[str, Callable] = {"sdpa": _model_sdpa, "eager": _model_eager}   # the model's own kernels
+UNPACKED: dict[str, Callable] = {"sdpa": _model_sdpa, "eager": _model_eager}  # the model's own kernels
 
 
 def _sdpa(module: nn.Module, q, k, v, scaling: float, groups: int, dropout: float) -> torch.Tensor:
@@ -103,13 +106,21 @@ def packed_attention(kernel: str) -> Callable:
     model's own `kernel` implementation, so the model keeps working outside training."""
     run = KERNELS[kernel]
 
-    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                  **kwargs) -> tuple[torch.Tensor, None]:
+    def attention(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
         cu = kwargs.get("cu_seq_lens_q")
         if cu is None or query.shape[0] != 1:
-            return UNPACKED[kernel](module, query, key, value, attention_mask, dropout=dropout,
-                                    scaling=scaling, **kwargs)
+            return UNPACKED[kernel](
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
         index, rows, width = _padding_index(cu, query.device)
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         groups = query.shape[1] // key.shape[1]
@@ -123,6 +134,7 @@ def packed_attention(kernel: str) -> Callable:
 def _register(kernel: str) -> str:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import eager_mask, sdpa_mask
+
     name = PACKED + kernel
     AttentionInterface.register(name, packed_attention(kernel))
     AttentionMaskInterface.register(name, eager_mask if kernel == "eager" else sdpa_mask)
@@ -141,7 +153,7 @@ def packing_support(model: nn.Module, max_length: int | None = None) -> str | No
     if kernel not in KERNELS:
         return f"attention kernel {current!r} has no packed variant (sdpa, eager)"
     window = getattr(config, "sliding_window", None)
-    if window and (max_length is None or window < max_length):     # a window that never binds is harmless
+    if window and (max_length is None or window < max_length):  # a window that never binds is harmless
         return f"sliding-window attention (window {window} < --max-length {max_length})"
     if getattr(config, "attn_logit_softcapping", None):
         return "soft-capped attention logits"

@@ -6,13 +6,14 @@ have the layers `--targets` names and are they larger than `--rank`, does the di
 checkpoints. Every error is a TrainConfigError naming the option, its value and the fix
 (docs/validation.md lists them all).
 """
+
 from __future__ import annotations
 
 import math
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch.nn as nn
 
@@ -26,15 +27,18 @@ def check_output_dir(config: TrainConfig) -> Path:
     permission bits say nothing for root or on read-only mounts)."""
     output = Path(config.output)
     if output.exists() and not output.is_dir():
-        raise TrainConfigError(f"--output={config.output!r} is invalid: it is a file, expected a directory; "
-                               "choose another --output")
+        raise TrainConfigError(
+            f"--output={config.output!r} is invalid: it is a file, expected a directory; choose another --output"
+        )
     try:
         output.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=output):
             pass
     except OSError as e:
-        raise TrainConfigError(f"--output={config.output!r} is invalid: it is not writable ({e.strerror or e}); "
-                               "choose a directory you can write to") from e
+        raise TrainConfigError(
+            f"--output={config.output!r} is invalid: it is not writable ({e.strerror or e}); "
+            "choose a directory you can write to"
+        ) from e
     return output
 
 
@@ -47,9 +51,11 @@ def check_lora_targets(config: TrainConfig, model: nn.Module, new_modules: Seque
         names = [n for n, _ in model.named_modules() if n]
         unknown = [t for t in config.targets if not any(name_matches(n, [t]) for n in names)]
         if unknown:
-            raise TrainConfigError(f"--targets={','.join(config.targets)!r} is invalid: {', '.join(map(repr, unknown))} "
-                                   f"matches no module of this {type(model).__name__}; candidate module names: "
-                                   f"{', '.join(candidate_names(model))}")
+            raise TrainConfigError(
+                f"--targets={','.join(config.targets)!r} is invalid: {', '.join(map(repr, unknown))} "
+                f"matches no module of this {type(model).__name__}; candidate module names: "
+                f"{', '.join(candidate_names(model))}"
+            )
     try:
         targets = find_targets(model, lora_config(config, new_modules))
     except TargetError as e:
@@ -61,8 +67,10 @@ def check_lora_targets(config: TrainConfig, model: nn.Module, new_modules: Seque
         # A: [r, fan-in], B: [fan-out, r]; for a conv the fan-in includes the kernel.
         size = min(weight.shape[0], math.prod(weight.shape[1:]))
         if t.r > size:
-            raise TrainConfigError(f"--rank={t.r} is invalid: expected at most {size}, the smaller dimension of the "
-                                   f"targeted layer {t.name} ({' x '.join(map(str, weight.shape))}); lower --rank")
+            raise TrainConfigError(
+                f"--rank={t.r} is invalid: expected at most {size}, the smaller dimension of the "
+                f"targeted layer {t.name} ({' x '.join(map(str, weight.shape))}); lower --rank"
+            )
 
 
 # Per trainable parameter, a checkpoint holds: the parameter, the adapter copy, and AdamW's
@@ -89,7 +97,8 @@ def check_disk_space(config: TrainConfig, model: nn.Module) -> None:
             f"--keep-checkpoints={config.keep_checkpoints} is invalid: the checkpoints need about {_mb(need)} "
             f"({config.keep_checkpoints} kept + 1 being written, {_mb(each)} each, plus the adapter) but only "
             f"{_mb(free)} is free in --output={config.output!r}; free some space, lower --keep-checkpoints, "
-            "or choose another --output")
+            "or choose another --output"
+        )
 
 
 def _mb(n: int) -> str:

@@ -3,6 +3,7 @@
 The trainer never prints; progress bars, JSONL/TensorBoard logs, plots and reports are
 callbacks, so tests run it silently and other front ends (a notebook, a server) plug in.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,24 +14,25 @@ from typing import Any, Protocol
 @dataclass
 class TrainState:
     """Where training is. Saved in every checkpoint (`to_dict`/`from_dict`) so resume is exact."""
-    step: int = 0                      # optimizer steps done
-    max_steps: int = 0                 # optimizer steps planned in all
-    epoch: int = 0                     # current epoch (0-based)
-    batch_in_epoch: int = 0            # micro-batches of this epoch already consumed
+
+    step: int = 0  # optimizer steps done
+    max_steps: int = 0  # optimizer steps planned in all
+    epoch: int = 0  # current epoch (0-based)
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
     examples_seen: int = 0
-    tokens_seen: int = 0               # non-padding input tokens
-    best_metric: float | None = None   # best eval value of `metric_name` so far
+    tokens_seen: int = 0  # non-padding input tokens
+    best_metric: float | None = None  # best eval value of `metric_name` so far
     best_step: int | None = None
     metric_name: str = "loss"
     greater_is_better: bool = False
-    truncated: int = 0                 # training sequences cut to max_length
-    history: list[dict[str, Any]] = field(default_factory=list)   # every logged record
+    truncated: int = 0  # training sequences cut to max_length
+    history: list[dict[str, Any]] = field(default_factory=list)  # every logged record
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainState":
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
         return cls(**d)
 
 

@@ -6,6 +6,7 @@ trainable parameters, the optimizer and scheduler, the data position (epoch, mic
 and the RNG states captured at that optimizer-step boundary. Batches are a pure function of
 (seed, epoch), so the resumed run sees the same batches in the same order.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,11 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -29,8 +31,14 @@ from ..lora.io import whole_tensor
 from ..methods import method_spec
 from .batching import length_grouped_batches
 from .config import TrainConfig
-from .distributed import (DistContext, full_optimizer_state, load_full, load_optimizer_state,
-                          sync_bytes_per_step, wrap_model)
+from .distributed import (
+    DistContext,
+    full_optimizer_state,
+    load_full,
+    load_optimizer_state,
+    sync_bytes_per_step,
+    wrap_model,
+)
 from .packing import packing_support, use_packed_attention
 from .state import BaseCallback, TrainState
 from .tasks import Task, on_device
@@ -56,19 +64,28 @@ class Trainer:
     the best one by the task's metric (else the last) ends up in `output_dir`, checkpoints in
     `output_dir/checkpoints`. Callbacks receive progress; the trainer itself prints nothing."""
 
-    def __init__(self, model: nn.Module, task: Task, train_examples: Sequence[dict],
-                 eval_examples: Sequence[dict] | None, config: TrainConfig,
-                 save_adapter: Callable[[nn.Module, Path, bool], Any],
-                 callbacks: Sequence[BaseCallback] = (), info: dict[str, Any] | None = None,
-                 dist: DistContext | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        train_examples: Sequence[dict],
+        eval_examples: Sequence[dict] | None,
+        config: TrainConfig,
+        save_adapter: Callable[[nn.Module, Path, bool], Any],
+        callbacks: Sequence[BaseCallback] = (),
+        info: dict[str, Any] | None = None,
+        dist: DistContext | None = None,
+    ) -> None:
         self.model, self.task, self.config = model, task, config
         self.dist = dist or DistContext()
         if self.dist.enabled and config.batch_size < self.dist.world:
-            raise ValueError(f"--batch-size={config.batch_size} is smaller than the {self.dist.world} processes: "
-                             "each micro-batch is split across them; raise it")
+            raise ValueError(
+                f"--batch-size={config.batch_size} is smaller than the {self.dist.world} processes: "
+                "each micro-batch is split across them; raise it"
+            )
         self.output = Path(config.output)
         self.save_adapter = save_adapter
-        self.callbacks = list(callbacks) if self.dist.is_main else []   # rank 0 reports for all
+        self.callbacks = list(callbacks) if self.dist.is_main else []  # rank 0 reports for all
         self.info = info or {}
         self.train_encoded = task.encode_all(train_examples)
         if not self.train_encoded:
@@ -79,14 +96,19 @@ class Trainer:
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("no parameter requires grad: inject an adapter (or choose a method) first")
         self.info.update(sync_bytes_per_step(model) if self.dist.enabled else {})
-        self.packing = self._packing_works()      # probed in fp32, before the base goes to bf16
+        self.packing = self._packing_works()  # probed in fp32, before the base goes to bf16
         if config.bf16:
             hold_frozen_in_bf16(model)
-        self.forward_model = wrap_model(model, self.dist)    # DDP wrapper, or the model sharded in place
+        self.forward_model = wrap_model(model, self.dist)  # DDP wrapper, or the model sharded in place
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.state = TrainState(metric_name=task.metric, greater_is_better=task.greater_is_better,
-                                truncated=sum(e.truncated for e in self.train_encoded))
-        self.state.max_steps = config.max_steps or config.epochs * math.ceil(len(self._epoch_batches(0)) / config.grad_accum)
+        self.state = TrainState(
+            metric_name=task.metric,
+            greater_is_better=task.greater_is_better,
+            truncated=sum(e.truncated for e in self.train_encoded),
+        )
+        self.state.max_steps = config.max_steps or config.epochs * math.ceil(
+            len(self._epoch_batches(0)) / config.grad_accum
+        )
         self.optimizer = adamw(self._param_groups(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self._rng = _capture_rng()
@@ -96,7 +118,7 @@ class Trainer:
         """LoRA+ gives B a larger learning rate than A; new task heads (any method) may have their own."""
         b_ids = {id(p) for _, layer in lora_layers(self.model) for p in layer.lora_B.values()}
         head_ids = {id(p) for _, w in saved_modules(self.model) for p in w.modules_to_save.parameters()}
-        spec = method_spec(self.model)          # the other methods train the new head in place
+        spec = method_spec(self.model)  # the other methods train the new head in place
         head_ids |= {id(self.params[n]) for n in (spec.head_params if spec else ()) if n in self.params}
         c = self.config
         groups: dict[str, list] = {"default": [], "lora_B": [], "head": []}
@@ -135,8 +157,9 @@ class Trainer:
         grouped = self.config.group_by_length
         grouped = not self.packing if grouped is None else grouped
         lengths = [len(e) for e in self.train_encoded]
-        return length_grouped_batches(lengths, self.config.batch_size, seed=self.config.seed * 1000 + epoch,
-                                      mega_batches=50 if grouped else 1)
+        return length_grouped_batches(
+            lengths, self.config.batch_size, seed=self.config.seed * 1000 + epoch, mega_batches=50 if grouped else 1
+        )
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -149,23 +172,33 @@ class Trainer:
             use_packed_attention(self.model, False)
 
     def _train(self) -> TrainResult:
-        if self.dist.is_main:   # what a killed run left half-written: temp dirs, half-pruned checkpoints
+        if self.dist.is_main:  # what a killed run left half-written: temp dirs, half-pruned checkpoints
             remove_stale_temps(self.output / CHECKPOINTS)
         if self.config.resume:
             self._resume()
         c, state = self.config, self.state
         t0, interrupted = time.perf_counter(), False
         self._session_tokens, self._session_seconds = 0, 0.0
-        self._emit("on_train_begin", state, {**self.info, "max_steps": state.max_steps,
-                                             "train_examples": len(self.train_encoded),
-                                             "eval_examples": len(self.eval_examples),
-                                             "output_dir": str(self.output), "config": c.to_dict()})
-        baseline = self._evaluate(final=True, log=False) if c.eval_before and state.step == 0 and self.eval_examples else None
+        self._emit(
+            "on_train_begin",
+            state,
+            {
+                **self.info,
+                "max_steps": state.max_steps,
+                "train_examples": len(self.train_encoded),
+                "eval_examples": len(self.eval_examples),
+                "output_dir": str(self.output),
+                "config": c.to_dict(),
+            },
+        )
+        baseline = (
+            self._evaluate(final=True, log=False) if c.eval_before and state.step == 0 and self.eval_examples else None
+        )
         try:
             while state.step < state.max_steps:
                 batches = self._epoch_batches(state.epoch)
                 while state.batch_in_epoch < len(batches) and state.step < state.max_steps:
-                    micro = batches[state.batch_in_epoch:state.batch_in_epoch + c.grad_accum]
+                    micro = batches[state.batch_in_epoch : state.batch_in_epoch + c.grad_accum]
                     self._optimizer_step(micro)
                     self._after_step()
                 if state.batch_in_epoch >= len(batches):
@@ -178,15 +211,27 @@ class Trainer:
         if not interrupted:
             final = self._evaluate(final=True) if self.eval_examples else None
             self._checkpoint()
-            if state.best_step is None:   # nothing evaluated: the output holds the last adapter
+            if state.best_step is None:  # nothing evaluated: the output holds the last adapter
                 self._save_adapter(self.output)
-        summary = {"steps": state.step, "interrupted": interrupted, "train_runtime_s": runtime,
-                   # training throughput: optimizer steps only, evaluation and checkpoints excluded
-                   "tokens_per_s": self._session_tokens / max(self._session_seconds, 1e-9),
-                   "best_metric": state.best_metric, "best_step": state.best_step, "metric_name": state.metric_name,
-                   "final_eval": final, "baseline_eval": baseline, "adapter_dir": str(self.output),
-                   "truncated": state.truncated,
-                   **{k: v for k, v in self.info.items() if k.startswith(("trainable", "total", "allreduce", "full_ft", "packing"))}}
+        summary = {
+            "steps": state.step,
+            "interrupted": interrupted,
+            "train_runtime_s": runtime,
+            # training throughput: optimizer steps only, evaluation and checkpoints excluded
+            "tokens_per_s": self._session_tokens / max(self._session_seconds, 1e-9),
+            "best_metric": state.best_metric,
+            "best_step": state.best_step,
+            "metric_name": state.metric_name,
+            "final_eval": final,
+            "baseline_eval": baseline,
+            "adapter_dir": str(self.output),
+            "truncated": state.truncated,
+            **{
+                k: v
+                for k, v in self.info.items()
+                if k.startswith(("trainable", "total", "allreduce", "full_ft", "packing"))
+            },
+        }
         self._emit("on_train_end", state, summary)
         return TrainResult(state, summary)
 
@@ -201,9 +246,11 @@ class Trainer:
         self.forward_model.train()
         step_loss = 0.0
         for i, ids in enumerate(micro):
-            batch = self._collate(ids[d.rank::d.world])
+            batch = self._collate(ids[d.rank :: d.world])
             with self._no_sync(last=i == len(micro) - 1), self._autocast():
-                loss_sum = self.task.loss_sum(self.forward_model(**self.task.model_inputs(batch, self.forward_model)), batch)
+                loss_sum = self.task.loss_sum(
+                    self.forward_model(**self.task.model_inputs(batch, self.forward_model)), batch
+                )
                 if not torch.isfinite(loss_sum):
                     raise self._diverged(f"the loss became {loss_sum.item()}")
                 (loss_sum * (d.world / max(total, 1))).backward()
@@ -220,20 +267,25 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
-        tokens = sum(len(self.train_encoded[j]) for ids in micro for j in ids)   # global, all ranks
+        tokens = sum(len(self.train_encoded[j]) for ids in micro for j in ids)  # global, all ranks
         state.step += 1
         state.batch_in_epoch += len(micro)
         state.examples_seen += sum(len(ids) for ids in micro)
         state.tokens_seen += tokens
         self._session_tokens += tokens
         self._session_seconds += elapsed
-        self._rng = _capture_rng()   # the step boundary: what a checkpoint here must restore
+        self._rng = _capture_rng()  # the step boundary: what a checkpoint here must restore
         if state.step % c.log_every == 0 or state.step == state.max_steps:
-            record = {"step": state.step, "epoch": state.epoch, "loss": step_loss,
-                      "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": norm,
-                      "tokens_per_s": tokens / max(elapsed, 1e-9),
-                      "examples_per_s": sum(len(ids) for ids in micro) / max(elapsed, 1e-9),
-                      "tokens_seen": state.tokens_seen}
+            record = {
+                "step": state.step,
+                "epoch": state.epoch,
+                "loss": step_loss,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "grad_norm": norm,
+                "tokens_per_s": tokens / max(elapsed, 1e-9),
+                "examples_per_s": sum(len(ids) for ids in micro) / max(elapsed, 1e-9),
+                "tokens_seen": state.tokens_seen,
+            }
             state.history.append(record)
             self._emit("on_log", state, record)
 
@@ -243,7 +295,8 @@ class Trainer:
         return TrainingDiverged(
             f"{what} at step {self.state.step + 1}; stopping before the weights are updated. The last good "
             f"checkpoint is {self._latest_checkpoint() or 'none (no checkpoint was written yet)'}. Lower --lr, "
-            "or raise --max-grad-norm clipping, then resume with --resume")
+            "or raise --max-grad-norm clipping, then resume with --resume"
+        )
 
     def _collate(self, ids: Sequence[int]) -> dict[str, Any]:
         return on_device(self.task.collate([self.train_encoded[i] for i in ids], packed=self.packing), self.model)
@@ -278,9 +331,15 @@ class Trainer:
         with torch.no_grad(), self._autocast():
             # DDP's replicas need no collective to run forward: evaluate the plain module.
             model = self.model if self.dist.strategy == "ddp" else self.forward_model
-            scores = self.task.evaluate(model, self.eval_examples, batch_size=c.eval_batch_size,
-                                        generate=c.eval_generate if final else 0, max_new_tokens=c.max_new_tokens,
-                                        loss_examples=c.eval_loss_examples, dist=self.dist)
+            scores = self.task.evaluate(
+                model,
+                self.eval_examples,
+                batch_size=c.eval_batch_size,
+                generate=c.eval_generate if final else 0,
+                max_new_tokens=c.max_new_tokens,
+                loss_examples=c.eval_loss_examples,
+                dist=self.dist,
+            )
         self.model.train()
         if not log:
             return scores
@@ -288,11 +347,13 @@ class Trainer:
         state.history.append(record)
         self._emit("on_evaluate", state, record)
         value = scores.get(state.metric_name)
-        better = value is not None and (state.best_metric is None or
-                                        (value > state.best_metric if state.greater_is_better else value < state.best_metric))
+        better = value is not None and (
+            state.best_metric is None
+            or (value > state.best_metric if state.greater_is_better else value < state.best_metric)
+        )
         if better:
             state.best_metric, state.best_step = value, state.step
-            self._save_adapter(self.output)      # the output dir always holds the best so far
+            self._save_adapter(self.output)  # the output dir always holds the best so far
         return scores
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -319,11 +380,13 @@ class Trainer:
                 crash_point("checkpoint.adapter_written")
                 save_file(params, str(tmp / "trainable.safetensors"))
                 crash_point("checkpoint.params_written")
-                torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": self._rng},
-                           tmp / "training_state.pt")
+                torch.save(
+                    {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": self._rng},
+                    tmp / "training_state.pt",
+                )
                 crash_point("checkpoint.optimizer_written")
                 atomic_write_json(tmp / STATE_FILE, self.state.to_dict())
-                fsync_tree(tmp)       # contents on disk before the rename makes them a checkpoint
+                fsync_tree(tmp)  # contents on disk before the rename makes them a checkpoint
                 crash_point("checkpoint.before_rename")
                 tmp.rename(final)
                 crash_point("checkpoint.renamed")
@@ -347,7 +410,7 @@ class Trainer:
     def _prune_checkpoints(self) -> None:
         """Delete all but the newest `keep_checkpoints`. Each is first renamed to a hidden name
         (atomic), so a crash mid-delete never leaves a step-N directory with files missing."""
-        for old in self._checkpoints()[:-self.config.keep_checkpoints]:
+        for old in self._checkpoints()[: -self.config.keep_checkpoints]:
             doomed = old.with_name(f".{old.name}.deleting")
             old.rename(doomed)
             crash_point("checkpoint.pruning")
@@ -356,12 +419,14 @@ class Trainer:
     def _resume(self) -> None:
         latest = self._latest_checkpoint()
         if latest is None:
-            return   # nothing to resume: start fresh
+            return  # nothing to resume: start fresh
         params = load_file(str(latest / "trainable.safetensors"))
         missing = sorted(set(self.params) - set(params))
         if missing:
-            raise ValueError(f"checkpoint {latest} does not match this model/method (missing {missing[:3]}); "
-                             "resume with the same options, or use a new --output")
+            raise ValueError(
+                f"checkpoint {latest} does not match this model/method (missing {missing[:3]}); "
+                "resume with the same options, or use a new --output"
+            )
         for name, p in self.params.items():
             load_full(p, params[name])
         blob = torch.load(latest / "training_state.pt", weights_only=True)
@@ -369,7 +434,7 @@ class Trainer:
         self.scheduler.load_state_dict(blob["scheduler"])
         _restore_rng(blob["rng"])
         self._rng = blob["rng"]
-        planned = self.state.max_steps      # from this run's options: a resumed run may go further
+        planned = self.state.max_steps  # from this run's options: a resumed run may go further
         self.state = TrainState.from_dict(json.loads((latest / STATE_FILE).read_text()))
         self.state.max_steps = planned
 
@@ -383,8 +448,10 @@ def adamw(groups: list[dict], **options: Any) -> torch.optim.AdamW:
     an adapter is dozens of small tensors, and the per-tensor loop costs more than the math
     (MiniLM q,v: 4.6 ms -> 1.3 ms a step). Sharded (DTensor) parameters keep the loop."""
     params = [p for g in groups for p in g["params"]]
-    fusable = all(type(p.data) is torch.Tensor and p.is_floating_point() for p in params) and \
-        len({p.device.type for p in params}) == 1
+    fusable = (
+        all(type(p.data) is torch.Tensor and p.is_floating_point() for p in params)
+        and len({p.device.type for p in params}) == 1
+    )
     return torch.optim.AdamW(groups, fused=fusable or None, **options)
 
 

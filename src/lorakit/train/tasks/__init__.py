@@ -7,9 +7,11 @@
 
 Adding a task: a module with a `Task` subclass, and its class in `REGISTRY` below.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..batching import IGNORE, Encoded
 from ..data import DataError
@@ -41,9 +43,16 @@ def task_of(info: dict[str, Any]) -> str | None:
     return info.get("task") or _BY_PEFT_TYPE.get(info.get("task_type") or "")
 
 
-def resolve_fields(records: Sequence[dict], task: str, *, text_field: str | None = None,
-                   pair_field: str | None = None, label_field: str | None = None,
-                   messages_field: str | None = None, source: str = "the data") -> Fields:
+def resolve_fields(
+    records: Sequence[dict],
+    task: str,
+    *,
+    text_field: str | None = None,
+    pair_field: str | None = None,
+    label_field: str | None = None,
+    messages_field: str | None = None,
+    source: str = "the data",
+) -> Fields:
     """Find the columns a task needs, from common names or the given overrides.
 
     Overrides must name existing columns; names are otherwise matched case-insensitively.
@@ -76,7 +85,26 @@ def to_examples(records: Sequence[dict], fields: Fields, source: str = "the data
     return examples
 
 
-__all__ = ["IGNORE", "REGISTRY", "TASKS", "CausalLM", "Classification", "ColumnFinder", "Encoded", "Fields",
-           "Generative", "Seq2Seq", "Task", "TokenClassification", "build_label_map", "chat_text",
-           "group_references", "make_task", "on_device", "resolve_fields", "task_class", "task_of",
-           "to_examples"]
+__all__ = [
+    "IGNORE",
+    "REGISTRY",
+    "TASKS",
+    "CausalLM",
+    "Classification",
+    "ColumnFinder",
+    "Encoded",
+    "Fields",
+    "Generative",
+    "Seq2Seq",
+    "Task",
+    "TokenClassification",
+    "build_label_map",
+    "chat_text",
+    "group_references",
+    "make_task",
+    "on_device",
+    "resolve_fields",
+    "task_class",
+    "task_of",
+    "to_examples",
+]

@@ -5,11 +5,13 @@ columns it reads (`choose_fields`), how a record becomes an example (`to_example
 and collation, loss targets, metrics, the transformers Auto class its model loads with, and
 PEFT's `task_type`. Adding a task means adding one file and one line in `__init__`.
 """
+
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -25,6 +27,7 @@ from ..distributed import DistContext
 class Fields:
     """Which record columns feed a task; ``None`` means unused. What `text`, `pair` and
     `label` mean is the task's (its module docstring says); ``messages`` names a chat column."""
+
     task: str
     text: str | None = None
     pair: str | None = None
@@ -41,8 +44,10 @@ class ColumnFinder:
 
     def check(self, override: str | None, role: str) -> None:
         if override is not None and override not in self.columns:
-            raise DataError(f"column {override!r} (--{role}-field) not found in {self.source}; "
-                            f"columns are: {', '.join(self.columns)}")
+            raise DataError(
+                f"column {override!r} (--{role}-field) not found in {self.source}; "
+                f"columns are: {', '.join(self.columns)}"
+            )
 
     def pair(self, pairs: Iterable[tuple[str, str]]) -> tuple[str, str] | None:
         for a, b in pairs:
@@ -50,8 +55,14 @@ class ColumnFinder:
                 return self.by_lower[a], self.by_lower[b]
         return None
 
-    def one(self, override: str | None, candidates: Iterable[str], role: str, exclude: Iterable[str] = (),
-            required: bool = True) -> str | None:
+    def one(
+        self,
+        override: str | None,
+        candidates: Iterable[str],
+        role: str,
+        exclude: Iterable[str] = (),
+        required: bool = True,
+    ) -> str | None:
         if override is not None:
             return override
         for name in dict.fromkeys(candidates):  # dedupe, keep order
@@ -61,13 +72,16 @@ class ColumnFinder:
         if not required:
             return None
         looked_for = ", ".join(dict.fromkeys(candidates))
-        raise DataError(f"no {role} column for task {self.task!r} in {self.source}: looked for {looked_for}; "
-                        f"columns are: {', '.join(self.columns)}. Set --{role}-field COLUMN.")
+        raise DataError(
+            f"no {role} column for task {self.task!r} in {self.source}: looked for {looked_for}; "
+            f"columns are: {', '.join(self.columns)}. Set --{role}-field COLUMN."
+        )
 
 
 @dataclass(frozen=True)
 class Overrides:
     """The user's --text-field / --pair-field / --label-field / messages column."""
+
     text: str | None = None
     pair: str | None = None
     label: str | None = None
@@ -88,8 +102,9 @@ def value(record: dict, column: str) -> Any:
 
 
 # -- label sets (classification, NER) --------------------------------------------------------
-def build_label_map(train_examples: Sequence[dict], eval_examples: Sequence[dict] | None = None,
-                    eval_source: str = "the eval data") -> list[str]:
+def build_label_map(
+    train_examples: Sequence[dict], eval_examples: Sequence[dict] | None = None, eval_source: str = "the eval data"
+) -> list[str]:
     """The sorted label list of classification (``label``) or NER (``tags``) examples.
 
     Labels are strings; when all look like integers they sort numerically (``'2' < '10'``),
@@ -100,8 +115,10 @@ def build_label_map(train_examples: Sequence[dict], eval_examples: Sequence[dict
         raise DataError("no labels in the training examples")
     unseen = _labels_of(eval_examples or []) - train
     if unseen:
-        raise DataError(f"label(s) {', '.join(map(repr, _sorted_labels(unseen)))} in {eval_source} never occur in "
-                        "the training data; fix the labels or train on data that covers them")
+        raise DataError(
+            f"label(s) {', '.join(map(repr, _sorted_labels(unseen)))} in {eval_source} never occur in "
+            "the training data; fix the labels or train on data that covers them"
+        )
     return _sorted_labels(train)
 
 
@@ -123,19 +140,20 @@ def _sorted_labels(labels: Iterable[str]) -> list[str]:
 @dataclass
 class Task:
     """A task: subclasses fill in the class attributes and encode / evaluate / predict."""
+
     tokenizer: Any
     max_length: int = 128
-    labels: list[str] = field(default_factory=list)     # classification / NER label names
+    labels: list[str] = field(default_factory=list)  # classification / NER label names
 
     name: ClassVar[str]
-    auto_class: ClassVar[str]               # the transformers Auto class its model loads with
-    peft_task_type: ClassVar[str]           # PEFT's task_type in adapter_config.json
-    metric: ClassVar[str] = "loss"          # what picks the best checkpoint
+    auto_class: ClassVar[str]  # the transformers Auto class its model loads with
+    peft_task_type: ClassVar[str]  # PEFT's task_type in adapter_config.json
+    metric: ClassVar[str] = "loss"  # what picks the best checkpoint
     greater_is_better: ClassVar[bool] = False
-    labelled: ClassVar[bool] = False        # trains on a label set read from the data
-    generative: ClassVar[bool] = False      # scores generated text (BLEU, ROUGE-L)
-    can_pack: ClassVar[bool] = False        # padding-free training batches apply
-    label_shift: ClassVar[int] = 0          # causal LMs: position t predicts token t+1
+    labelled: ClassVar[bool] = False  # trains on a label set read from the data
+    generative: ClassVar[bool] = False  # scores generated text (BLEU, ROUGE-L)
+    can_pack: ClassVar[bool] = False  # padding-free training batches apply
+    label_shift: ClassVar[int] = 0  # causal LMs: position t predicts token t+1
 
     def __post_init__(self) -> None:
         self.label_ids = {label: i for i, label in enumerate(self.labels)}
@@ -179,7 +197,7 @@ class Task:
             if isinstance(e.labels, int):
                 count += e.labels != IGNORE
             else:
-                count += sum(label != IGNORE for label in e.labels[self.label_shift:])
+                count += sum(label != IGNORE for label in e.labels[self.label_shift :])
         return count
 
     def model_inputs(self, batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -191,13 +209,15 @@ class Task:
         """Cross-entropy summed over the batch's targets (not averaged: the trainer divides by
         the whole step's target count, so accumulation and data parallelism stay exact)."""
         logits, labels = outputs.logits, batch["labels"]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def forward_all(self, model: nn.Module, encoded: Sequence[Encoded], batch_size: int, predict: bool = True
-                    ) -> tuple[list[torch.Tensor], float, float]:
+    def forward_all(
+        self, model: nn.Module, encoded: Sequence[Encoded], batch_size: int, predict: bool = True
+    ) -> tuple[list[torch.Tensor], float, float]:
         """One forward per batch: each batch's argmax predictions (if `predict`), and the loss
         summed over targets with the number of targets (rows without labels add nothing)."""
         preds, total, count = [], 0.0, 0.0
@@ -211,8 +231,9 @@ class Task:
                 preds.append(out.logits.argmax(-1))
         return preds, total, count
 
-    def eval_loss(self, model: nn.Module, examples: Sequence[dict], batch_size: int,
-                  dist: DistContext | None = None) -> float:
+    def eval_loss(
+        self, model: nn.Module, examples: Sequence[dict], batch_size: int, dist: DistContext | None = None
+    ) -> float:
         """Mean loss per target, computed on this rank's shard and summed across ranks."""
         dist = dist or DistContext()
         _, total, count = self.forward_all(model, self.encode_shard(examples, dist), batch_size, predict=False)
@@ -225,8 +246,14 @@ class Task:
         encoded = [self.encode(examples[i]) for i in indices]
         return encoded[:real] + [e.without_targets() for e in encoded[real:]]
 
-    def evaluate(self, model: nn.Module, examples: Sequence[dict], batch_size: int = 32,
-                 dist: DistContext | None = None, **kwargs) -> dict[str, float]:
+    def evaluate(
+        self,
+        model: nn.Module,
+        examples: Sequence[dict],
+        batch_size: int = 32,
+        dist: DistContext | None = None,
+        **kwargs,
+    ) -> dict[str, float]:
         raise NotImplementedError
 
     def predict(self, model: nn.Module, examples: Sequence[dict], batch_size: int = 32) -> list:

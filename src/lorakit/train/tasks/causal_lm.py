@@ -7,9 +7,11 @@ instruction's 'input', appended to the prompt), label (the response), messages (
 The prompt goes through the model's chat template where it has one (`chat_text`, which the
 server uses too).
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +22,14 @@ from .base import ColumnFinder, Fields, Overrides, takes_argument, value
 from .generative import Generative
 from .seq2seq import PAIRS as SEQ2SEQ_PAIRS
 
-PAIRS = (("prompt", "response"), ("prompt", "completion"), ("instruction", "output"),
-         ("instruction", "response"), ("question", "answer"), ("query", "response"))
+PAIRS = (
+    ("prompt", "response"),
+    ("prompt", "completion"),
+    ("instruction", "output"),
+    ("instruction", "response"),
+    ("question", "answer"),
+    ("query", "response"),
+)
 MESSAGES = ("messages", "conversation")
 DOCUMENT = ("text", "content", "document")
 
@@ -65,10 +73,13 @@ class CausalLM(Generative):
     def to_example(record: dict, fields: Fields) -> dict:
         if fields.messages:
             messages = value(record, fields.messages)
-            chat = isinstance(messages, list) and all(isinstance(m, dict) and {"role", "content"} <= m.keys()
-                                                      for m in messages)
+            chat = isinstance(messages, list) and all(
+                isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages
+            )
             if not chat:
-                raise DataError(f"column {fields.messages!r} must hold lists of {{'role': ..., 'content': ...}} messages")
+                raise DataError(
+                    f"column {fields.messages!r} must hold lists of {{'role': ..., 'content': ...}} messages"
+                )
             return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
         if fields.label is None:
             return {"prompt": "", "response": str(value(record, fields.text))}
@@ -99,15 +110,15 @@ class CausalLM(Generative):
         the templated conversation up to and including it and the one before it."""
         ids, labels, done = [], [], ""
         for i, message in enumerate(messages):
-            text = self.tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+            text = self.tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
             if message["role"] == "assistant":
                 head = self.tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-                prompt_part = self._ids(head[len(done):])
-                answer = self._ids(text[len(head):])
+                prompt_part = self._ids(head[len(done) :])
+                answer = self._ids(text[len(head) :])
                 ids += prompt_part + answer
                 labels += [IGNORE] * len(prompt_part) + answer
             else:
-                part = self._ids(text[len(done):])
+                part = self._ids(text[len(done) :])
                 ids += part
                 labels += [IGNORE] * len(part)
             done = text
@@ -115,7 +126,7 @@ class CausalLM(Generative):
 
     def _truncate(self, ids: list[int], labels: list[int]) -> Encoded:
         truncated = len(ids) > self.max_length
-        return Encoded(ids[:self.max_length], labels[:self.max_length], truncated=truncated)
+        return Encoded(ids[: self.max_length], labels[: self.max_length], truncated=truncated)
 
     def collate(self, batch, packed: bool = False):
         """Packed (`batching.pack`) when asked and padding would be a real share of this batch:
@@ -136,21 +147,27 @@ class CausalLM(Generative):
         return inputs
 
     def loss_sum(self, outputs, batch):
-        logits, targets = outputs.logits, batch["labels"][:, 1:]      # position t predicts token t+1
-        if logits.ndim == 2:                                         # (targets, vocab): already selected
+        logits, targets = outputs.logits, batch["labels"][:, 1:]  # position t predicts token t+1
+        if logits.ndim == 2:  # (targets, vocab): already selected
             targets = targets[targets != IGNORE]
-        else:                                                        # (B, T, vocab)
+        else:  # (B, T, vocab)
             logits = logits[:, :-1].reshape(-1, logits.shape[-1])
         return F.cross_entropy(logits.float(), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
 
     # -- generation ---------------------------------------------------------------------------
     def generation_inputs(self, prompts):
         # Left padding: every row's next token follows its own last prompt token.
-        return self.tokenizer([self.prompt_text(p) for p in prompts], return_tensors="pt", padding=True,
-                              padding_side="left", add_special_tokens=False, return_token_type_ids=False)
+        return self.tokenizer(
+            [self.prompt_text(p) for p in prompts],
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            add_special_tokens=False,
+            return_token_type_ids=False,
+        )
 
     def new_tokens(self, generated, input_ids):
-        return generated[:, input_ids.shape[1]:]
+        return generated[:, input_ids.shape[1] :]
 
 
 def _predicting_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -171,6 +188,7 @@ def _takes_logits_mask(model) -> bool:
     if kind not in _LOGITS_MASK:
         try:
             from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401
+
             _LOGITS_MASK[kind] = takes_argument(model, "logits_to_keep")
         except ImportError:
             _LOGITS_MASK[kind] = False

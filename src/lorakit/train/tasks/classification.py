@@ -3,9 +3,10 @@
 Example: ``{'text': str, 'text_pair': str | None, 'label': str}``.
 Columns: text (the text), pair (the second text of a pair), label (the class).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -15,11 +16,30 @@ from ..data import DataError
 from ..distributed import DistContext
 from .base import ColumnFinder, Fields, Overrides, Task, value
 
-TEXT = ("text", "sentence", "content", "review", "document", "body", "comment", "tweet", "utterance",
-        "question", "query")
-TEXT_PAIRS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"),
-              ("question", "sentence"), ("question", "passage"), ("question", "context"), ("text1", "text2"),
-              ("text_a", "text_b"), ("query", "document"))
+TEXT = (
+    "text",
+    "sentence",
+    "content",
+    "review",
+    "document",
+    "body",
+    "comment",
+    "tweet",
+    "utterance",
+    "question",
+    "query",
+)
+TEXT_PAIRS = (
+    ("sentence1", "sentence2"),
+    ("premise", "hypothesis"),
+    ("question1", "question2"),
+    ("question", "sentence"),
+    ("question", "passage"),
+    ("question", "context"),
+    ("text1", "text2"),
+    ("text_a", "text_b"),
+    ("query", "document"),
+)
 LABEL = ("label", "labels", "target", "class", "category", "gold_label")
 
 
@@ -34,7 +54,9 @@ class Classification(Task):
         if given.auto and (pair := find.pair(TEXT_PAIRS)):
             return Fields(cls.name, text=pair[0], pair=pair[1], label=find.one(None, LABEL, "label", exclude=pair))
         text = find.one(given.text, TEXT, "text")
-        return Fields(cls.name, text=text, pair=given.pair, label=find.one(given.label, LABEL, "label", exclude=(text,)))
+        return Fields(
+            cls.name, text=text, pair=given.pair, label=find.one(given.label, LABEL, "label", exclude=(text,))
+        )
 
     @staticmethod
     def to_example(record: dict, fields: Fields) -> dict:
@@ -59,8 +81,9 @@ class Classification(Task):
         preds, _, _ = self.forward_all(model, self.encode_all(examples), batch_size)
         return [self.labels[int(i)] for batch in preds for i in batch]
 
-    def evaluate(self, model, examples, batch_size: int = 32, dist: DistContext | None = None,
-                 **kwargs) -> dict[str, float]:
+    def evaluate(
+        self, model, examples, batch_size: int = 32, dist: DistContext | None = None, **kwargs
+    ) -> dict[str, float]:
         """Accuracy and F1 (percent) and loss, one forward pass per batch, sharded over ranks."""
         dist = dist or DistContext()
         preds, total, count = self.forward_all(model, self.encode_shard(examples, dist), batch_size)

@@ -4,9 +4,11 @@ Example: ``{'tokens': [str], 'tags': [str]}``. Columns: text (the token list), l
 Words are split into sub-tokens; the first sub-token of each word carries the word's tag, the
 others (and special tokens) are ignored by the loss (the usual BERT recipe).
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -49,8 +51,13 @@ class TokenClassification(Task):
             labels.append(self.label_ids[tags[w]] if first and tags is not None else IGNORE)
             previous = w
         kept = {w for w in word_ids if w is not None}
-        return Encoded(enc["input_ids"], labels if tags is not None else None, enc.get("token_type_ids"),
-                       word_ids=word_ids, truncated=len(kept) < len(example["tokens"]))
+        return Encoded(
+            enc["input_ids"],
+            labels if tags is not None else None,
+            enc.get("token_type_ids"),
+            word_ids=word_ids,
+            truncated=len(kept) < len(example["tokens"]),
+        )
 
     def _tags(self, encoded: Sequence[Encoded], preds: list[torch.Tensor], examples: Sequence[dict]) -> list[list[str]]:
         """Per word, the tag predicted at its first sub-token; words cut by truncation stay "O"."""
@@ -70,8 +77,9 @@ class TokenClassification(Task):
         preds, _, _ = self.forward_all(model, encoded, batch_size)
         return self._tags(encoded, preds, examples)
 
-    def evaluate(self, model, examples, batch_size: int = 32, dist: DistContext | None = None,
-                 **kwargs) -> dict[str, float]:
+    def evaluate(
+        self, model, examples, batch_size: int = 32, dist: DistContext | None = None, **kwargs
+    ) -> dict[str, float]:
         """Entity-level P/R/F1 (seqeval, percent) and loss, sharded over ranks."""
         dist = dist or DistContext()
         encoded = self.encode_shard(examples, dist)
