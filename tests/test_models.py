@@ -388,14 +388,12 @@ def smollm2(tmp_path_factory):
     """The real SmolLM2 alias, dequantised into a fresh cache (about 20 s, 540 MB)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORAKIT_CACHE", str(tmp_path_factory.mktemp("cache")))
-        start = time.perf_counter()
-        resolved = resolve_model("smollm2-135m")
-        yield resolved, time.perf_counter() - start
+        yield resolve_model("smollm2-135m")
 
 
 @pytest.mark.slow
 def test_smollm2_cache_is_a_plain_checkpoint(smollm2):
-    resolved, _ = smollm2
+    resolved = smollm2
     path = Path(resolved.path)
     assert resolved.gguf_file is None and resolved.name == "SmolLM2-135M-Instruct"
     config = json.loads((path / "config.json").read_text())
@@ -406,13 +404,12 @@ def test_smollm2_cache_is_a_plain_checkpoint(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_reuses_its_cache_and_generates(smollm2, monkeypatch):
-    resolved, _ = smollm2
+    resolved = smollm2
     monkeypatch.setenv("LORAKIT_CACHE", str(Path(resolved.path).parent.parent))
+    # A plain safetensors load from the cache: dequantising again fails the test.
     monkeypatch.setattr(models, "_write_dequantised", lambda *a: pytest.fail("rebuilt"))
-    start = time.perf_counter()
     model, new = load_model("smollm2-135m", "AutoModelForCausalLM")
     tokenizer = load_tokenizer("smollm2-135m")
-    assert time.perf_counter() - start < 15  # a plain safetensors load, not a dequantisation
     assert new == [] and model.dtype == torch.float32
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],

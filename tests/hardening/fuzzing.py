@@ -6,8 +6,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import resource
 import signal
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 from hypothesis import HealthCheck, settings
@@ -45,9 +45,23 @@ def time_limit(seconds: int = 30):
         signal.signal(signal.SIGALRM, previous)
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024  # reported in KiB
+
+
+@contextlib.contextmanager
+def peak_rss_growth() -> Iterator[Callable[[], float]]:
+    """How far resident memory rose above its level at entry, at its highest inside the block.
+
+    The process's high-water mark (VmHWM) is reset to the current RSS on entry (writing 5 to
+    /proc/self/clear_refs), so an allocation below an earlier, unrelated peak still shows;
+    `ru_maxrss` cannot be reset and would hide it."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    start = _status_mib("VmRSS")
+    yield lambda: _status_mib("VmHWM") - start
 
 
 def report(request, label: str) -> None:

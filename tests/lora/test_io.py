@@ -20,9 +20,9 @@ TARGETS = {
 SAVE = {"bert": ["classifier"]}
 
 
-def randomize(model, std=0.3):
+def randomize(model, std=0.3, seed=3):
     """Adapters whose effect is far above round-off, whatever their init."""
-    torch.manual_seed(3)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name or "modules_to_save" in name:
@@ -125,16 +125,23 @@ def test_combined_adapter_saves_and_reloads(tmp_path):
 
 
 def test_load_second_adapter_and_switch(tmp_path):
-    model = tiny("llama")
-    lorakit.inject(model, lorakit.LoraConfig(r=2))
-    randomize(model)
-    lorakit.save_adapter(model, tmp_path / "one")
+    """Two different adapters from two files: each, when active, gives its source model's logits."""
+    sources, inputs = {}, tiny_inputs("llama")
+    for name, seed in (("one", 1), ("two", 2)):
+        model = lorakit.inject(tiny("llama"), lorakit.LoraConfig(r=2))
+        randomize(model, seed=seed)
+        lorakit.save_adapter(model, tmp_path / name)
+        sources[name] = logits(model, inputs)
+    assert not torch.allclose(sources["one"], sources["two"])
     fresh = tiny("llama")
     lorakit.load_adapter(fresh, tmp_path / "one", "x")
-    lorakit.load_adapter(fresh, tmp_path / "one", "y")
+    lorakit.load_adapter(fresh, tmp_path / "two", "y")
     assert lorakit.adapter_names(fresh) == ["x", "y"] and lorakit.active_adapters(fresh) == ["x"]
+    torch.testing.assert_close(logits(fresh, inputs), sources["one"])
     lorakit.set_adapter(fresh, "y")
-    torch.testing.assert_close(logits(fresh, tiny_inputs("llama")), logits(model, tiny_inputs("llama")))
+    torch.testing.assert_close(logits(fresh, inputs), sources["two"])
+    lorakit.set_adapter(fresh, "x")
+    torch.testing.assert_close(logits(fresh, inputs), sources["one"])
 
 
 # -- strict and safe loading ----------------------------------------------------------------

@@ -169,15 +169,63 @@ def test_baseline_mode_batches_one_adapter_at_a_time(model_dirs, adapters_dir):
     assert all(len(s) == 1 for s in seen) and {"a"} in seen and {None} in seen
 
 
-def test_sampling_is_seeded_and_stop_strings_cut(model_dirs, adapters_dir):
+def sampled_reference(
+    model_dir: Path, adapter_dir: Path, prompt: str, max_tokens: int, temperature: float, top_p: float, seed: int
+) -> list[int]:
+    """The sampling written out: a fresh model, the whole sequence recomputed each step, one
+    draw per token from softmax(logits / T) kept to the top-p nucleus, a generator seeded once."""
+    tokenizer = load_tokenizer(str(model_dir))
+    model = lorakit.load_adapter(load_model(str(model_dir), "AutoModelForCausalLM").model.eval(), adapter_dir)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    generator, tokens = torch.Generator().manual_seed(seed), []
+    for _ in range(max_tokens):
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, -1].float()
+        probs = (logits / temperature).softmax(-1)
+        order = probs.argsort(descending=True)
+        mass_before = probs[order].cumsum(0) - probs[order]
+        keep = torch.zeros_like(probs, dtype=torch.bool)
+        keep[order[mass_before <= top_p]] = True  # the nucleus: mass before a token <= top_p
+        token = int(torch.multinomial(torch.where(keep, probs, 0.0), 1, generator=generator))
+        tokens.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]])], 1)
+    return tokens
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.6])
+def test_sampling_follows_the_written_out_sampler(model_dirs, adapters_dir, top_p):
     with make_engine(model_dirs, adapters_dir) as engine:
-        one, two = (engine.generate([PROMPTS["a"]], "a", max_tokens=12, temperature=1.0, seed=7)[0] for _ in range(2))
+        out = engine.generate([PROMPTS["a"]], "a", max_tokens=10, temperature=1.3, top_p=top_p, seed=7)[0]
+        again = engine.generate([PROMPTS["a"]], "a", max_tokens=10, temperature=1.3, top_p=top_p, seed=7)[0]
+        greedy = engine.generate([PROMPTS["a"]], "a", max_tokens=10)[0]
+    expected = sampled_reference(model_dirs["llama"], adapters_dir / "a", PROMPTS["a"], 10, 1.3, top_p, 7)
+    tokenizer = load_tokenizer(str(model_dirs["llama"]))
+    assert out.text == tokenizer.decode(expected, skip_special_tokens=True) and out.completion_tokens == 10
+    assert again.text == out.text  # the seed reproduces the request
+    assert out.text != greedy.text  # a sampler that is greedy by mistake fails here
+
+
+def test_top_p_keeps_only_the_nucleus():
+    """p = [.5, .3, .15, .05], top_p = .7: only tokens 0 and 1 can come out, at 5:3."""
+    from lorakit.serve.sampling import sample
+
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    generator = torch.Generator().manual_seed(0)
+    draws = [sample(logits, Sampling(temperature=1.0, top_p=0.7), generator) for _ in range(4000)]
+    counts = [draws.count(t) for t in range(4)]
+    assert counts[2] == counts[3] == 0
+    assert counts[0] / 4000 == pytest.approx(0.5 / 0.8, abs=0.03)
+    everything = [sample(logits, Sampling(temperature=1.0), generator) for _ in range(4000)]
+    assert everything.count(3) > 0  # without top-p the tail is reachable
+
+
+def test_stop_strings_cut(model_dirs, adapters_dir):
+    with make_engine(model_dirs, adapters_dir) as engine:
         greedy = engine.generate([PROMPTS["a"]], "a", max_tokens=12)[0].text
         stop_word = greedy.split()[2]
         stopped = engine.generate([PROMPTS["a"]], "a", max_tokens=12, stop=(stop_word,))[0]
-    assert one.text == two.text and one.completion_tokens == 12
     assert stopped.finish_reason == "stop" and stop_word not in stopped.text
-    assert greedy.startswith(stopped.text) and len(stopped.text) < len(greedy)
+    assert stopped.text == greedy[: greedy.index(stop_word)]
 
 
 # -- the registry ----------------------------------------------------------------------------

@@ -347,7 +347,7 @@ def test_errors_have_the_right_status_and_reason(serve, model_dirs, adapters_dir
     refused = post("/v1/adapters", json={"name": "wide", "path": "spare/wide"})
     assert refused.status_code == 422 and "shape" in refused.json()["error"]["message"]
     assert post("/v1/classify", json={"model": "a", "input": "a b"}).status_code == 400  # not a classifier
-    assert server.text("a", "a b", 2) is not None  # still serving
+    assert server.text("a", "a b", 2) == ref(model_dirs, adapters_dir, "a", "a b", 2)  # still serving, unchanged
 
 
 def test_over_the_concurrency_cap_is_429(serve, monkeypatch):

@@ -143,9 +143,8 @@ def test_a_dead_rank_stops_the_job_and_resume_works(model_dirs, data_files, tmp_
     workers = children(job.pid)
     assert len(workers) == 2
     os.kill(workers[1], signal.SIGKILL)
-    start = time.time()
-    _, stderr = job.communicate(timeout=120)
-    assert job.returncode != 0 and time.time() - start < 120
+    _, stderr = job.communicate(timeout=120)  # a hang guard: the job must end, not merely slowly
+    assert job.returncode != 0
     assert "Signals.SIGKILL" in stderr or "exitcode" in stderr
     done = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
     # Resume with one process instead of two: the checkpoint holds whole tensors.
