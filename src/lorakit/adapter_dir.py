@@ -24,9 +24,10 @@ def read_task_info(adapter_dir: str | Path) -> dict[str, Any]:
     """lorakit's task file, else PEFT's `task_type` and base model from adapter_config.json.
 
     Returns {"task", "labels", "model", "max_length", ...} from lorakit's file, or {"task":
-    None, "task_type", "labels", "model", "max_length"} for a PEFT adapter (the task registry,
-    `train.tasks.task_of`, says which task a task_type is). Raises TaskInfoError when the
-    directory names neither (the caller then asks the user for --task)."""
+    None, "task_type", "labels", "model", "max_length"} for a PEFT adapter, whose task_type
+    may be None too (the task registry, `train.tasks.task_of`, says which task a task_type is;
+    without one the base model's architecture may). Raises TaskInfoError for a directory
+    that is not an adapter."""
     adapter_dir = Path(adapter_dir)
     file = adapter_dir / TASK_FILE
     if file.is_file():
@@ -41,11 +42,9 @@ def read_task_info(adapter_dir: str | Path) -> dict[str, Any]:
         )
     peft = _read_json(adapter_dir / ADAPTER_CONFIG)
     task_type, base = peft.get("task_type"), peft.get("base_model_name_or_path")
-    if not isinstance(task_type, str) or not task_type:
-        raise TaskInfoError(f"{adapter_dir} has no {TASK_FILE} and no PEFT task_type; pass --task")
     return {
         "task": None,
-        "task_type": task_type,
+        "task_type": task_type if isinstance(task_type, str) and task_type else None,
         "labels": [],
         "model": base if isinstance(base, str) else None,
         "max_length": 256,

@@ -221,6 +221,14 @@ class LoadedModel(NamedTuple):
     new_modules: list[str]
 
 
+def model_architectures(name_or_path: str) -> list[str]:
+    """The class names a model's config.json records (`architectures`), e.g. ["LlamaForCausalLM"]."""
+    from transformers import AutoConfig
+
+    resolved = resolve_model(name_or_path)
+    return list(getattr(AutoConfig.from_pretrained(resolved.path, **resolved.kwargs), "architectures", None) or [])
+
+
 def load_tokenizer(name_or_path: str):
     """The model's tokenizer, ready for batched training.
 

@@ -16,7 +16,16 @@ import torch
 
 import lorakit
 from lorakit.models import load_model, load_tokenizer
-from lorakit.serve import AdapterRefused, Engine, EngineConfig, EngineError, Forbidden, Timeout, UnknownAdapter
+from lorakit.serve import (
+    AdapterRefused,
+    Busy,
+    Engine,
+    EngineConfig,
+    EngineError,
+    Forbidden,
+    Timeout,
+    UnknownAdapter,
+)
 from lorakit.serve.engine import EngineEvents, Sampling
 from lorakit.serve.errors import check_name
 from lorakit.train.tasks import task_class
@@ -343,3 +352,127 @@ def test_names_limits_and_timeouts(model_dirs, adapters_dir):
         with pytest.raises(Timeout) as late:
             engine.generate(["a b"], "a", max_tokens=5)
         assert late.value.status == 504
+
+
+# -- classification, failures, shutdown ---------------------------------------------------------
+def test_classify_equals_the_adapter_s_own_softmax(model_dirs, tmp_path):
+    """Each text through the named adapter (its own head): label and scores as the model gives them."""
+    from lorakit.train.api import load_trained
+
+    root = tmp_path / "cls"
+    for name, seed in (("x", 1), ("y", 2)):
+        make_adapter(model_dirs["bert"], root / name, seed=seed, task="classification", labels=["neg", "pos"], r=4)
+    texts = ["the film was good", "the food was awful", "a b c"]
+    engine = Engine.from_pretrained(str(model_dirs["bert"]), root, config=EngineConfig(watch_interval_s=0))
+    with engine:
+        results = {name: engine.classify(texts, name) for name in ("x", "y")}
+    for name in ("x", "y"):
+        alone = load_trained(None, root / name)
+        enc = alone.tokenizer(texts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            probs = alone.model(**enc).logits.softmax(-1).tolist()
+        for result, p in zip(results[name], probs):
+            assert result["scores"] == pytest.approx({"neg": p[0], "pos": p[1]}, abs=1e-5)
+            assert result["label"] == ("pos" if p[1] > p[0] else "neg")
+    assert results["x"] != results["y"]
+
+
+def test_a_failing_batch_fails_its_requests_and_the_engine_serves_on(model_dirs, adapters_dir, monkeypatch):
+    from lorakit.serve.errors import Internal
+
+    with make_engine(model_dirs, adapters_dir) as engine:
+        decode, calls = engine._step.decode, []
+
+        def broken_once(batch):
+            calls.append(len(batch.jobs))
+            if len(calls) == 1:
+                raise RuntimeError("device lost")
+            return decode(batch)
+
+        monkeypatch.setattr(engine._step, "decode", broken_once)
+        with pytest.raises(Internal, match="generation failed: RuntimeError: device lost") as failed:
+            engine.generate([PROMPTS["a"]], "a", max_tokens=6)
+        assert failed.value.status == 500
+        after = engine.generate([PROMPTS["b"]], "b", max_tokens=6)[0].text
+        assert engine.stats()["running"] == 0 and engine.alive
+    assert after == reference(model_dirs["llama"], adapters_dir / "b", PROMPTS["b"], 6)
+
+
+def test_stopping_fails_queued_and_running_requests_with_503(model_dirs, adapters_dir):
+    """Stop while one request runs and others wait in the inbox: every one hears a 503, the
+    worker ends, nothing is left held."""
+    engine = make_engine(model_dirs, adapters_dir).start()
+    events: list = []
+    started = threading.Event()
+    release = threading.Event()
+    running = engine.generation_jobs([engine.encode_prompt(PROMPTS["a"])], "a", Sampling(max_tokens=40))
+
+    def emit(event):
+        events.append(event)
+        started.set()
+
+    engine.submit(running, emit)
+    assert started.wait(10)  # the first token is out: it is running
+    # Hold the worker between two steps, queue more, then stop.
+    holder = threading.Thread(target=engine._call, args=(lambda: release.wait(10),))
+    holder.start()
+    queued = engine.generation_jobs([engine.encode_prompt(PROMPTS["b"])] * 2, "b", Sampling(max_tokens=5))
+    engine.submit(queued, emit)
+    stopper = threading.Thread(target=engine.stop)
+    stopper.start()
+    release.set()
+    stopper.join(20)
+    holder.join(20)
+    assert not engine.alive
+    errors = [e.error for e in events if e.error is not None]
+    finished = [e for e in events if e.finish_reason is not None]
+    assert len(errors) + len(finished) == 3
+    assert errors and all(isinstance(e, Busy) and e.status == 503 and "shutting down" in e.message for e in errors)
+    assert all(a["in_use"] == 0 for a in engine.adapters())  # every slot released
+
+
+def test_the_server_s_chat_prompt_is_the_training_prompt(model_dirs, adapters_dir):
+    """One chat formatter: a chat request's prompt tokens are exactly those causal-lm training
+    puts before the response (template or none)."""
+    from lorakit.train.tasks import make_task
+
+    engine = make_engine(model_dirs, adapters_dir)
+    task = make_task("causal-lm", engine.tokenizer, 64)
+    for template in (
+        None,
+        "{% for m in messages %}c {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}d {% endif %}",
+    ):
+        engine.tokenizer.chat_template = template
+        encoded = task.encode({"prompt": "the film", "response": "good"})
+        prompt = encoded.input_ids[: encoded.labels.index(next(x for x in encoded.labels if x != -100))]
+        assert engine.encode_chat([{"role": "user", "content": "the film"}]) == prompt
+
+
+def test_the_registry_works_without_a_thread(model_dirs, adapters_dir):
+    """Load, hold, evict and release directly, as the worker would."""
+    from lorakit.serve.jobs import Job
+    from lorakit.serve.registry import AdapterRegistry
+
+    model = load_model(str(model_dirs["llama"]), "AutoModelForCausalLM").model
+    evicted = []
+    events = EngineEvents()
+    events.on_evict = evicted.append
+    registry = AdapterRegistry(model, "causal-lm", adapters_dir, name="tiny", base_names={"tiny"}, max_adapters=2,
+                               events=events)  # fmt: skip
+    installs, removals = registry.changes()
+    assert [name for name, _, _ in installs] == ["a", "b", "c"] and removals == []
+    for name, path, _ in installs[:2]:
+        registry.install(name, path, from_dir=True)
+    job = Job("a")
+    assert registry.acquire(job) and job.slot.holds == 1  # a is held
+    registry.install("c", installs[2][1], from_dir=True)  # evicts b (unheld), not a
+    assert evicted == ["b"] and registry.loaded_names() == ["a", "c"]
+    held_b = Job("b")
+    assert registry.acquire(held_b)  # evicts c (unheld), reloads b
+    assert evicted == ["b", "c"] and registry.loaded_names() == ["a", "b"]
+    assert registry.acquire(Job("c")) is False  # a and b both held: c waits
+    registry.release(job)
+    registry.release(held_b)
+    assert all(a["in_use"] == 0 for a in registry.adapters())
+    assert lorakit.adapter_names(model) == [f"slot{i}" for i in (0, 3)]  # a's and b's second slot
+    assert registry.resolve("tiny") is None and registry.resolve("a") == "a"

@@ -163,3 +163,39 @@ def test_nproc_shortcut_launches_torchrun(model_dirs, data_files, tmp_path):
     assert "torch.distributed.run" in run.stderr and "--nproc_per_node=2" in run.stderr
     assert "all-reduced per step" in run.stdout
     assert (tmp_path / "np" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_resume_equals_an_uninterrupted_run(strategy, model_dirs, data_files, tmp_path):
+    """Two processes train 4 steps and stop; two processes resume to 8. Same adapter as one
+    uninterrupted process (a constant learning rate, so the schedule does not depend on
+    where the first run was told to stop)."""
+    kw = dict(max_steps=8, save_every=2, eval_every=None, scheduler="constant")
+    train(TrainConfig(**options(model_dirs, data_files, "classification", tmp_path / "single", **kw)), callbacks=[])
+    multi = tmp_path / "multi"
+    first = torchrun(options(model_dirs, data_files, "classification", multi, **{**kw, "max_steps": 4}),
+                     distributed=strategy)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = torchrun(options(model_dirs, data_files, "classification", multi, resume=True, **kw),
+                       distributed=strategy)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # The step-8 checkpoints (the output dir keeps the best adapter by eval, and the stopped
+    # run evaluated at its step 4, which the uninterrupted run never did).
+    step8 = Path("checkpoints") / "step-0000008" / "adapter"
+    assert_same_adapter(multi / step8, tmp_path / "single" / step8)
+
+
+def test_uneven_eval_shards_score_as_one_process(model_dirs, data_files, tmp_path):
+    """15 eval sentences over 2 ranks: one rank pads its shard; the gathered tags come back in
+    order, so entity F1 and loss equal the single process's."""
+    from lorakit.train.callbacks import default_callbacks
+
+    kw = dict(max_steps=2, eval_every=None, max_eval_examples=15)
+    single = tmp_path / "single"
+    train(TrainConfig(**options(model_dirs, data_files, "ner", single, **kw)),
+          callbacks=default_callbacks(single / "logs", progress=False))  # fmt: skip
+    run = torchrun(options(model_dirs, data_files, "ner", tmp_path / "multi", **kw))
+    assert run.returncode == 0, run.stderr[-3000:]
+    (multi,), (single,) = evals(tmp_path / "multi")[-1:], evals(tmp_path / "single")[-1:]
+    assert multi["eval_f1"] == pytest.approx(single["eval_f1"]) and multi["eval_precision"] == single["eval_precision"]
+    assert multi["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-4)

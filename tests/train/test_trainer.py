@@ -71,8 +71,14 @@ class StopAt(BaseCallback):
             raise KeyboardInterrupt
 
 
-def test_resume_equals_an_uninterrupted_run(model_dirs, data_files, tmp_path):
-    kw = dict(dropout=0.1, max_steps=24, eval_every=None, save_every=8, grad_accum=2, batch_size=4)
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))],
+)
+def test_resume_equals_an_uninterrupted_run(model_dirs, data_files, tmp_path, device):
+    """With dropout: the checkpoint restores every RNG a step draws from (on a GPU, the
+    device's own generator too), so the resumed run is the uninterrupted one."""
+    kw = dict(dropout=0.1, max_steps=24, eval_every=None, save_every=8, grad_accum=2, batch_size=4, device=device)
     full = train(config(model_dirs, data_files, "classification", tmp_path / "a", **kw), callbacks=[])
     cfg = config(model_dirs, data_files, "classification", tmp_path / "b", **kw)
     stopped = train(cfg, callbacks=[StopAt(13)])

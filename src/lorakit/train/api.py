@@ -24,13 +24,22 @@ import torch.nn as nn
 from .. import lora, methods
 from .._fs import atomic_write_json, remove_stale_temps
 from ..adapter_dir import TASK_FILE, read_task_info
-from ..models import load_model, load_tokenizer
+from ..models import load_model, load_tokenizer, model_architectures
 from . import preflight
 from .config import TrainConfig
 from .data import DataError, read_records
 from .distributed import init_distributed
 from .state import BaseCallback
-from .tasks import Task, build_label_map, make_task, resolve_fields, task_class, task_of, to_examples
+from .tasks import (
+    Task,
+    build_label_map,
+    make_task,
+    resolve_fields,
+    task_class,
+    task_for_architectures,
+    task_of,
+    to_examples,
+)
 from .trainer import Trainer, TrainResult
 
 LOGS = "logs"
@@ -191,14 +200,10 @@ def load_trained(
     the first one active."""
     dirs = [Path(adapter_dirs)] if isinstance(adapter_dirs, (str, Path)) else [Path(d) for d in adapter_dirs]
     info = read_task_info(dirs[0])
-    info["task"] = task or task_of(info)
-    if info["task"] is None:
-        raise ValueError(
-            f"{dirs[0]} names no task lorakit knows (PEFT task_type {info.get('task_type')!r}); pass --task"
-        )
     model_name = model or info.get("model")
     if not model_name:
         raise ValueError(f"no base model recorded in {dirs[0]}; pass --model")
+    info["task"] = task or task_of(info) or _task_of_base(model_name, dirs[0], info)
     labels = info.get("labels") or []
     base = load_model(model_name, task_class(info["task"]).auto_class, label_names=labels or None).model
     tokenizer = load_tokenizer(model_name)
@@ -216,6 +221,20 @@ def load_trained(
     return Trained(
         base, tokenizer, make_task(info["task"], tokenizer, max_length or info.get("max_length", 256), labels), info
     )
+
+
+def _task_of_base(model_name: str, adapter_dir: Path, info: dict) -> str:
+    """An adapter saved without a task (PEFT's task_type left out): the task its base model's
+    architecture implies (config.json `architectures`), if exactly one does."""
+    architectures = model_architectures(model_name)
+    task = task_for_architectures(architectures)
+    if task is None:
+        known = f"PEFT task_type {info['task_type']!r}" if info.get("task_type") else "no task_type"
+        raise ValueError(
+            f"{adapter_dir} has {known}, and the base model's architecture "
+            f"{architectures or '(none recorded)'} does not say which task it is; pass --task"
+        )
+    return task
 
 
 def _adapter_name(path: Path, index: int) -> str:

@@ -471,12 +471,19 @@ def hold_frozen_in_bf16(model: nn.Module) -> int:
 
 
 def _capture_rng() -> dict[str, Any]:
+    """Every generator a step draws from: CPU torch, Python, and each GPU's (dropout on CUDA
+    draws from the device's own generator, so a resumed GPU run needs it to be exact)."""
     # Python's state is flattened to a list so torch.load(weights_only=True) can read it back.
     version, internal, gauss = random.getstate()
-    return {"torch": torch.get_rng_state(), "python": [version, *internal, gauss]}
+    state = {"torch": torch.get_rng_state(), "python": [version, *internal, gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _restore_rng(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
     flat = rng["python"]
     random.setstate((flat[0], tuple(flat[1:-1]), flat[-1]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

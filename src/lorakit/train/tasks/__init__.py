@@ -43,6 +43,14 @@ def task_of(info: dict[str, Any]) -> str | None:
     return info.get("task") or _BY_PEFT_TYPE.get(info.get("task_type") or "")
 
 
+def task_for_architectures(architectures: Sequence[str]) -> str | None:
+    """The one task whose model classes a base's `config.architectures` names (e.g.
+    "LlamaForCausalLM" -> causal-lm); None when none or several match."""
+    found = {name for arch in architectures for name, cls in REGISTRY.items()
+             if any(arch.endswith(suffix) for suffix in cls.architectures)}  # fmt: skip
+    return found.pop() if len(found) == 1 else None
+
+
 def resolve_fields(
     records: Sequence[dict],
     task: str,
@@ -105,6 +113,7 @@ __all__ = [
     "on_device",
     "resolve_fields",
     "task_class",
+    "task_for_architectures",
     "task_of",
     "to_examples",
 ]

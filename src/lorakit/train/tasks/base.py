@@ -154,6 +154,7 @@ class Task:
     generative: ClassVar[bool] = False  # scores generated text (BLEU, ROUGE-L)
     can_pack: ClassVar[bool] = False  # padding-free training batches apply
     label_shift: ClassVar[int] = 0  # causal LMs: position t predicts token t+1
+    architectures: ClassVar[tuple[str, ...]] = ()  # suffixes of transformers class names for this task
 
     def __post_init__(self) -> None:
         self.label_ids = {label: i for i, label in enumerate(self.labels)}

@@ -46,6 +46,7 @@ class CausalLM(Generative):
     name = "causal-lm"
     auto_class = "AutoModelForCausalLM"
     peft_task_type = "CAUSAL_LM"
+    architectures = ("ForCausalLM", "LMHeadModel")
     source_key, target_key = "prompt", "response"
     can_pack, label_shift = True, 1
 

@@ -47,6 +47,7 @@ class Classification(Task):
     name = "classification"
     auto_class = "AutoModelForSequenceClassification"
     peft_task_type = "SEQ_CLS"
+    architectures = ("ForSequenceClassification",)
     metric, greater_is_better, labelled = "accuracy", True, True
 
     @classmethod

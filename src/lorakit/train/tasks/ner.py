@@ -26,6 +26,7 @@ class TokenClassification(Task):
     name = "ner"
     auto_class = "AutoModelForTokenClassification"
     peft_task_type = "TOKEN_CLS"
+    architectures = ("ForTokenClassification",)
     metric, greater_is_better, labelled = "f1", True, True
 
     @classmethod

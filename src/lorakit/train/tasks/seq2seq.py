@@ -31,6 +31,7 @@ class Seq2Seq(Generative):
     name = "seq2seq"
     auto_class = "AutoModelForSeq2SeqLM"
     peft_task_type = "SEQ_2_SEQ_LM"
+    architectures = ("ForConditionalGeneration", "ForSeq2SeqLM")
     source_key, target_key = "source", "target"
 
     @classmethod
