@@ -221,6 +221,14 @@ class LoadedModel(NamedTuple):
     new_modules: list[str]
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword `model.forward` takes its key/value cache by: `cache` (newer transformers)
+    or `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def model_architectures(name_or_path: str) -> list[str]:
     """The class names a model's config.json records (`architectures`), e.g. ["LlamaForCausalLM"]."""
     from transformers import AutoConfig

@@ -8,7 +8,7 @@
                    recomputed on those, so the trainer and metrics see the usual shapes.
                    P·d parameters.
     prefix-layer   Every attention layer gets P trainable keys and values [H_kv, P, d_head],
-                   handed to the model as a pre-filled key/value Cache (`cache=`, transformers
+                   handed to the model as a pre-filled key/value Cache (`cache=` or `past_key_values=`, transformers
                    5.x) with the attention mask extended by P ones. BERT-style encoders and
                    LLaMA/GPT-2-style decoders both read a given cache in every self-attention
                    (wrapping the key/value projections would not do: in transformers 5.x the
@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..models import cache_keyword
 from .errors import MethodError
 
 TOKEN_TASKS = ("ner", "causal-lm")  # logits per input token: cut back after prefix-embed
@@ -61,7 +62,8 @@ def layer_activations(model: nn.Module, ids: Tensor) -> tuple[list[Tensor], list
     cache = DynamicCache()
     try:
         model.eval()
-        model(input_ids=ids[None].to(model.get_input_embeddings().weight.device), cache=cache)
+        batch = ids[None].to(model.get_input_embeddings().weight.device)  # [1, P]
+        model(input_ids=batch, **{cache_keyword(model): cache})
     finally:
         model.train(was_training)
     if not cache.layers or cache.get_seq_length() != len(ids):
@@ -146,7 +148,7 @@ class PrefixModel(nn.Module):
             if token_type_ids is not None:
                 inputs["token_type_ids"] = torch.cat([token_type_ids.new_zeros(B, P), token_type_ids], dim=1)
         else:
-            inputs.update(input_ids=input_ids, cache=self.cache(B))
+            inputs.update({"input_ids": input_ids, cache_keyword(self.model): self.cache(B)})
             if self.task != "causal-lm":  # the text keeps its own positions 0..T-1
                 inputs["position_ids"] = torch.arange(T, device=input_ids.device)[None]  # [1, T]
             if token_type_ids is not None:

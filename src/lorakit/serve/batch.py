@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..models import cache_keyword
 from .errors import EngineError
 from .jobs import Job
 
@@ -109,9 +110,8 @@ def forward_keywords(model: torch.nn.Module) -> tuple[str, dict]:
             f"{type(model).__name__} uses sliding-window or other special attention layers; "
             "lorakit serve batches only decoders with full attention"
         )
-    params = inspect.signature(model.forward).parameters
-    logits = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    return ("cache" if "cache" in params else "past_key_values"), logits
+    logits = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    return cache_keyword(model), logits
 
 
 def context_length(model: torch.nn.Module, tokenizer) -> int:

@@ -167,9 +167,21 @@ def load_optimizer_state(
     """Inverse of `full_optimizer_state`: whole tensors are re-sharded like their parameter."""
     for group, settings in zip(optimizer.param_groups, saved["groups"]):
         group.update(settings)
+    on_device = {id(p) for g in optimizer.param_groups if g.get("fused") or g.get("capturable") for p in g["params"]}
     for name, entries in saved["state"].items():
         p = params[name]
-        optimizer.state[p] = {k: _like(p, v) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in entries.items()}
+        optimizer.state[p] = {k: _state_like(p, v, id(p) in on_device) for k, v in entries.items()}
+
+
+def _state_like(param: torch.Tensor, value: Any, scalars_on_device: bool) -> Any:
+    """A saved optimizer state entry where the optimizer wants it: moments like the parameter;
+    the step count on the CPU, or beside the parameter for fused/capturable AdamW (as torch's
+    own load_state_dict places it: the fused kernel reads it on the device)."""
+    if not torch.is_tensor(value):
+        return value
+    if value.dim() > 0:
+        return _like(param, value)
+    return value.to(device=param.device, dtype=torch.float32) if scalars_on_device else value
 
 
 def _like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:

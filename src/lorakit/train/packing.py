@@ -41,8 +41,8 @@ class _PaddingIndex:
             lengths = cu.diff().long()
             rows, width = len(lengths), int(lengths.max())
             starts = cu[:-1].long().repeat_interleave(lengths)
-            token = torch.arange(int(cu[-1]))
-            row = torch.arange(rows).repeat_interleave(lengths)
+            token = torch.arange(int(cu[-1]), device=cu.device)
+            row = torch.arange(rows, device=cu.device).repeat_interleave(lengths)
             self._key, self._value = cu, ((row * width + token - starts).to(device), rows, width)
         return self._value
 
