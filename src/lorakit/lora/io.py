@@ -262,37 +262,42 @@ def load_adapter(
     return model
 
 
-@torch.no_grad()
 def _copy_into(model: nn.Module, name: str, config: LoraConfig, state: dict[str, torch.Tensor], path) -> None:
-    targets = _tensors(model, name, config)
+    hint = f" (adapter_config.json says r={config.r}; a rank or base-model size mismatch)"
+    copy_checked(_tensors(model, name, config), state, path, AdapterLoadError, "another model or config", hint)
+
+
+@torch.no_grad()
+def copy_checked(targets: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path, error: type[Exception],
+                 made_for: str, shape_hint: str = "") -> None:  # fmt: skip
+    """Copy `state` into the model tensors `targets` (both keyed by name), all or nothing: the
+    key sets must be equal, and every tensor of the right shape, a float type (a non-float
+    buffer its own type) and finite. `error(message)` names `path` and what is wrong."""
     missing = sorted(set(targets) - set(state))
     unexpected = sorted(set(state) - set(targets))
     if missing or unexpected:
-        raise AdapterLoadError(
-            f"adapter at {path} does not match the model: "
+        raise error(
+            f"{path} does not match the model: "
             f"{_few('missing', missing)}{'; ' if missing and unexpected else ''}"
-            f"{_few('unexpected', unexpected)}. Was it made for another model or config?"
+            f"{_few('unexpected', unexpected)}. Was it made for {made_for}?"
         )
     # Shapes and dtypes of every tensor first (cheap), then values: a bad file costs no
     # full pass over its tensors, and nothing is copied unless all of them pass.
     for key, target in targets.items():
         value = state[key]
         if value.shape != target.shape:
-            raise AdapterLoadError(
+            raise error(
                 f"{path}: {key}: the file has shape {tuple(value.shape)}, the model expects "
-                f"{tuple(target.shape)} (adapter_config.json says r={config.r}; a rank or "
-                "base-model size mismatch)"
+                f"{tuple(target.shape)}{shape_hint}"
             )
         # A float parameter takes any float type torch can check and cast; a non-float buffer
         # of a saved module (BatchNorm's step count) exactly its own type.
         ok = value.dtype in WEIGHT_DTYPES if target.is_floating_point() else value.dtype == target.dtype
         if not ok:
-            raise AdapterLoadError(
-                f"{path}: {key} has dtype {value.dtype}; adapter weights must be float16, bfloat16, float32 or float64"
-            )
+            raise error(f"{path}: {key} has dtype {value.dtype}; weights must be float16, bfloat16, float32 or float64")
     for key in targets:
         if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
-            raise AdapterLoadError(f"{path}: {key} holds NaN or infinite values; refusing to load a broken adapter")
+            raise error(f"{path}: {key} holds NaN or infinite values; refusing to load a broken adapter")
     for key, target in targets.items():
         target.copy_(state[key])
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..lora.architectures import ADAPTER_SITES
-from ..lora.inject import set_submodule
+from ..lora.inject import name_matches, set_submodule
 from .errors import MethodError
 
 
@@ -62,18 +62,14 @@ def out_features(module: nn.Module) -> int:
     raise MethodError(f"cannot put an adapter after a {type(module).__name__}: it is not a linear projection")
 
 
-def _matches(name: str, suffix: str) -> bool:
-    return name == suffix or name.endswith("." + suffix)
-
-
 def find_sites(model: nn.Module) -> tuple[list[str], list[str]]:
     """Paths of every block's attention output projection and MLP output projection, by the
     first layout in ADAPTER_SITES that the model has both of. The MLP pattern skips paths the attention
     pattern took (BERT's `output.dense` also ends `attention.output.dense`)."""
     names = [n for n, _ in model.named_modules() if n]
     for attention, mlp in ADAPTER_SITES.values():
-        attn_sites = [n for n in names if _matches(n, attention)]
-        mlp_sites = [n for n in names if _matches(n, mlp) and n not in attn_sites]
+        attn_sites = [n for n in names if name_matches(n, [attention])]
+        mlp_sites = [n for n in names if name_matches(n, [mlp]) and n not in attn_sites]
         if attn_sites and mlp_sites:
             return attn_sites, mlp_sites
     model_type = getattr(getattr(model, "config", None), "model_type", None)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import lora
 from .._fs import atomic_write_json, atomic_write_with
-from ..lora.io import whole_tensor
+from ..lora.io import copy_checked, whole_tensor
 from .apply import build, method_parameter_count, method_spec
 from .errors import MethodError
 from .prefix import PrefixModel
@@ -108,24 +108,7 @@ def load_method(model: nn.Module, path: str | os.PathLike, *, is_trainable: bool
     return root
 
 
-@torch.no_grad()
 def _copy_into(model: nn.Module, state: dict[str, torch.Tensor], path) -> None:
     params = dict(model.named_parameters())
-    expected = _spec(model).params
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise MethodLoadError(
-            f"{path} does not match the model: {len(missing)} missing ({', '.join(missing[:3])}), "
-            f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}). Was it made for another "
-            "model or setting?"
-        )
-    for name in expected:
-        value, target = state[name], params[name]
-        if value.shape != target.shape:
-            raise MethodLoadError(
-                f"{name}: the file has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}"
-            )
-        if not value.is_floating_point() or not torch.isfinite(value).all():
-            raise MethodLoadError(f"{name} is not finite floating point; refusing to load a broken {path}")
-    for name in expected:
-        params[name].copy_(state[name])
+    targets = {name: params[name] for name in _spec(model).params}
+    copy_checked(targets, state, path, MethodLoadError, made_for="another model or setting")

@@ -39,7 +39,6 @@ from ..models import cache_keyword
 from .errors import MethodError
 
 TOKEN_TASKS = ("ner", "causal-lm")  # logits per input token: cut back after prefix-embed
-IGNORE = -100
 
 
 def random_token_ids(model: nn.Module, length: int) -> Tensor:
@@ -88,7 +87,8 @@ def token_loss(logits: Tensor, labels: Tensor, shift: bool) -> Tensor:
     (causal LMs: position t predicts token t+1). logits [B, T, V], labels [B, T]."""
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE)
+    # Unlabelled tokens carry -100, cross_entropy's default ignore_index (and transformers').
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
 
 
 class PrefixModel(nn.Module):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 
 @dataclass
@@ -36,24 +36,14 @@ class TrainState:
         return cls(**d)
 
 
-class Callback(Protocol):
-    """All methods optional in practice: subclass `BaseCallback` and override what you need.
+class BaseCallback:
+    """What the trainer reports, as no-op methods: subclass and override what you need.
 
     Records passed to `on_log` look like:
       {"step": 10, "loss": 0.61, "lr": 9.8e-4, "tokens_per_s": 5100.0, "grad_norm": 0.8, "epoch": 0}
     and to `on_evaluate`:
       {"step": 50, "eval_loss": 0.41, "eval_accuracy": 87.2, ...}   (metrics in percent)
     """
-
-    def on_train_begin(self, state: TrainState, info: dict[str, Any]) -> None: ...
-    def on_log(self, state: TrainState, record: dict[str, Any]) -> None: ...
-    def on_evaluate(self, state: TrainState, record: dict[str, Any]) -> None: ...
-    def on_save(self, state: TrainState, path: Path) -> None: ...
-    def on_train_end(self, state: TrainState, summary: dict[str, Any]) -> None: ...
-
-
-class BaseCallback:
-    """No-op implementations of every `Callback` method."""
 
     def on_train_begin(self, state: TrainState, info: dict[str, Any]) -> None:
         pass
