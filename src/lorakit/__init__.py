@@ -34,7 +34,7 @@ from .lora import (
     unload,
     unmerge,
 )
-from .lora.inject import dry_run
+from .lora.targets import dry_run
 
 __version__ = "0.1.0"
 

@@ -8,7 +8,8 @@ mixed.py            mixed-adapter batches, layer side (routing, stacks, gathered
 modules_to_save.py  whole modules trained per adapter (a new task head)
 architectures.py    default targets, block lists, adapter sites per architecture
 config.py           LoraConfig with PEFT's field names
-inject.py           target matching, wrapping, freezing; the model's adapter registry
+targets.py          which modules a config selects (PEFT's matching rules), dry_run
+inject.py           wrapping, freezing; the model's adapter registry
 adapters.py         many adapters on one base: activate, disable, delete, mix, combine, count
 merge.py            merge, unmerge, merge_and_unload for a whole model
 io.py, combine.py   PEFT's on-disk format; combining saved adapters
@@ -28,11 +29,12 @@ from .adapters import (
 from .architectures import DEFAULT_TARGETS
 from .combine import combine_adapters
 from .config import ConfigError, LoraConfig
-from .inject import Target, TargetError, find_targets, inject, lora_configs, lora_layers, set_trainable
+from .inject import inject, lora_configs, lora_layers, set_trainable
 from .io import AdapterLoadError, adapter_state_dict, load_adapter, read_adapter_weights, save_adapter
 from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
 from .merge import MergeError, merge, merge_and_unload, unload, unmerge
 from .modules_to_save import ModulesToSave
+from .targets import Target, TargetError, dry_run, find_targets
 from .variants import LoraVariant
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "count_parameters",
     "delete_adapter",
     "disable_adapters",
+    "dry_run",
     "find_targets",
     "inject",
     "lora_configs",

@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from .._fs import atomic_write_json, atomic_write_with
 from . import functional as LF
 from .config import CONFIG_NAME, LoraConfig
-from .inject import pattern_value
 from .io import PREFIX, WEIGHTS_NAME, read_adapter_weights
+from .targets import pattern_value
 
 # (A key suffix, B key suffix) for linear/conv and for embedding layers, as PEFT names them.
 _PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"))

@@ -33,19 +33,17 @@ from .._fs import atomic_write_json, atomic_write_with
 from .adapters import delete_adapter
 from .config import CONFIG_NAME, ConfigError, LoraConfig, shorten
 from .inject import (
-    TargetError,
     add_adapter,
     bias_names,
-    find_targets,
     freeze_adapter,
     freeze_base,
     lora_configs,
     lora_layers,
-    pattern_value,
     saved_modules,
     set_trainable,
 )
 from .layers import LoraEmbedding, LoraLayer
+from .targets import TargetError, find_targets, pattern_value
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"

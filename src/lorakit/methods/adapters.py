@@ -18,7 +18,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..lora.architectures import ADAPTER_SITES
-from ..lora.inject import name_matches, set_submodule
+from ..lora.inject import set_submodule
+from ..lora.targets import name_matches
 from .errors import MethodError
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from ..lora.inject import TargetError, candidate_names, find_targets, name_matches
+from ..lora.targets import TargetError, candidate_names, find_targets, name_matches
 from ..methods import lora_config
 from .config import TrainConfig, TrainConfigError
 
