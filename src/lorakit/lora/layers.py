@@ -64,6 +64,11 @@ class LoraLayer(nn.Module):
     def weight(self) -> Tensor:
         return self.base_layer.weight
 
+    @property
+    def max_rank(self) -> int:
+        """The largest useful rank: beyond min(fan_in, fan_out), ΔW = B·A is no longer low-rank."""
+        return min(self.fan_in, self.fan_out)
+
     def dense_weight(self) -> Tensor:
         """The base weight that merging writes into (a quantised base overrides this hook)."""
         return self.base_layer.weight
@@ -85,10 +90,9 @@ class LoraLayer(nn.Module):
         wrapped layer starts out computing exactly what the base layer computes."""
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer; delete it first or pick another name")
-        if r > min(self.fan_in, self.fan_out):
+        if r > self.max_rank:
             raise ValueError(
-                f"rank r={r} exceeds this layer's size ({self.fan_out}x{self.fan_in}); "
-                f"use r <= {min(self.fan_in, self.fan_out)}"
+                f"rank r={r} exceeds this layer's size ({self.fan_out}x{self.fan_in}); use r <= {self.max_rank}"
             )
         a_shape, b_shape = self._lora_shapes(r)
         if slices is not None:  # k enabled slices, each its own rank-r pair

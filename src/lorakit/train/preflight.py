@@ -9,7 +9,6 @@ checkpoints. Every error is a TrainConfigError naming the option, its value and 
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from ..lora.layers import wrap
 from ..lora.targets import TargetError, candidate_names, find_targets, name_matches
 from ..methods import lora_config
 from .config import TrainConfig, TrainConfigError
@@ -61,15 +61,13 @@ def check_lora_targets(config: TrainConfig, model: nn.Module, new_modules: Seque
     except TargetError as e:
         raise TrainConfigError(f"--targets={config.targets!r} is invalid: {e}") from e
     for t in targets:
-        weight = getattr(t.module, "weight", None)
-        if weight is None or weight.dim() < 2:
-            continue
         # A: [r, fan-in], B: [fan-out, r]; for a conv the fan-in includes the kernel.
-        size = min(weight.shape[0], math.prod(weight.shape[1:]))
+        size = wrap(t.module).max_rank
         if t.r > size:
+            shape = " x ".join(map(str, t.module.weight.shape))
             raise TrainConfigError(
                 f"--rank={t.r} is invalid: expected at most {size}, the smaller dimension of the "
-                f"targeted layer {t.name} ({' x '.join(map(str, weight.shape))}); lower --rank"
+                f"targeted layer {t.name} ({shape}); lower --rank"
             )
 
 
