@@ -423,10 +423,10 @@ def test_smollm2_reuses_its_cache_and_generates(smollm2, monkeypatch):
 
 @pytest.mark.slow
 def test_smollm2_classification_head(smollm2, monkeypatch):
-    resolved, _ = smollm2
+    resolved = smollm2
     monkeypatch.setenv("LORAKIT_CACHE", str(Path(resolved.path).parent.parent))
     model, new = load_model("smollm2-135m", "AutoModelForSequenceClassification", label_names=["no", "yes"])
-    assert new == ["score"] == head_module_names(model, "classification")
+    assert new == ["score"] == head_module_names(model)
     assert model.config.pad_token_id is not None
 
 

@@ -3,7 +3,7 @@
 lorakit writes `lorakit_task.json` beside PEFT's `adapter_config.json`: the task, the label
 names, the base model, the data fields. An adapter PEFT trained has only `task_type` in its
 config. Training writes this file; evaluation, the server and the CLI read it. It sits below
-them all (it imports nothing of lorakit), so none of them reaches up or sideways for it.
+them all (beside _fs.py, which writes it atomically), so none of them reaches up for it.
 """
 
 from __future__ import annotations
@@ -12,8 +12,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ._fs import atomic_write_json
+
 TASK_FILE = "lorakit_task.json"
 ADAPTER_CONFIG = "adapter_config.json"
+
+
+def write_task_info(adapter_dir: str | Path, **info: Any) -> None:
+    """Write lorakit's task file (task, labels, base model, data fields), atomically."""
+    atomic_write_json(Path(adapter_dir) / TASK_FILE, info)
 
 
 class TaskInfoError(ValueError):

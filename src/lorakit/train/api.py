@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from .. import lora, methods
-from .._fs import atomic_write_json, remove_stale_temps
-from ..adapter_dir import TASK_FILE, read_task_info
+from .._fs import remove_stale_temps
+from ..adapter_dir import read_task_info, write_task_info
 from ..models import load_model, load_tokenizer, model_architectures
 from . import preflight
 from .config import TrainConfig
@@ -132,7 +132,9 @@ def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) 
         preflight.check_disk_space(config, model)
         for directory in (output, output / LOGS):  # temp files a killed run left behind
             remove_stale_temps(directory)
-        write_task_file(output, config, labels)
+        write_task_info(output, task=config.task, labels=list(labels), model=config.model,
+                        max_length=config.max_length, text_field=config.text_field,
+                        pair_field=config.pair_field, label_field=config.label_field)  # fmt: skip
     if callbacks is None:
         from .callbacks import default_callbacks
 
@@ -162,21 +164,6 @@ def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) 
         dist=dist,
     )
     return trainer.train()
-
-
-def write_task_file(output: Path, config: TrainConfig, labels: Sequence[str]) -> None:
-    atomic_write_json(
-        output / TASK_FILE,
-        {
-            "task": config.task,
-            "labels": list(labels),
-            "model": config.model,
-            "max_length": config.max_length,
-            "text_field": config.text_field,
-            "pair_field": config.pair_field,
-            "label_field": config.label_field,
-        },
-    )
 
 
 # -- using a trained adapter -----------------------------------------------------------------
