@@ -198,3 +198,23 @@ def test_uneven_shards_gather_back_in_the_original_order(n, world, monkeypatch):
     monkeypatch.setattr(distributed.dist, "all_gather_object", all_gather_object)
     for rank in range(world):
         assert DistContext(rank=rank, world=world).gather(shards[rank], n) == items
+
+
+def test_a_task_the_base_does_not_name_asks_for_task(model_dirs, tmp_path):
+    """No lorakit task file, no PEFT task_type, and a base config without `architectures`:
+    the error names the way out (--task), before any model is loaded."""
+    import shutil
+
+    from lorakit.train.api import load_trained
+
+    base_dir = tmp_path / "base"
+    shutil.copytree(model_dirs["llama"], base_dir)
+    config = json.loads((base_dir / "config.json").read_text())
+    config.pop("architectures", None)
+    (base_dir / "config.json").write_text(json.dumps(config))
+    model = load_model(str(model_dirs["llama"]), "AutoModelForCausalLM").model
+    lorakit.save_adapter(lorakit.inject(model, lorakit.LoraConfig(r=2, base_model_name_or_path=str(base_dir))),
+                         tmp_path / "adapter")  # fmt: skip
+    with pytest.raises(ValueError, match=r"no task_type, and the base model's architecture .* pass --task"):
+        load_trained(None, tmp_path / "adapter")
+    assert load_trained(None, tmp_path / "adapter", task="causal-lm").task.name == "causal-lm"
