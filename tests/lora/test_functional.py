@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
+from lorakit.lora import LoraConv2d, LoraEmbedding, LoraLinear
 from lorakit.lora import functional as LF
-from lorakit.lora.layers import LoraConv2d, LoraEmbedding, LoraLinear
 
 
 def _random_adapter(layer, name="default", r=4, alpha=8.0, **kw):

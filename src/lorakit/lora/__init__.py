@@ -1,7 +1,8 @@
 """The LoRA core: config, layer math, injection, merge, mixed batches, adapter I/O.
 
 functional.py       the math as pure functions (ΔW, the forward term, stacking, combining)
-layers.py           the wrappers (Linear/Conv1D, Embedding, Conv2d) that keep `base_layer`
+layers.py           the base wrapper (keeps `base_layer`) and Linear/Conv1D; embedding.py, conv.py
+wrap.py             which layer types LoRA wraps, and the wrapper each gets
 variants.py         the extension point: how an adapter's update enters its layer
 exact.py            exact merge/unmerge of one weight
 mixed.py            mixed-adapter batches, layer side (routing, stacks, gathered matmul)
@@ -29,9 +30,11 @@ from .adapters import (
 from .architectures import DEFAULT_TARGETS
 from .combine import combine_adapters
 from .config import ConfigError, LoraConfig
+from .conv import LoraConv2d
+from .embedding import LoraEmbedding
 from .inject import inject, lora_configs, lora_layers, set_trainable
 from .io import AdapterLoadError, adapter_state_dict, load_adapter, read_adapter_weights, save_adapter
-from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from .layers import LoraLayer, LoraLinear
 from .merge import MergeError, merge, merge_and_unload, unload, unmerge
 from .modules_to_save import ModulesToSave
 from .targets import Target, TargetError, dry_run, find_targets

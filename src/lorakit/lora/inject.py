@@ -9,9 +9,10 @@ from collections.abc import Iterator
 import torch.nn as nn
 
 from .config import ConfigError, LoraConfig
-from .layers import LoraLayer, wrap
+from .layers import LoraLayer
 from .modules_to_save import ModulesToSave
 from .targets import TargetError, find_targets, name_matches, plain_modules
+from .wrap import wrap
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from .._fs import atomic_write_json, atomic_write_with
 from .adapters import delete_adapter
 from .config import CONFIG_NAME, ConfigError, LoraConfig, shorten
+from .embedding import LoraEmbedding
 from .inject import (
     add_adapter,
     bias_names,
@@ -42,7 +43,7 @@ from .inject import (
     saved_modules,
     set_trainable,
 )
-from .layers import LoraEmbedding, LoraLayer
+from .layers import LoraLayer
 from .targets import TargetError, find_targets, pattern_value
 
 WEIGHTS_NAME = "adapter_model.safetensors"

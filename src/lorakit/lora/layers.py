@@ -6,6 +6,8 @@ adapter name, A: [r, fan_in] and B: [out, r] (Conv2d: [r, in, kh, kw] and [out, 
 State per adapter: `lora_A[name]`, `lora_B[name]`, `scaling[name]`, `dropout_p[name]`,
 `variants[name]` (how the update enters: plain LoRA unless a variant says otherwise,
 variants.py) and, for the per-slice variant of a fused projection, `slices[name]`.
+This module holds the base class and the linear wrapper; embedding.py and conv.py the other
+layer types; wrap.py which module gets which wrapper.
 Exact merging lives in exact.py, mixed-batch routing in mixed.py, the math in functional.py,
 whole modules trained per adapter (a new task head) in modules_to_save.py.
 """
@@ -21,18 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import functional as LF
-from .exact import ExactMerge, MergeError
-from .mixed import AdapterStacks, MixedRows, gathered_forward, mixed_weights, per_adapter_rows
+from .exact import ExactMerge
+from .mixed import AdapterStacks, MixedRows, gathered_forward, per_adapter_rows
 from .variants import PLAIN, LoraVariant
-
-
-def conv1d_type() -> type | None:
-    """Hugging Face's GPT-2 `Conv1D` (a linear layer whose weight is stored [in, out])."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is optional for the core
-        return None
-    return Conv1D
 
 
 class LoraLayer(nn.Module):
@@ -255,104 +248,3 @@ class LoraLinear(LoraLayer):
     def lora_delta(self, name: str) -> Tensor:
         delta = LF.delta_weight(self.A_matrix(name), self.B_matrix(name), self.scaling[name])
         return delta.t() if self.fan_in_fan_out else delta
-
-
-class LoraEmbedding(LoraLayer):
-    """nn.Embedding (weight [num, dim]). A: [r, num], B: [dim, r]; as in PEFT, A starts at
-    zero and B random (the rows of A are looked up, so A plays the input projection)."""
-
-    def __init__(self, base_layer: nn.Embedding) -> None:
-        super().__init__(base_layer)
-        self.fan_in, self.fan_out = base_layer.num_embeddings, base_layer.embedding_dim
-
-    def _init_pair(self, A: Tensor, B: Tensor, r: int, init: bool | str) -> None:
-        nn.init.normal_(B)
-        if init is False:
-            nn.init.normal_(A, std=0.02)
-        else:
-            nn.init.zeros_(A)
-
-    def lora_delta(self, name: str) -> Tensor:
-        return LF.delta_weight(self.A_matrix(name), self.B_matrix(name), self.scaling[name]).t()
-
-    def lora_term(self, ids: Tensor, out: Tensor, name: str) -> Tensor:
-        # The lookup replaces x·Aᵀ: h = A[:, ids]ᵀ -> [..., r]; no dropout on token ids.
-        e = self.base_layer
-        h = F.embedding(
-            ids,
-            self.A_matrix(name).to(out.dtype).t(),
-            e.padding_idx,
-            e.max_norm,
-            e.norm_type,
-            e.scale_grad_by_freq,
-            e.sparse,
-        )
-        return LF.lora_forward_h(h, out, self.B_matrix(name).to(out.dtype), self.scaling[name])
-
-    def _mixed_forward(self, ids: Tensor, out: Tensor) -> Tensor:
-        At, Bt, index = mixed_weights(self, ids.shape[0], ids.device, out.dtype)  # [n+1, num, r], [n+1, r, dim]
-        rows = index.view(-1, *([1] * (ids.dim() - 1))).expand_as(ids)
-        h = At[rows, ids]  # [b, ..., r]
-        delta = torch.bmm(h.reshape(ids.shape[0], -1, h.shape[-1]), Bt.index_select(0, index))
-        return out + delta.view(out.shape)
-
-
-class LoraConv2d(LoraLayer):
-    """nn.Conv2d: A is a conv with the base's kernel/stride/padding ([r, in, kh, kw]),
-    B a 1x1 conv ([out, r, 1, 1]), as in PEFT."""
-
-    def __init__(self, base_layer: nn.Conv2d) -> None:
-        super().__init__(base_layer)
-        if base_layer.groups != 1:
-            raise ValueError("LoRA on grouped Conv2d (groups > 1) is not supported; target another layer")
-        self.fan_out = base_layer.out_channels
-        self.fan_in = base_layer.in_channels * math.prod(base_layer.kernel_size)
-
-    def _lora_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        c = self.base_layer
-        return (r, c.in_channels, *c.kernel_size), (c.out_channels, r, 1, 1)
-
-    def add_adapter(self, name: str, r: int, alpha: float, **kwargs) -> None:
-        if kwargs.get("slices") is not None:
-            raise ValueError("enable_lora (per-slice LoRA) applies to fused linear projections, not Conv2d")
-        super().add_adapter(name, r, alpha, **kwargs)
-
-    def lora_term(self, x: Tensor, out: Tensor, name: str) -> Tensor:
-        c = self.base_layer
-        A, B = self.lora_A[name].to(x.dtype), self.lora_B[name].to(x.dtype)
-        h = F.conv2d(self.dropout(x, self.dropout_p[name]), A, None, c.stride, c.padding, c.dilation)
-        return out + F.conv2d(h, B * self.scaling[name])
-
-    def _mixed_forward(self, x: Tensor, out: Tensor) -> Tensor:
-        # Convolutions have no gathered-bmm form; run each adapter on its rows only.
-        return per_adapter_rows(self, x, out, lambda name, xs, outs: self._adapter_forward(xs, outs, name))
-
-
-SUPPORTED_TYPE_NAMES = ("Linear", "Conv1D (GPT-2)", "Embedding", "Conv2d")
-
-
-def wrap(module: nn.Module) -> LoraLayer:
-    """The LoRA wrapper for a supported layer; a clear error for anything else."""
-    if isinstance(module, LoraLayer):
-        return module
-    if is_linear(module):
-        return LoraLinear(module)
-    if isinstance(module, nn.Embedding):
-        return LoraEmbedding(module)
-    if isinstance(module, nn.Conv2d):
-        return LoraConv2d(module)
-    raise TypeError(
-        f"{type(module).__name__} is not a layer type LoRA can wrap; supported: {', '.join(SUPPORTED_TYPE_NAMES)}"
-    )
-
-
-def is_linear(module: nn.Module) -> bool:
-    conv1d = conv1d_type()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
-
-
-def is_supported(module: nn.Module) -> bool:
-    return is_linear(module) or isinstance(module, (nn.Embedding, nn.Conv2d))
-
-
-__all__ = ["LoraConv2d", "LoraEmbedding", "LoraLayer", "LoraLinear", "MergeError", "is_linear", "is_supported", "wrap"]

@@ -17,8 +17,9 @@ import torch.nn as nn
 
 from .architectures import BLOCK_LISTS, DEFAULT_TARGETS
 from .config import LoraConfig
-from .layers import SUPPORTED_TYPE_NAMES, LoraLayer, is_linear, is_supported, wrap
+from .layers import LoraLayer
 from .modules_to_save import ModulesToSave
+from .wrap import SUPPORTED_TYPE_NAMES, is_linear, is_supported, wrap
 
 
 class TargetError(ValueError):

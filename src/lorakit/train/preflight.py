@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from ..lora.layers import wrap
 from ..lora.targets import TargetError, candidate_names, find_targets, name_matches
+from ..lora.wrap import wrap
 from ..methods import lora_config
 from .config import TrainConfig, TrainConfigError
 
