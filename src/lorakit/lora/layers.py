@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import functional as LF
-from .exact import ExactMerge
+from .exact import ExactMerge, MergeError
 from .mixed import AdapterStacks, MixedRows, gathered_forward, per_adapter_rows
 from .variants import PLAIN, LoraVariant
 
@@ -62,8 +62,28 @@ class LoraLayer(nn.Module):
         """The largest useful rank: beyond min(fan_in, fan_out), ΔW = B·A is no longer low-rank."""
         return min(self.fan_in, self.fan_out)
 
+    @property
+    def quantized(self) -> bool:
+        """The base weight is held in packed integer blocks (bitsandbytes NF4/int8, ...): the
+        base layer computes its own output, and an in-place merge is refused."""
+        return not self.weight.is_floating_point()
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """A and B follow a float base weight's dtype; on a quantised base they stay fp32 (as
+        PEFT keeps them), and the compute casts them to the activations' dtype."""
+        return torch.float32 if self.quantized else self.weight.dtype
+
     def dense_weight(self) -> Tensor:
-        """The base weight that merging writes into (a quantised base overrides this hook)."""
+        """The base weight that merging writes into. A quantised base cannot take ΔW in place:
+        rounding it into 4/8-bit blocks would change the model and could not be undone."""
+        if self.quantized:
+            raise MergeError(
+                f"the base layer {type(self.base_layer).__name__} holds a quantised weight "
+                f"({self.weight.dtype}); merging in place would round ΔW into its blocks and could not be "
+                "undone exactly. Keep the adapter unmerged (mixed_batch and set_adapter work as they are), or "
+                "load the base unquantised to merge"
+            )
         return self.base_layer.weight
 
     # -- adapters --------------------------------------------------------------------------
@@ -96,9 +116,9 @@ class LoraLayer(nn.Module):
                 )
             a_shape = (sum(slices) * r, *a_shape[1:])
             b_shape = (sum(slices) * self.fan_out // len(slices), r)
-        w = self.weight
-        A = torch.empty(a_shape, dtype=w.dtype, device=w.device)
-        B = torch.zeros(b_shape, dtype=w.dtype, device=w.device)
+        dtype, device = self.adapter_dtype, self.weight.device
+        A = torch.empty(a_shape, dtype=dtype, device=device)
+        B = torch.zeros(b_shape, dtype=dtype, device=device)
         self._init_pair(A, B, r, init)
         self.lora_A[name], self.lora_B[name] = nn.Parameter(A), nn.Parameter(B)
         self.scaling[name] = LF.lora_scaling(r, alpha, use_rslora)
@@ -149,9 +169,9 @@ class LoraLayer(nn.Module):
     def set_adapter_weights(self, name: str, A: Tensor, B: Tensor, scaling: float) -> None:
         """Replace adapter `name` with plain (not per-slice) factors: A: [r, fan_in], B: [fan_out, r]."""
         a_shape, b_shape = self._lora_shapes(A.shape[0])
-        w = self.weight
-        self.lora_A[name] = nn.Parameter(A.reshape(a_shape).to(w.device, w.dtype).contiguous())
-        self.lora_B[name] = nn.Parameter(B.reshape(b_shape).to(w.device, w.dtype).contiguous())
+        device, dtype = self.weight.device, self.adapter_dtype
+        self.lora_A[name] = nn.Parameter(A.reshape(a_shape).to(device, dtype).contiguous())
+        self.lora_B[name] = nn.Parameter(B.reshape(b_shape).to(device, dtype).contiguous())
         self.scaling[name] = scaling
         self.slices[name] = None
         self.variants.setdefault(name, PLAIN)
@@ -171,6 +191,8 @@ class LoraLayer(nn.Module):
         """Make the base weight W0 + Σ ΔW over `names` (exact.py: rounded once, unmerged bit
         for bit); `safe` refuses a NaN/inf result and leaves the layer as it was."""
         names = [n for n in names if n in self.lora_A]
+        if not names and not self.merged_adapters:
+            return  # nothing merged, nothing to restore (and no base weight to touch)
         self.exact.apply(
             self.dense_weight(), [self.delta_weight(n) for n in names], safe, lambda: self._why_not_finite(names)
         )
@@ -242,8 +264,10 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)
-        w = base_layer.weight
-        self.fan_out, self.fan_in = (w.shape[1], w.shape[0]) if self.fan_in_fan_out else w.shape
+        if self.fan_in_fan_out:  # GPT-2 Conv1D: weight [in, out]
+            self.fan_in, self.fan_out = base_layer.weight.shape
+        else:  # from the features, not the weight: a quantised weight is stored packed
+            self.fan_in, self.fan_out = base_layer.in_features, base_layer.out_features
 
     def lora_delta(self, name: str) -> Tensor:
         delta = LF.delta_weight(self.A_matrix(name), self.B_matrix(name), self.scaling[name])

@@ -87,7 +87,7 @@ class AdapterStacks:
         if cache is not None and cache[:2] == (names, dtype) and [p._version for p in cache[2]] == cache[3]:
             return cache[4]
         params = [p for n in names if n in layer.lora_A for p in (layer.lora_A[n], layer.lora_B[n])]
-        zero_A = layer.weight.new_zeros(1, layer.fan_in)
+        zero_A = layer.weight.new_zeros(1, layer.fan_in, dtype=layer.adapter_dtype)
         zero_B = zero_A.new_zeros(layer.fan_out, 1)
         As = [layer.A_matrix(n) if n in layer.lora_A else zero_A for n in names]
         Bs = [layer.B_matrix(n) if n in layer.lora_A else zero_B for n in names]

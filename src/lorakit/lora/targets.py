@@ -199,7 +199,12 @@ def dry_run(model: nn.Module, config: LoraConfig) -> str:
         (a, b) = probe._lora_shapes(t.r)
         params = n_slices * (math.prod(a) + math.prod(b) // (len(t.slices) if t.slices else 1))
         total += params
-        shape = "x".join(map(str, base.weight.shape))
+        # A quantised weight is stored packed: show the layer's [out, in] and its storage type.
+        shape = (
+            f"{probe.fan_out}x{probe.fan_in} {base.weight.dtype}"
+            if probe.quantized
+            else "x".join(map(str, base.weight.shape))
+        )
         note = f" slices={''.join('1' if s else '0' for s in t.slices)}" if t.slices else ""
         rows.append(f"{t.name:<60} {t.kind:<10} {shape:<12} r={t.r:<4} alpha={t.alpha:<6g} {params:>10,}{note}")
     return "\n".join(rows + [f"{len(rows)} modules, {total:,} adapter parameters"])

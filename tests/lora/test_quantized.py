@@ -1,0 +1,151 @@
+"""LoRA on a quantised frozen base that a user loaded with transformers' BitsAndBytesConfig
+(QLoRA's NF4, and int8): the wrapped layer computes the dequantised W·x plus the low-rank
+term, the adapter round-trips with PEFT on the same quantised base, training moves only A and
+B, and an in-place merge is refused with the reason."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import peft
+import pytest
+import torch
+import transformers as tf
+
+import lorakit
+
+SCHEMES = {
+    "nf4": dict(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    ),  # fmt: skip
+    "int8": dict(load_in_8bit=True),
+}
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny LLaMA wide enough for bitsandbytes' 64-value blocks."""
+    directory = tmp_path_factory.mktemp("quant-base")
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)  # fmt: skip
+    tf.LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def quantized(base_dir, scheme: str) -> torch.nn.Module:
+    config = tf.BitsAndBytesConfig(**SCHEMES[scheme])
+    return tf.AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=config, dtype=torch.float32)
+
+
+def dequantized_weight(layer) -> torch.Tensor:
+    """The oracle's W: bitsandbytes' own dequantisation of the stored blocks, [out, in] fp32."""
+    weight = layer.weight
+    if weight.dtype == torch.uint8:  # NF4: 4-bit codes, absmax per 64 values (double-quantised)
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    return weight.data.float() * weight.SCB.float()[:, None] / 127  # int8: a scale per row
+
+
+def randomize(model, seed: int = 1) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            for name in layer.adapter_names:
+                layer.lora_A[name].normal_(std=0.2)
+                layer.lora_B[name].normal_(std=0.2)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_the_wrapped_layer_is_dequantised_W_plus_the_low_rank_term(base_dir, scheme):
+    model = quantized(base_dir, scheme)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    W = dequantized_weight(q_proj)  # before any forward: bnb may repack the blocks in place
+    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8))
+    randomize(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.quantized and (layer.fan_in, layer.fan_out) == (64, 64)
+    first_row = lorakit.dry_run(model, lorakit.LoraConfig(r=4)).splitlines()[0]
+    assert "self_attn.q_proj" in first_row and f"64x64 {layer.weight.dtype}" in first_row  # not the packed shape
+    assert layer.lora_A["default"].dtype == torch.float32  # fp32 adapter on a 4/8-bit base
+    x = torch.randn(3, 5, 64, requires_grad=True)  # autograd: bnb's plain path
+    A, B = layer.lora_A["default"], layer.lora_B["default"]
+    expected = x @ W.T + layer.scaling["default"] * (x @ A.T @ B.T)
+    tol = dict(rtol=0, atol=2e-5) if scheme == "nf4" else dict(rtol=0, atol=0.05)  # int8 runs in fp16 there
+    torch.testing.assert_close(layer(x), expected, **tol)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_adapters_round_trip_with_peft_on_the_same_quantised_base(base_dir, scheme, tmp_path):
+    ids = torch.tensor([[5, 9, 3, 17, 42, 8], [1, 2, 3, 4, 5, 6]])
+    # lorakit -> PEFT
+    ours = lorakit.inject(quantized(base_dir, scheme), lorakit.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM"))
+    randomize(ours)
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(quantized(base_dir, scheme), tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    # PEFT -> lorakit
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    made = peft.get_peft_model(quantized(base_dir, scheme), config)
+    made.save_pretrained(tmp_path / "theirs")
+    loaded = lorakit.load_adapter(quantized(base_dir, scheme), tmp_path / "theirs")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, made(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_training_on_a_quantised_base_moves_only_the_adapter_and_the_loss_falls(base_dir, scheme):
+    config = lorakit.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+    model = lorakit.inject(quantized(base_dir, scheme), config)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    ids = (torch.arange(16) + torch.tensor([[0], [9], [23], [40]])) % 64  # next token: this one + 1
+    model.train()
+    losses = []
+    for _ in range(20):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_merging_into_a_quantised_base_is_refused_and_changes_nothing(base_dir):
+    model = lorakit.inject(quantized(base_dir, "nf4"), lorakit.LoraConfig(r=4))
+    randomize(model)
+    ids = torch.tensor([[5, 9, 3, 17]])
+    model.train()  # bnb's plain path, the same before and after
+    before = model(input_ids=ids).logits.detach()
+    with pytest.raises(lorakit.MergeError, match="quantised weight .* Keep the adapter unmerged"):
+        lorakit.merge(model)
+    with pytest.raises(lorakit.MergeError, match="quantised weight"):
+        lorakit.merge_and_unload(model)
+    assert all(not layer.merged_adapters for _, layer in lorakit.lora_layers(model))
+    torch.testing.assert_close(model(input_ids=ids).logits.detach(), before)
+    lorakit.unmerge(model)  # nothing merged: a no-op, not an error
+
+
+def test_mixed_batches_on_an_nf4_base_equal_one_adapter_at_a_time(base_dir):
+    model = quantized(base_dir, "nf4")
+    for name in ("a", "b"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2 if name == "a" else 4), adapter_name=name)
+    randomize(model)
+    model.train()  # (no dropout in this config) bnb's plain path
+    ids = torch.tensor([[5, 9, 3, 17], [1, 2, 3, 4], [7, 7, 8, 9]])
+    names = ["b", None, "a"]
+    with lorakit.mixed_batch(model, names):
+        mixed = model(input_ids=ids).logits.detach()
+    for row, name in enumerate(names):
+        if name is None:
+            with lorakit.disable_adapters(model):
+                alone = model(input_ids=ids[row : row + 1]).logits.detach()
+        else:
+            lorakit.set_adapter(model, name)
+            alone = model(input_ids=ids[row : row + 1]).logits.detach()
+        torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-4, atol=1e-5)
