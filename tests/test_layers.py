@@ -4,7 +4,7 @@
     train                                      tasks, batching, the trainer loop
     methods                                    the paper's baselines beside LoRA
     lora                                       the core: math, layers, inject, merge, I/O
-    _fs, adapter_dir, models                   leaves: files, adapter dir info, model loading
+    _fs, adapter_dir, models, quantize         leaves: files, adapter dir info, model loading, quantising
 
 Every import counts, at module level or inside a function (a lazy import is still a
 dependency), found by walking the AST of src/lorakit; only `if TYPE_CHECKING:` imports
@@ -20,7 +20,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "lorakit"
 LAYERS = [
-    {"_fs", "adapter_dir", "models"},
+    {"_fs", "adapter_dir", "models", "quantize"},
     {"lora"},
     {"methods"},
     {"train"},

@@ -35,6 +35,7 @@ from .lora import (
     unmerge,
 )
 from .lora.targets import dry_run
+from .quantize import quantize_base
 
 __version__ = "0.1.0"
 
@@ -61,6 +62,7 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "mixed_batch",
+    "quantize_base",
     "save_adapter",
     "set_adapter",
     "set_trainable",

@@ -104,6 +104,13 @@ def train(
             "stays fp32."
         ),
     ),
+    quantize: str | None = typer.Option(
+        None,
+        help=(
+            "Hold the frozen base's linear layers quantised: nf4 (QLoRA: 4-bit NormalFloat, double-quantised"
+            " scales) or int8, through bitsandbytes; the adapter stays fp32. [default: off]"
+        ),
+    ),
     attention: str | None = typer.Option(
         None,
         help=(

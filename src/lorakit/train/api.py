@@ -25,6 +25,7 @@ from .. import lora, methods
 from .._fs import remove_stale_temps
 from ..adapter_dir import read_task_info, write_task_info
 from ..models import load_model, load_tokenizer, model_architectures
+from ..quantize import quantize_base
 from . import preflight
 from .config import TrainConfig
 from .data import DataError, read_records
@@ -124,6 +125,9 @@ def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) 
     )
     model, tokenizer, new_modules = build_model(config, labels)
     preflight.check_lora_targets(config, model, new_modules)
+    if config.quantize:  # before the adapter wraps the layers; new heads train in full, unquantised
+        dtype = torch.bfloat16 if config.bf16 else torch.float32
+        quantize_base(model, config.quantize, compute_dtype=dtype, keep=new_modules)
     seed_everything(config.seed)  # adapter init does not depend on how loading used the RNG
     model = methods.apply_method(model, config, new_modules)
     model.to(device)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any
 import yaml
 
 from ..methods import METHODS
+from ..quantize import SCHEMES
 from .tasks import REGISTRY, TASKS
 
 try:
@@ -60,6 +62,7 @@ class TrainConfig:
     scheduler: str = "linear"
     max_grad_norm: float = 1.0
     bf16: bool = False
+    quantize: str | None = None  # nf4 | int8: the frozen base's linear layers held quantised (QLoRA)
     gradient_checkpointing: bool = False
     packing: bool = True  # causal-lm: padding-free batches (same gradients, no padding compute)
     group_by_length: bool | None = None  # length-grouped batches; None: on unless batches are packed
@@ -153,6 +156,8 @@ class TrainConfig:
         _need(self.init in ("kaiming", "gaussian"), "init", self.init, '"kaiming" or "gaussian"')
         _need(self.eval_generate >= 0, "eval_generate", self.eval_generate, ">= 0")
         _need(self.distributed in ("ddp", "fsdp"), "distributed", self.distributed, '"ddp" or "fsdp"')
+        _need(self.quantize is None or self.quantize in SCHEMES, "quantize", self.quantize,
+              f"one of {', '.join(SCHEMES)} (or unset: the base as loaded)")  # fmt: skip
         _need(
             self.head_lr is None or 0 < self.head_lr < 1, "head_lr", self.head_lr, "a learning rate in (0, 1), or unset"
         )
@@ -176,6 +181,17 @@ class TrainConfig:
                     "expected module names, e.g. query,value"
                 ) from e
 
+    def _validate_quantize(self) -> None:
+        if self.method != "lora":
+            raise TrainConfigError(f"--quantize={self.quantize!r} is invalid with --method={self.method}: a quantised "
+                                   "weight cannot train; quantise only under --method lora")  # fmt: skip
+        if self.distributed == "fsdp":
+            raise TrainConfigError(f"--quantize={self.quantize!r} is invalid with --distributed fsdp: bitsandbytes' "
+                                   "packed weights do not shard; use --distributed ddp")  # fmt: skip
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise TrainConfigError(f"--quantize={self.quantize!r} needs bitsandbytes, which is not installed: "
+                                   "pip install bitsandbytes (or pip install 'lorakit[quant]')")  # fmt: skip
+
     def _validate_combinations(self) -> None:
         """Options that are fine alone but wrong together: each would be silently ignored."""
         if self.eval_generate and not REGISTRY[self.task].generative:
@@ -188,6 +204,8 @@ class TrainConfig:
                 f"--eval-every={self.eval_every} is invalid without --eval-data: there is nothing to "
                 "evaluate; give --eval-data, or use --save-every for checkpoints alone"
             )
+        if self.quantize is not None:
+            self._validate_quantize()
         if self.method != "lora":
             lora_only = {
                 "targets": self.targets is not None,

@@ -1,0 +1,148 @@
+"""`lorakit train --quantize nf4|int8` and `lorakit.quantize_base`: the base lorakit quantises is
+bit for bit the one transformers' BitsAndBytesConfig loads, a quantised run trains, resumes
+exactly and saves an adapter PEFT runs on that base, and bad combinations fail before compute."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+import torch.nn as nn
+import transformers as tf
+from safetensors.torch import load_file
+
+import lorakit
+from lorakit.quantize import QuantizeError, quantize_base
+from lorakit.train import TrainConfig, TrainConfigError, train
+
+from .conftest import copy_rows, make_tokenizer, write_jsonl
+
+BNB = {
+    "nf4": dict(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    ),  # fmt: skip
+    "int8": dict(load_in_8bit=True),
+}
+
+
+@pytest.fixture(scope="module")
+def llama64(tmp_path_factory):
+    """A tiny LLaMA with 64-wide layers (bitsandbytes quantises in blocks of 64) and the
+    word-level tokenizer of the other tests."""
+    directory = tmp_path_factory.mktemp("llama64")
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=2, vocab_size=31, max_position_embeddings=64, pad_token_id=0,
+                            eos_token_id=4, bos_token_id=2, initializer_range=0.3)  # fmt: skip
+    tf.LlamaForCausalLM(config).save_pretrained(directory)
+    make_tokenizer(directory, "llama")
+    return directory
+
+
+def options(llama64, tmp_path, **kw) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    train_file = write_jsonl(tmp_path / "train.jsonl", copy_rows(48, 0))
+    dev_file = write_jsonl(tmp_path / "dev.jsonl", copy_rows(8, 1))
+    base = dict(model=str(llama64), task="causal-lm", data=str(train_file), eval_data=str(dev_file),
+                output=str(tmp_path / "out"), batch_size=8, lr=1e-2, max_steps=12, rank=4, alpha=8, max_length=32,
+                targets="all-linear", quantize="nf4", eval_before=False)  # fmt: skip
+    return {**base, **kw}
+
+
+@pytest.mark.parametrize("scheme", BNB)
+def test_quantize_base_is_what_transformers_loads(llama64, scheme):
+    reference = tf.AutoModelForCausalLM.from_pretrained(
+        llama64, quantization_config=tf.BitsAndBytesConfig(**BNB[scheme])
+    )
+    ours = tf.AutoModelForCausalLM.from_pretrained(llama64, dtype=torch.float32)
+    assert quantize_base(ours, scheme) == 14  # 2 blocks x (q, k, v, o, gate, up, down); not lm_head
+    theirs = reference.state_dict()
+    assert ours.state_dict().keys() == theirs.keys()
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, theirs[key]), key  # packed codes, scales, biases: bit for bit
+    assert type(ours.lm_head) is nn.Linear and ours.lm_head.weight.dtype == torch.float32
+
+
+def test_quantize_base_keeps_heads_and_refuses_what_it_cannot_do():
+    class OnlyHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(8, 64), nn.Linear(64, 8)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    with pytest.raises(QuantizeError, match="no linear layer to quantise"):
+        quantize_base(OnlyHead(), "nf4")
+    with pytest.raises(QuantizeError, match="unknown quantisation 'fp3'; choose one of nf4, int8"):
+        quantize_base(OnlyHead(), "fp3")
+    model = nn.Sequential(nn.Linear(64, 64), nn.Sequential(nn.Linear(64, 64)))
+    assert quantize_base(model, "nf4", keep=["1"]) == 1
+    assert type(model[1][0]) is nn.Linear and type(model[0]).__name__ == "Linear4bit"
+
+
+@pytest.mark.parametrize("scheme", BNB)
+def test_a_quantised_run_trains_and_peft_runs_its_adapter_on_that_base(llama64, tmp_path, scheme):
+    result = train(TrainConfig(**options(llama64, tmp_path, quantize=scheme)), callbacks=[])
+    losses = [r["loss"] for r in result.state.history if "loss" in r]
+    assert losses[-1] < 0.8 * losses[0], losses
+    out = tmp_path / "out"
+    ids = torch.tensor([[2, 27, 28, 29, 4], [2, 29, 28, 27, 4]])
+    mine = lorakit.load_adapter(tf.AutoModelForCausalLM.from_pretrained(llama64, dtype=torch.float32), out)
+    quantize_base(mine, scheme)  # the same blocks as in training (a deterministic quantisation)
+    theirs = peft.PeftModel.from_pretrained(
+        tf.AutoModelForCausalLM.from_pretrained(llama64, quantization_config=tf.BitsAndBytesConfig(**BNB[scheme])), out
+    )
+    mine.train(), theirs.train()  # bitsandbytes' plain path in both
+    with torch.no_grad():
+        torch.testing.assert_close(mine(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_a_quantised_run_resumes_exactly(llama64, tmp_path):
+    from .test_trainer import StopAt
+
+    kw = dict(dropout=0.1, save_every=4, eval_every=None)
+    full = train(TrainConfig(**options(llama64, tmp_path / "a", **kw)), callbacks=[])
+    stopped = train(TrainConfig(**options(llama64, tmp_path / "b", **kw)), callbacks=[StopAt(6)])
+    assert stopped.summary["interrupted"]
+    resumed = train(TrainConfig(**options(llama64, tmp_path / "b", resume=True, **kw)), callbacks=[])
+    assert [r["loss"] for r in resumed.state.history if "loss" in r] == pytest.approx(
+        [r["loss"] for r in full.state.history if "loss" in r], rel=1e-5
+    )
+    step = "checkpoints/step-0000012/adapter/adapter_model.safetensors"
+    a, b = load_file(tmp_path / "a" / "out" / step), load_file(tmp_path / "b" / "out" / step)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(quantize="nf3"), "--quantize='nf3' is invalid: expected one of nf4, int8"),
+        (dict(method="full"), "--quantize='nf4' is invalid with --method=full: a quantised weight cannot train"),
+        (dict(distributed="fsdp"), "--quantize='nf4' is invalid with --distributed fsdp"),
+    ],
+)
+def test_bad_quantize_options_fail_before_anything_loads(kw, message, llama64, tmp_path):
+    opts = options(llama64, tmp_path, **kw)
+    if kw.get("method") == "full":
+        opts.pop("targets")
+    with pytest.raises(TrainConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(**opts)
+
+
+def test_quantize_without_bitsandbytes_names_the_package(llama64, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    with pytest.raises(TrainConfigError, match="needs bitsandbytes, which is not installed: pip install bitsandbytes"):
+        TrainConfig(**options(llama64, tmp_path))
