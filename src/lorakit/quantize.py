@@ -54,6 +54,9 @@ def _quantized(bnb, linear: nn.Linear, scheme: str, compute_dtype: torch.dtype) 
     no second float copy of the weight is allocated; quantised when moved to the weight's device)."""
     has_bias, device, weight = linear.bias is not None, linear.weight.device, linear.weight.data
     if scheme == "nf4":
+        # Quantised from the compute dtype (as transformers does for a base loaded in it): the
+        # block scales are then kept in it, and every forward dequantises straight to it.
+        weight = weight.to(compute_dtype)
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
                                   compress_statistics=True, quant_type="nf4", device="meta")  # fmt: skip
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=64, compress_statistics=True,

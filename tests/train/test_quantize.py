@@ -54,17 +54,20 @@ def options(llama64, tmp_path, **kw) -> dict:
     return {**base, **kw}
 
 
-@pytest.mark.parametrize("scheme", BNB)
-def test_quantize_base_is_what_transformers_loads(llama64, scheme):
+@pytest.mark.parametrize("scheme,dtype", [("nf4", torch.float32), ("nf4", torch.bfloat16), ("int8", torch.float32)])
+def test_quantize_base_is_what_transformers_loads(llama64, scheme, dtype):
+    """Against transformers loading the same checkpoint in `dtype` with that compute dtype."""
+    settings = {**BNB[scheme], **({"bnb_4bit_compute_dtype": dtype} if scheme == "nf4" else {})}
     reference = tf.AutoModelForCausalLM.from_pretrained(
-        llama64, quantization_config=tf.BitsAndBytesConfig(**BNB[scheme])
+        llama64, quantization_config=tf.BitsAndBytesConfig(**settings), dtype=dtype
     )
-    ours = tf.AutoModelForCausalLM.from_pretrained(llama64, dtype=torch.float32)
-    assert quantize_base(ours, scheme) == 14  # 2 blocks x (q, k, v, o, gate, up, down); not lm_head
+    ours = tf.AutoModelForCausalLM.from_pretrained(llama64, dtype=torch.float32)  # as lorakit train loads
+    assert quantize_base(ours, scheme, compute_dtype=dtype) == 14  # 2 blocks x q, k, v, o, gate, up, down
     theirs = reference.state_dict()
     assert ours.state_dict().keys() == theirs.keys()
     for key, value in ours.state_dict().items():
-        assert torch.equal(value, theirs[key]), key  # packed codes, scales, biases: bit for bit
+        if "proj" in key:  # the quantised layers: packed codes and scales, bit for bit
+            assert torch.equal(value, theirs[key]), key
     assert type(ours.lm_head) is nn.Linear and ours.lm_head.weight.dtype == torch.float32
 
 

@@ -1,0 +1,139 @@
+"""QLoRA on CPU: the frozen base held in bf16 against NF4, lorakit against PEFT + bitsandbytes.
+
+Each row runs in a fresh child process (peak RSS is the process's own VmHWM); its training steps
+(forward + backward + AdamW on the adapter, LoRA q,v r=8 alpha 16) are timed after 2 warm-ups,
+median of --steps. Rows:
+  lorakit-bf16   what `lorakit train --bf16` does: fp32 load, frozen weights cast to bf16, autocast
+  lorakit-nf4    `--quantize nf4 --bf16`: the linear layers NF4 (bitsandbytes), bf16 compute
+  peft-bnb-nf4   transformers' BitsAndBytesConfig (NF4, double quant, bf16 compute) + PEFT
+Models: SmolLM2-135M (real, 4 x 128 tokens) and a TinyLlama-1.1B-shaped LLaMA (random init,
+2 x 128 tokens, written once as bf16 under $LORAKIT_CACHE/bench).
+
+    python benchmarks/quant.py [--models smollm2,tinyllama] [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import rss_mb  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROWS = ("lorakit-bf16", "lorakit-nf4", "peft-bnb-nf4")
+SHAPES = {"smollm2": (4, 128), "tinyllama": (2, 128)}
+
+
+def model_dir(name: str) -> Path:
+    from lorakit.models import cache_dir, resolve_model
+
+    if name == "smollm2":
+        return Path(resolve_model("smollm2-135m").path)
+    directory = cache_dir() / "bench" / "tinyllama-1.1b-shape"
+    if not (directory / "config.json").is_file():
+        import transformers as tf
+
+        config = tf.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)  # fmt: skip
+        torch.manual_seed(0)
+        tf.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
+    return directory
+
+
+def build(row: str, path: Path) -> torch.nn.Module:
+    import transformers as tf
+
+    import lorakit
+    from lorakit.train.trainer import hold_frozen_in_bf16
+
+    if row == "peft-bnb-nf4":
+        import peft
+
+        q = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+        base = tf.AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16)
+        return peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # as lorakit train loads it
+    if row == "lorakit-nf4":
+        lorakit.quantize_base(model, "nf4", compute_dtype=torch.bfloat16)
+    lorakit.inject(model, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    hold_frozen_in_bf16(model)
+    return model
+
+
+def child(model_name: str, row: str, steps: int) -> dict:
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    model = build(row, model_dir(model_name)).train()
+    load_s = time.perf_counter() - t0
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    weight_mb = sum(p.numel() * p.element_size() for p in frozen) / 2**20
+    weight_mb += sum(b.numel() * b.element_size() for b in model.buffers()) / 2**20
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    batch, seq = SHAPES[model_name]
+    ids = torch.randint(100, 20000, (batch, seq), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(steps + 2):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    return {"step_ms": statistics.median(times[2:]) * 1000, "spread_ms": (max(times[2:]) - min(times[2:])) * 1000,
+            "peak_rss_mb": rss_mb(), "weight_mb": weight_mb, "load_s": load_s, "loss": loss.item()}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="smollm2,tinyllama")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "ROW"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child, args.steps)))
+        return
+    results = {"torch": torch.__version__, "steps": args.steps, "rows": {}}
+    for name in args.models.split(","):
+        model_dir(name)  # build the shape once, outside the timed children
+        for row in ROWS:
+            command = [sys.executable, __file__, "--child", name, row, "--steps", str(args.steps)]
+            env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+            run = subprocess.run(command, capture_output=True, text=True, env=env)
+            if run.returncode:
+                raise SystemExit(f"{name} {row} failed:\n{run.stderr[-3000:]}")
+            results["rows"][f"{name}/{row}"] = json.loads(run.stdout.strip().splitlines()[-1])
+            print(name, row, results["rows"][f"{name}/{row}"], flush=True)
+    write(results)
+
+
+def write(results: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quant.json").write_text(json.dumps(results, indent=1))
+    lines = [f"# QLoRA on CPU (torch {results['torch']}, 2 threads, LoRA q,v r=8, bf16 compute, median of "
+             f"{results['steps']} steps, each row a fresh process)", "",
+             "| model | row | step ms | x lorakit-bf16 | peak RSS MB | x lorakit-bf16 | frozen weights MB "
+             "| x lorakit-bf16 |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, r in results["rows"].items():
+        model, _ = key.split("/")
+        ref = results["rows"][f"{model}/lorakit-bf16"]
+        lines.append(f"| {key.replace('/', ' | ')} | {r['step_ms']:.0f} | {r['step_ms'] / ref['step_ms']:.2f} "
+                     f"| {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f} "
+                     f"| {r['weight_mb']:.0f} | {r['weight_mb'] / ref['weight_mb']:.2f} |")  # fmt: skip
+    (RESULTS / "quant.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
