@@ -221,6 +221,15 @@ class LoadedModel(NamedTuple):
     new_modules: list[str]
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output projection (`get_output_embeddings`), or None if it has none."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
 def cache_keyword(model: nn.Module) -> str:
     """The keyword `model.forward` takes its key/value cache by: `cache` (newer transformers)
     or `past_key_values`."""
@@ -403,7 +412,7 @@ def head_module_names(model: nn.Module) -> list[str]:
     else:
         # No single backbone module (T5ForConditionalGeneration keeps its encoder and
         # decoder beside lm_head): the head is the output projection, if any.
-        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        out = output_head(model)
         candidates = [(n, c) for n, c in model.named_children() if out is not None and c is out]
         backbone = {id(p) for p in model.get_input_embeddings().parameters()} if candidates else set()
     heads = []

@@ -18,6 +18,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
+from .models import output_head
+
 SCHEMES = ("nf4", "int8")
 
 
@@ -34,7 +36,7 @@ def quantize_base(model: nn.Module, scheme: str, *, compute_dtype: torch.dtype =
         raise QuantizeError(f"unknown quantisation {scheme!r}; choose one of {', '.join(SCHEMES)}")
     bnb = _bitsandbytes()
     kept = tuple(keep)
-    head = _output_head(model)
+    head = output_head(model)
     names = [name for name, module in model.named_modules()
              if type(module) is nn.Linear and module is not head
              and not any(name == k or name.startswith(k + ".") for k in kept)]  # fmt: skip
@@ -77,11 +79,3 @@ def _bitsandbytes():
         raise QuantizeError("--quantize needs bitsandbytes, which is not installed: pip install bitsandbytes "
                             "(or pip install 'lorakit[quant]')") from e  # fmt: skip
     return bitsandbytes
-
-
-def _output_head(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_output_embeddings", None)
-    try:
-        return get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        return None

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import regex
 import torch.nn as nn
 
+from ..models import output_head
 from .architectures import BLOCK_LISTS, DEFAULT_TARGETS
 from .config import LoraConfig
 from .layers import LoraLayer
@@ -117,19 +118,11 @@ def _base(module: nn.Module) -> nn.Module | None:
     return base if is_supported(base) else None
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_output_embeddings", None)
-    try:
-        return get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        return None
-
-
 def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
     """The modules `config` selects, in model order. Raises TargetError naming the model's
     candidate module names when nothing (or an unsupported layer) matches."""
     spec = config.target_modules if config.target_modules is not None else default_targets(model)
-    head = _output_head(model)
+    head = output_head(model)
     saved = config.modules_to_save or []
     targets, unsupported = [], []
     for name, module in plain_modules(model):
