@@ -4,12 +4,19 @@ Each row runs in a fresh child process (peak RSS is the process's own VmHWM); it
 (forward + backward + AdamW on the adapter, LoRA q,v r=8 alpha 16) are timed after 2 warm-ups,
 median of --steps. Rows:
   lorakit-bf16   what `lorakit train --bf16` does: fp32 load, frozen weights cast to bf16, autocast
-  lorakit-nf4    `--quantize nf4 --bf16`: the linear layers NF4 (bitsandbytes), bf16 compute
+  lorakit-nf4    `--quantize nf4 --bf16`: the base loaded lazily in bf16, each linear weight read
+                 from the file and quantised to NF4 (bitsandbytes blocks, lorakit's NF4Linear), bf16 compute
+  peft-bf16      transformers' bf16 load (lazily mapped) + PEFT: the plain bf16 reference
   peft-bnb-nf4   transformers' BitsAndBytesConfig (NF4, double quant, bf16 compute) + PEFT
 Models: SmolLM2-135M (real, 4 x 128 tokens) and a TinyLlama-1.1B-shaped LLaMA (random init,
 2 x 128 tokens, written once as bf16 under $LORAKIT_CACHE/bench).
 
+--layer instead times one 2048 -> 5632 projection (TinyLlama's gate/up), 256 rows, bf16: forward
+and forward + input-gradient, for a bf16 nn.Linear, bitsandbytes' Linear4bit, lorakit's
+NF4Linear and torchao's NF4Tensor (linear_nf4): the measurement behind the choice of backend.
+
     python benchmarks/quant.py [--models smollm2,tinyllama] [--steps 8]
+    python benchmarks/quant.py --layer
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import rss_mb  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ROWS = ("lorakit-bf16", "lorakit-nf4", "peft-bnb-nf4")
+ROWS = ("lorakit-bf16", "lorakit-nf4", "peft-bf16", "peft-bnb-nf4")
 SHAPES = {"smollm2": (4, 128), "tinyllama": (2, 128)}
 
 
@@ -53,18 +60,22 @@ def build(row: str, path: Path) -> torch.nn.Module:
     import transformers as tf
 
     import lorakit
+    from lorakit.models import checkpoint_reader
     from lorakit.train.trainer import hold_frozen_in_bf16
 
-    if row == "peft-bnb-nf4":
+    if row.startswith("peft"):
         import peft
 
         q = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
-        base = tf.AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16)
+        quantized = {"quantization_config": q} if row == "peft-bnb-nf4" else {}
+        base = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **quantized)
         return peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # as lorakit train loads it
-    if row == "lorakit-nf4":
-        lorakit.quantize_base(model, "nf4", compute_dtype=torch.bfloat16)
+    if row == "lorakit-nf4":  # as `lorakit train --quantize nf4 --bf16` loads it
+        model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        lorakit.quantize_base(model, "nf4", compute_dtype=torch.bfloat16, reader=checkpoint_reader(str(path)))
+    else:  # as `lorakit train --bf16` loads it
+        model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     lorakit.inject(model, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     hold_frozen_in_bf16(model)
     return model
@@ -95,12 +106,74 @@ def child(model_name: str, row: str, steps: int) -> dict:
             "peak_rss_mb": rss_mb(), "weight_mb": weight_mb, "load_s": load_s, "loss": loss.item()}  # fmt: skip
 
 
+def layer_times(repeats: int = 15) -> dict[str, dict[str, float]]:
+    """Median ms of forward and of forward + input gradient for one NF4 projection, per backend."""
+    import bitsandbytes as bnb
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4, to_nf4
+
+    from lorakit.quantize import nf4_linear_class
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    weight = torch.randn(5632, 2048, dtype=torch.bfloat16) * 0.02
+    x = torch.randn(256, 2048, dtype=torch.bfloat16, requires_grad=True)
+    dense = torch.nn.Linear(2048, 5632, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    dense.weight.copy_(weight)
+    layers = {"bf16 nn.Linear": dense}
+    for name, cls in (("bitsandbytes Linear4bit", bnb.nn.Linear4bit), ("lorakit NF4Linear", nf4_linear_class())):
+        layer = cls(2048, 5632, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
+        layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, blocksize=64, compress_statistics=True,
+                                         quant_type="nf4", module=layer)  # fmt: skip
+        layers[name] = layer.to("cpu").train()
+    nf4 = to_nf4(weight, block_size=64, scaler_block_size=256)
+    layers["torchao NF4Tensor"] = lambda inputs: linear_nf4(inputs, nf4)
+
+    def run(layer, backward: bool) -> float:
+        t = time.perf_counter()
+        out = layer(x)
+        if backward:
+            torch.autograd.grad(out.sum(), x)
+        return (time.perf_counter() - t) * 1000
+
+    # Round-robin over the layers, so a slow spell of this noisy machine hits them all alike.
+    samples = {(name, backward): [] for name in layers for backward in (False, True)}
+    for round_ in range(repeats + 2):
+        for (name, backward), times in samples.items():
+            ms = run(layers[name], backward)
+            if round_ >= 2:  # two warm-ups
+                times.append(ms)
+    return {name: {"forward_ms": statistics.median(samples[name, False]),
+                   "forward_backward_ms": statistics.median(samples[name, True])} for name in layers}  # fmt: skip
+
+
+def write_layer(times: dict) -> None:
+    ref = times["bf16 nn.Linear"]
+    lines = [
+        f"# One NF4 projection on CPU (torch {torch.__version__}, 2 threads): 256 x 2048 -> 5632, bf16, median ms",
+        "",
+        "| layer | forward | x bf16 | forward + input grad | x bf16 |",
+        "|---|---|---|---|---|",
+    ]
+    for name, t in times.items():
+        lines.append(
+            f"| {name} | {t['forward_ms']:.1f} | {t['forward_ms'] / ref['forward_ms']:.2f} "
+            f"| {t['forward_backward_ms']:.1f} | {t['forward_backward_ms'] / ref['forward_backward_ms']:.2f} |"
+        )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quant_layer.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm2,tinyllama")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--layer", action="store_true", help="time one NF4 projection per backend")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "ROW"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.layer:
+        write_layer(layer_times())
+        return
     if args.child:
         print(json.dumps(child(*args.child, args.steps)))
         return

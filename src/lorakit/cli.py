@@ -35,6 +35,11 @@ console = Console(stderr=True)
 out = Console()
 
 MODEL_HELP = "Base model: a Hugging Face hub id, a local directory, or an offline alias (minilm, smollm2-135m)."
+QUANTIZE_HELP = (
+    "Hold the base's linear layers quantised: nf4 | int8 | none. [default: as the adapter was trained (--quantize "
+    "of lorakit train)]"
+)
+BF16_HELP = "Hold the base in bf16. [default: as a quantised training run held it, else fp32]"
 
 
 # -- train ---------------------------------------------------------------------------------
@@ -269,11 +274,13 @@ def eval_(
     batch_size: int = typer.Option(32, help="Examples per batch."),
     max_new_tokens: int = typer.Option(64, help="Generation length limit."),
     task: str | None = typer.Option(None, help="Override the task recorded with the adapter."),
+    quantize: str | None = typer.Option(None, help=QUANTIZE_HELP),
+    bf16: bool | None = typer.Option(None, "--bf16/--no-bf16", help=BF16_HELP),
 ) -> None:
     """Score an adapter on a data file (accuracy/F1, entity F1, loss/perplexity, BLEU/ROUGE-L)."""
     from .train.api import evaluate, load_trained
 
-    trained = load_trained(model, adapter, task=task)
+    trained = load_trained(model, adapter, task=task, quantize=quantize, bf16=bf16)
     scores = evaluate(trained, data, generate=generate, batch_size=batch_size, max_new_tokens=max_new_tokens)
     if as_json:
         print(json.dumps(scores))
@@ -290,12 +297,14 @@ def predict(
     model: str | None = typer.Option(None, help=MODEL_HELP),
     batch_size: int = typer.Option(16, help="Examples per batch."),
     max_new_tokens: int = typer.Option(64, help="Generation length limit."),
+    quantize: str | None = typer.Option(None, help=QUANTIZE_HELP),
+    bf16: bool | None = typer.Option(None, "--bf16/--no-bf16", help=BF16_HELP),
 ) -> None:
     """Predict labels, tags or text for every input of a file."""
     from ._fs import atomic_write_text
     from .train.api import _config_for, load_trained, read_examples
 
-    trained = load_trained(model, adapter)
+    trained = load_trained(model, adapter, quantize=quantize, bf16=bf16)
     examples = read_examples(data, _config_for(trained, data, None), None, "input data")
     kwargs = {"max_new_tokens": max_new_tokens} if trained.task.name in ("causal-lm", "seq2seq") else {}
     preds = trained.task.predict(trained.model, examples, batch_size=batch_size, **kwargs)
@@ -310,6 +319,8 @@ def generate(
     adapter: list[Path] = typer.Option([], help="Adapter dir; repeat to give one adapter per prompt (mixed batch)."),
     model: str | None = typer.Option(None, help=MODEL_HELP),
     max_new_tokens: int = typer.Option(64, help="Generation length limit."),
+    quantize: str | None = typer.Option(None, help=QUANTIZE_HELP),
+    bf16: bool | None = typer.Option(None, "--bf16/--no-bf16", help=BF16_HELP),
 ) -> None:
     """Generate text; with several --adapter, prompt i uses adapter i, all in one batch."""
     from .train.api import load_trained
@@ -320,7 +331,7 @@ def generate(
         raise ValueError(
             f"{len(adapter)} adapters for {len(prompt)} prompts: give one --adapter per --prompt, or one for all"
         )
-    trained = load_trained(model, adapter)
+    trained = load_trained(model, adapter, quantize=quantize, bf16=bf16)
     names = None
     if len(adapter) > 1:
         from .lora import adapter_names
@@ -340,15 +351,18 @@ def merge(
     output: Path = typer.Option(..., help="Where to write the merged model (a plain transformers model dir)."),
     model: str | None = typer.Option(None, help=MODEL_HELP),
 ) -> None:
-    """Merge an adapter into its base: a plain transformers model dir, no lorakit needed to load it."""
+    """Merge an adapter into its base: a plain transformers model dir, no lorakit needed to load it.
+
+    An adapter trained on a quantised base (--quantize) merges into the dequantised weights it
+    was trained against, written in bf16 or fp32 as the run computed; the drift of that model,
+    and of it quantised again, from the unmerged adapter is printed."""
     import shutil
 
     from ._fs import crash_point, replace_dir
-    from .lora import merge_and_unload
-    from .train.api import load_trained
+    from .train.api import load_trained, merge_trained
 
     trained = load_trained(model, adapter)  # refuses NaN/inf adapter weights
-    plain = merge_and_unload(trained.model)  # safe merge: refuses a NaN/inf result, nothing written
+    plain, drift = merge_trained(trained)  # safe merge: refuses a NaN/inf result, nothing written
     # Written aside, then swapped in whole: an interrupted merge leaves the old --output intact.
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a killed earlier merge's leftovers
@@ -357,6 +371,13 @@ def merge(
     crash_point("merge.written")
     replace_dir(tmp, output)
     console.print(f"merged model written to {output}")
+    if drift:
+        scheme = trained.info["quantize"]
+        console.print(
+            f"trained on a {scheme} base: merged into its dequantised weights; max |logits difference| against "
+            f"the unmerged adapter, relative to max |logits|: {drift['merged_drift']:.2e} as written, "
+            f"{drift['requantised_drift']:.2e} if quantised to {scheme} again (PEFT's merge-then-quantise warning)"
+        )
 
 
 @app.command()
@@ -426,6 +447,10 @@ def serve(
     ),
     no_admin: bool = typer.Option(False, "--no-admin", help="Leave out the adapter load/unload endpoints."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    quantize: str | None = typer.Option(
+        None, help="Hold the base's linear layers quantised: nf4 | int8 (QLoRA-trained adapters). [default: off]"
+    ),
+    bf16: bool = typer.Option(False, "--bf16", help="Hold the base in bf16 (and compute in it)."),
 ) -> None:
     """Serve many adapters on one frozen base: OpenAI-compatible HTTP, mixed-adapter batches.
 
@@ -456,6 +481,8 @@ def serve(
         limits=limits,
         admin=not no_admin,
         log_level=log_level,
+        quantize=quantize,
+        bf16=bf16,
     )
 
 

@@ -221,6 +221,38 @@ class LoadedModel(NamedTuple):
     new_modules: list[str]
 
 
+class CheckpointReader:
+    """One tensor at a time from a local model's safetensors files, each file opened only for
+    the read. A model loaded in the file's dtype maps its weights lazily (no memory until
+    touched); a weight read here instead is never brought into the process twice, so
+    quantising a 1.1B model layer by layer peaks at its quantised size, not its bf16 size."""
+
+    def __init__(self, files: Sequence[Path]) -> None:
+        from safetensors import safe_open
+
+        self._open = safe_open
+        self._file_of: dict[str, Path] = {}
+        for file in files:
+            with safe_open(file, "pt") as handle:
+                self._file_of.update(dict.fromkeys(handle.keys(), file))
+
+    def get(self, key: str) -> torch.Tensor | None:
+        """The stored tensor `key`, or None when the files have no such key."""
+        file = self._file_of.get(key)
+        if file is None:
+            return None
+        with self._open(file, "pt") as handle:
+            return handle.get_tensor(key)
+
+
+def checkpoint_reader(name_or_path: str) -> CheckpointReader | None:
+    """A reader of `name_or_path`'s safetensors weights, or None when they are not on local disk
+    in that format (a hub id, .bin files): callers then read the loaded module's weights."""
+    path = Path(resolve_model(name_or_path).path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    return CheckpointReader(files) if files else None
+
+
 def output_head(model: nn.Module) -> nn.Module | None:
     """The model's output projection (`get_output_embeddings`), or None if it has none."""
     get = getattr(model, "get_output_embeddings", None)

@@ -5,6 +5,8 @@ B, and an in-place merge is refused with the reason."""
 
 from __future__ import annotations
 
+import copy
+
 import bitsandbytes as bnb
 import peft
 import pytest
@@ -84,6 +86,9 @@ def test_adapters_round_trip_with_peft_on_the_same_quantised_base(base_dir, sche
     randomize(ours)
     lorakit.save_adapter(ours, tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(quantized(base_dir, scheme), tmp_path / "ours")
+    # train mode (no dropout here): in eval mode bitsandbytes would first repack PEFT's NF4 blocks,
+    # rounding their scales to bf16
+    theirs.train(), ours.train()
     with torch.no_grad():
         torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
     # PEFT -> lorakit
@@ -91,6 +96,7 @@ def test_adapters_round_trip_with_peft_on_the_same_quantised_base(base_dir, sche
     made = peft.get_peft_model(quantized(base_dir, scheme), config)
     made.save_pretrained(tmp_path / "theirs")
     loaded = lorakit.load_adapter(quantized(base_dir, scheme), tmp_path / "theirs")
+    loaded.train(), made.train()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, made(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
@@ -149,3 +155,45 @@ def test_mixed_batches_on_an_nf4_base_equal_one_adapter_at_a_time(base_dir):
             lorakit.set_adapter(model, name)
             alone = model(input_ids=ids[row : row + 1]).logits.detach()
         torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_inject_gives_nf4_layers_the_dequantise_then_matmul_forward_and_its_gradient(base_dir):
+    """On CPU an injected NF4 layer computes x @ dequantise(W).T, and its input gradient
+    grad @ dequantise(W), against bitsandbytes' own plain layer and the math written out."""
+    model = quantized(base_dir, "nf4")
+    plain = model.model.layers[0].mlp.down_proj  # not a LoRA target: its own forward
+    reference = copy.deepcopy(plain)
+    W = dequantized_weight(plain)
+    lorakit.inject(model, lorakit.LoraConfig(r=4))
+    assert type(plain).__name__ == "NF4Linear" and isinstance(plain, bnb.nn.Linear4bit)
+    assert plain.state_dict().keys() == reference.state_dict().keys()
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    grad = torch.randn(3, 5, 64)
+    outputs, grads = [], []
+    for layer in (plain, reference):
+        out = layer(x)
+        outputs.append(out)
+        grads.append(torch.autograd.grad(out, x, grad)[0])
+    torch.testing.assert_close(outputs[0], x @ W.T, rtol=0, atol=2e-5)
+    torch.testing.assert_close(grads[0], grad @ W, rtol=0, atol=2e-5)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=2e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=2e-5)
+
+
+def test_an_eval_pass_leaves_an_nf4_layer_as_it_was(base_dir):
+    """bitsandbytes repacks an NF4 weight for its CPU inference kernel on a no-grad eval pass
+    (lossily, and for a kernel without backward); lorakit's layer keeps weights, outputs and
+    input gradients as they were."""
+    model = lorakit.inject(quantized(base_dir, "nf4"), lorakit.LoraConfig(r=4))
+    layer = model.model.layers[0].mlp.down_proj
+    weights = copy.deepcopy(layer.state_dict())
+    x = torch.randn(2, 128, requires_grad=True)
+    before = torch.autograd.grad(layer(x).sum(), x)[0]
+    model.eval()
+    with torch.no_grad():
+        decoded = layer(x[:1].detach())  # one row, as when generating
+    model.train()
+    after = torch.autograd.grad(layer(x).sum(), x)[0]
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    torch.testing.assert_close(decoded, layer(x[:1]).detach(), rtol=0, atol=0)
+    assert all(torch.equal(value, weights[key]) for key, value in layer.state_dict().items())

@@ -4,8 +4,10 @@ exactly and saves an adapter PEFT runs on that base, and bad combinations fail b
 
 from __future__ import annotations
 
+import copy
 import json
 
+import bitsandbytes as bnb
 import peft
 import pytest
 import torch
@@ -14,8 +16,10 @@ import transformers as tf
 from safetensors.torch import load_file
 
 import lorakit
-from lorakit.quantize import QuantizeError, quantize_base
+from lorakit.models import CheckpointReader, checkpoint_reader
+from lorakit.quantize import QuantizeError, dequantized_weight, quantize_base
 from lorakit.train import TrainConfig, TrainConfigError, train
+from lorakit.train.api import evaluate, load_trained, merge_trained
 
 from .conftest import copy_rows, make_tokenizer, write_jsonl
 
@@ -71,6 +75,32 @@ def test_quantize_base_is_what_transformers_loads(llama64, scheme, dtype):
     assert type(ours.lm_head) is nn.Linear and ours.lm_head.weight.dtype == torch.float32
 
 
+def test_quantising_from_the_checkpoint_file_equals_quantising_the_loaded_weights(llama64):
+    """`lorakit train --quantize --bf16` loads the base lazily in bf16 and reads each weight from
+    the file; a tensor the file holds differently from the module (transformers converted it
+    while loading) is read through the module instead."""
+    reference = tf.AutoModelForCausalLM.from_pretrained(llama64, dtype=torch.float32)
+    quantize_base(reference, "nf4", compute_dtype=torch.bfloat16)
+
+    class Reader(CheckpointReader):
+        read: list[str] = []
+
+        def get(self, key):
+            self.read.append(key)
+            stored = super().get(key)
+            return stored + 1 if key.endswith("0.mlp.up_proj.weight") else stored  # as if converted
+
+    reader = Reader(sorted(llama64.glob("*.safetensors")))
+    assert isinstance(checkpoint_reader(str(llama64)), CheckpointReader)
+    ours = tf.AutoModelForCausalLM.from_pretrained(llama64, dtype=torch.bfloat16)
+    assert quantize_base(ours, "nf4", compute_dtype=torch.bfloat16, reader=reader) == 14
+    assert len(reader.read) == 14 and "model.layers.1.self_attn.q_proj.weight" in reader.read
+    theirs = reference.state_dict()
+    for key, value in ours.state_dict().items():
+        if "proj" in key:
+            assert torch.equal(value, theirs[key]), key
+
+
 def test_quantize_base_keeps_heads_and_refuses_what_it_cannot_do():
     class OnlyHead(nn.Module):
         def __init__(self):
@@ -86,7 +116,16 @@ def test_quantize_base_keeps_heads_and_refuses_what_it_cannot_do():
         quantize_base(OnlyHead(), "fp3")
     model = nn.Sequential(nn.Linear(64, 64), nn.Sequential(nn.Linear(64, 64)))
     assert quantize_base(model, "nf4", keep=["1"]) == 1
-    assert type(model[1][0]) is nn.Linear and type(model[0]).__name__ == "Linear4bit"
+    assert type(model[1][0]) is nn.Linear and isinstance(model[0], bnb.nn.Linear4bit)
+
+
+def test_a_bf16_nf4_run_trains_an_fp32_adapter(llama64, tmp_path):
+    result = train(TrainConfig(**options(llama64, tmp_path, bf16=True, lr=2e-2)), callbacks=[])
+    losses = [r["loss"] for r in result.state.history if "loss" in r]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert result.summary["packing"] == "on"  # the packing probe passes on a base held in bf16
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())
 
 
 @pytest.mark.parametrize("scheme", BNB)
@@ -149,3 +188,42 @@ def test_quantize_without_bitsandbytes_names_the_package(llama64, tmp_path, monk
     )
     with pytest.raises(TrainConfigError, match="needs bitsandbytes, which is not installed: pip install bitsandbytes"):
         TrainConfig(**options(llama64, tmp_path))
+
+
+def test_a_qlora_adapter_evaluates_on_the_base_it_trained_on(llama64, tmp_path):
+    """`lorakit eval` of a QLoRA adapter quantises the base as training did (its record), so it
+    reproduces the run's own eval loss; `--quantize none` scores it on the full-precision base."""
+    result = train(TrainConfig(**options(llama64, tmp_path, save_every=12, eval_every=12)), callbacks=[])
+    last_eval = [r["eval_loss"] for r in result.state.history if "eval_loss" in r][-1]
+    dev = str(tmp_path / "dev.jsonl")
+    trained = load_trained(None, tmp_path / "out")
+    assert trained.info["quantize"] == "nf4"
+    assert isinstance(trained.model.model.layers[0].mlp.up_proj.base_layer, bnb.nn.Linear4bit)
+    assert evaluate(trained, dev)["loss"] == pytest.approx(last_eval, rel=1e-5)
+    full = evaluate(load_trained(None, tmp_path / "out", quantize="none"), dev)["loss"]
+    assert full != pytest.approx(last_eval, rel=1e-5)
+    with pytest.raises(QuantizeError, match="unknown quantisation 'fp3'"):
+        load_trained(None, tmp_path / "out", quantize="fp3")
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_merging_a_qlora_adapter_adds_delta_w_to_the_dequantised_weights(llama64, tmp_path, bf16):
+    train(TrainConfig(**options(llama64, tmp_path, bf16=bf16, max_steps=4)), callbacks=[])
+    trained = load_trained(None, tmp_path / "out")
+    layer = trained.model.model.layers[1].self_attn.v_proj
+    W = dequantized_weight(layer.base_layer)  # the oracle: bitsandbytes' own dequantisation
+    delta = layer.scaling["default"] * layer.lora_B["default"] @ layer.lora_A["default"]
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    plain, drift = merge_trained(trained)
+    merged = plain.model.layers[1].self_attn.v_proj
+    assert type(merged) is nn.Linear and merged.weight.dtype == dtype
+    torch.testing.assert_close(merged.weight, (W + delta.detach()).to(dtype), rtol=0, atol=0)
+    assert not any(not p.is_floating_point() for p in plain.parameters())
+    # merging is exact up to the base dtype's round-off (in bf16: at most twice what holding
+    # the merged model in bf16 rather than fp32 changes); quantising again rounds ΔW away
+    ids = torch.randint(31, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = plain(input_ids=ids).logits.float()
+        bf16_noise = (logits - copy.deepcopy(plain).float()(input_ids=ids).logits).abs().max() / logits.abs().max()
+    assert drift["merged_drift"] < (2 * bf16_noise if bf16 else 1e-5)
+    assert bf16 or drift["requantised_drift"] > 10 * drift["merged_drift"]

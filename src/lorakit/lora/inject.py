@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import torch.nn as nn
 
+from ..quantize import upgrade_nf4_layers
 from .config import ConfigError, LoraConfig
 from .layers import LoraLayer
 from .modules_to_save import ModulesToSave
@@ -26,6 +27,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     The base is frozen; only the new adapter (plus modules_to_save and the biases `config.bias`
     names) requires grad. Calling it again with another name adds a second adapter to the same
     wrappers. Returns the same model object."""
+    upgrade_nf4_layers(model)  # a bitsandbytes NF4 base trains right (and faster) on CPU
     add_adapter(model, config, adapter_name)
     set_trainable(model, adapter_name)
     return model

@@ -90,9 +90,12 @@ def serve(
     limits: Limits | None = None,
     admin: bool = True,
     log_level: str = "info",
+    quantize: str | None = None,
+    bf16: bool = False,
 ) -> None:
     """Load the model and run the server until interrupted (what `lorakit serve` does)."""
     import uvicorn
 
-    engine = Engine.from_pretrained(model, adapters_dir, task=task, served_name=served_name, config=config)
+    engine = Engine.from_pretrained(model, adapters_dir, task=task, served_name=served_name, config=config,
+                                    quantize=quantize, bf16=bf16)  # fmt: skip
     uvicorn.run(create_app(engine, limits, admin=admin), host=host, port=port, log_level=log_level)

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from ..lora import disable_adapters, mixed_batch, set_adapter
-from ..train.tasks import chat_text, task_class
+from ..train.tasks import chat_text
 from .batch import DecoderStep, RunningBatch, context_length, eos_ids
 from .errors import Busy, EngineError, Internal, Timeout
 from .jobs import EngineConfig, EngineEvents, Event, Job, Sampling
@@ -110,10 +110,14 @@ class Engine:
         task: str | None = None,
         served_name: str | None = None,
         config: EngineConfig | None = None,
+        quantize: str | None = None,
+        bf16: bool = False,
     ) -> Engine:
         """Load `model` (alias, path or hub id) with the head its adapters need. The task is
-        `task`, else the one the adapters in `adapters_dir` record, else causal-lm."""
-        from ..models import load_model, load_tokenizer
+        `task`, else the one the adapters in `adapters_dir` record, else causal-lm. The base is
+        held in bf16 and its linear layers quantised (nf4 | int8) if asked."""
+        from ..models import load_tokenizer
+        from ..train.api import load_base
 
         adapters_dir = Path(adapters_dir)
         if not adapters_dir.is_dir():
@@ -121,7 +125,7 @@ class Engine:
         found = dir_task(adapters_dir)
         task = task or found.get("task") or "causal-lm"
         labels = found.get("labels") if found.get("task") == task else None
-        base = load_model(model, task_class(task).auto_class, label_names=labels or None).model
+        base = load_base(model, task, labels or (), quantize=quantize, bf16=bf16)
         return cls(
             base, load_tokenizer(model), task, adapters_dir, name=served_name or model, aliases=[model], config=config
         )

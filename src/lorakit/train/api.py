@@ -11,6 +11,7 @@ eval metric, else the last) plus `lorakit_task.json` (task, labels, base model),
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 from collections.abc import Sequence
@@ -20,12 +21,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
 from .. import lora, methods
 from .._fs import remove_stale_temps
 from ..adapter_dir import read_task_info, write_task_info
-from ..models import load_model, load_tokenizer, model_architectures
-from ..quantize import quantize_base
+from ..models import checkpoint_reader, head_module_names, load_model, load_tokenizer, model_architectures
+from ..quantize import check_scheme, dequantize_base, quantize_base
 from . import preflight
 from .config import TrainConfig
 from .data import DataError, read_records
@@ -74,7 +76,11 @@ def read_examples(path: str, config: TrainConfig, limit: int | None, what: str) 
 def build_model(config: TrainConfig, labels: Sequence[str]) -> tuple[nn.Module, Any, list[str]]:
     """Tokenizer, pretrained model with the task's head, and the names of new head modules."""
     tokenizer = load_tokenizer(config.model)
-    loaded = load_model(config.model, task_class(config.task).auto_class, label_names=list(labels) or None)
+    # A base to be quantised loads in its compute dtype: a checkpoint stored in it then maps
+    # lazily and quantize_base reads each weight once from the file (peak memory ~ NF4 size).
+    dtype = torch.bfloat16 if config.quantize and config.bf16 else torch.float32
+    loaded = load_model(config.model, task_class(config.task).auto_class, label_names=list(labels) or None,
+                        dtype=dtype)  # fmt: skip
     attention = config.attention or default_attention(config)
     if attention:
         loaded.model.set_attn_implementation(attention)
@@ -127,7 +133,8 @@ def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) 
     preflight.check_lora_targets(config, model, new_modules)
     if config.quantize:  # before the adapter wraps the layers; new heads train in full, unquantised
         dtype = torch.bfloat16 if config.bf16 else torch.float32
-        quantize_base(model, config.quantize, compute_dtype=dtype, keep=new_modules)
+        quantize_base(model, config.quantize, compute_dtype=dtype, keep=new_modules,
+                      reader=checkpoint_reader(config.model))  # fmt: skip
     seed_everything(config.seed)  # adapter init does not depend on how loading used the RNG
     model = methods.apply_method(model, config, new_modules)
     model.to(device)
@@ -138,7 +145,8 @@ def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) 
             remove_stale_temps(directory)
         write_task_info(output, task=config.task, labels=list(labels), model=config.model,
                         max_length=config.max_length, text_field=config.text_field,
-                        pair_field=config.pair_field, label_field=config.label_field)  # fmt: skip
+                        pair_field=config.pair_field, label_field=config.label_field,
+                        quantize=config.quantize, bf16=config.bf16)  # fmt: skip
     if callbacks is None:
         from .callbacks import default_callbacks
 
@@ -181,14 +189,33 @@ class Trained:
     info: dict[str, Any]
 
 
+def load_base(model_name: str, task: str, labels: Sequence[str] = (), *, quantize: str | None = None,
+              bf16: bool = False) -> nn.Module:  # fmt: skip
+    """The frozen base for inference with `task`'s head: held in bf16 if asked, its linear
+    layers quantised with `quantize` (nf4 | int8) as a QLoRA run held them (bit for bit: the
+    quantisation is deterministic), heads the checkpoint lacks left unquantised."""
+    if quantize:
+        check_scheme(quantize)  # an unknown scheme or missing backend, before anything loads
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    loaded = load_model(model_name, task_class(task).auto_class, label_names=list(labels) or None, dtype=dtype)
+    if quantize:
+        quantize_base(loaded.model, quantize, compute_dtype=dtype, keep=loaded.new_modules,
+                      reader=checkpoint_reader(model_name))  # fmt: skip
+    return loaded.model
+
+
 def load_trained(
     model: str | None,
     adapter_dirs: str | Path | Sequence[str | Path],
     task: str | None = None,
     max_length: int | None = None,
+    *,
+    quantize: str | None = None,
+    bf16: bool | None = None,
 ) -> Trained:
     """Load the base model once and every adapter in `adapter_dirs` (named by their folder),
-    the first one active."""
+    the first one active. The base is quantised (`quantize`: nf4 | int8 | none) and held in
+    bf16 as given, else as the first adapter's training run held it."""
     dirs = [Path(adapter_dirs)] if isinstance(adapter_dirs, (str, Path)) else [Path(d) for d in adapter_dirs]
     info = read_task_info(dirs[0])
     model_name = model or info.get("model")
@@ -196,7 +223,13 @@ def load_trained(
         raise ValueError(f"no base model recorded in {dirs[0]}; pass --model")
     info["task"] = task or task_of(info) or _task_of_base(model_name, dirs[0], info)
     labels = info.get("labels") or []
-    base = load_model(model_name, task_class(info["task"]).auto_class, label_names=labels or None).model
+    quantize = info.get("quantize") if quantize is None else None if quantize == "none" else quantize
+    bf16 = bool(info.get("bf16") and quantize) if bf16 is None else bf16
+    if quantize and any(methods.is_method_dir(d) for d in dirs):
+        raise ValueError(f"--quantize={quantize} holds only a frozen base for LoRA adapters; {dirs[0]} holds a "
+                         "method's trained weights: load it with --quantize none")  # fmt: skip
+    base = load_base(model_name, info["task"], labels, quantize=quantize, bf16=bf16)
+    info["quantize"] = quantize
     tokenizer = load_tokenizer(model_name)
     for i, d in enumerate(dirs):
         if methods.is_method_dir(d):  # full/top2/bitfit/adapter/prefix: its trained tensors onto the base
@@ -231,6 +264,35 @@ def _task_of_base(model_name: str, adapter_dir: Path, info: dict) -> str:
 def _adapter_name(path: Path, index: int) -> str:
     name = "".join(c if c.isalnum() or c in "_-" else "_" for c in path.resolve().name)
     return name or f"adapter{index}"
+
+
+def merge_trained(trained: Trained, probe_rows: int = 4, probe_length: int = 32) -> tuple[nn.Module, dict]:
+    """The adapter merged into its base: a plain model, and a report. An adapter trained on a
+    quantised base (`trained.info["quantize"]`) merges into the dequantised weights it was
+    trained against (ΔW added once, in the base's dtype), and the report says how far that
+    model, and the same model quantised again, land from the unmerged adapter on the
+    quantised base: max |logits difference| / max |logits| on `probe_rows` random token rows."""
+    model, scheme = trained.model, trained.info.get("quantize")
+    if not scheme:
+        return lora.merge_and_unload(model), {}
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(vocab, (probe_rows, probe_length), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(next(model.parameters()).device)
+
+    def logits(m: nn.Module) -> Tensor:
+        with torch.no_grad():
+            return m(input_ids=ids).logits.float()
+
+    unmerged = logits(model)
+    dtype = torch.bfloat16 if trained.info.get("bf16") else torch.float32
+    dequantize_base(model, dtype)
+    plain = lora.merge_and_unload(model)  # refuses a NaN/inf result
+    scale = unmerged.abs().max().clamp_min(1e-12)
+    report = {"merged_drift": ((logits(plain) - unmerged).abs().max() / scale).item()}
+    requantised = copy.deepcopy(plain)
+    quantize_base(requantised, scheme, compute_dtype=dtype, keep=head_module_names(requantised))
+    report["requantised_drift"] = ((logits(requantised) - unmerged).abs().max() / scale).item()
+    return plain, report
 
 
 def evaluate(

@@ -204,5 +204,8 @@ def _probe(model: nn.Module, packed_name: str, kernel: str) -> bool:
         model.train(was_training)
     if packed.shape != alone.shape:
         return False
+    # A packing bug mixes examples: errors of the logits' own size. Round-off is far smaller:
+    # 1e-3 of the largest logit in fp32, a few bf16 ulps (2**-8 each) for a base held in bf16.
     scale = alone.abs().max().clamp_min(1.0)
-    return bool(((packed - alone).abs().max() / scale) < 1e-3)
+    tolerance = 1e-3 if model.get_input_embeddings().weight.dtype == torch.float32 else 2e-2
+    return bool(((packed - alone).abs().max() / scale) < tolerance)
