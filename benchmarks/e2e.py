@@ -70,6 +70,7 @@ def run_lorakit(
     group_by_length: bool | None = None,
     attention: str | None = None,
     ablations: tuple[str, ...] = (),
+    quantize: str | None = None,
 ) -> dict:
     from lorakit.train import TrainConfig, train
     from lorakit.train.api import load_trained
@@ -92,13 +93,15 @@ def run_lorakit(
         packing=packing,
         group_by_length=group_by_length,
         attention=attention,
+        quantize=quantize,
         **{k: v for k, v in HPARAMS.items()},
     )
     t0 = time.perf_counter()
     result = train(config, callbacks=[])
     wall = time.perf_counter() - t0
     peak = peak_mb()
-    trained = load_trained(None, out / "run")  # eval in fp32 on a fresh fp32 base, as the baseline's
+    # eval on a fresh base: fp32, as the baseline's; a quantised run's on the base it trained on
+    trained = load_trained(None, out / "run")
     return {
         "train_tokens_per_s": result.summary["tokens_per_s"],
         "wall_s": wall,
@@ -107,18 +110,34 @@ def run_lorakit(
     }
 
 
-def run_hf_peft(n: int, out: Path, bf16: bool) -> dict:
+def run_hf_peft(n: int, out: Path, bf16: bool, nf4: bool = False) -> dict:
     """The baseline a user would write: tokenize with the chat template, mask the prompt, pad
-    dynamically, and hand everything to transformers' Trainer with a PEFT model."""
+    dynamically, and hand everything to transformers' Trainer with a PEFT model (on a base
+    loaded through BitsAndBytesConfig, NF4 with double quantisation, for `nf4`)."""
     import peft
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        BitsAndBytesConfig,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+    )
 
-    from lorakit.models import load_model, load_tokenizer
+    from lorakit.models import load_model, load_tokenizer, resolve_model
 
     torch.set_num_threads(2)
     tokenizer = load_tokenizer("smollm2-135m")
+    if nf4:
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)  # fmt: skip
+        base = AutoModelForCausalLM.from_pretrained(
+            resolve_model("smollm2-135m").path, quantization_config=q, dtype=dtype
+        )
+    else:
+        base = load_model("smollm2-135m", "AutoModelForCausalLM").model
     model = peft.get_peft_model(
-        load_model("smollm2-135m", "AutoModelForCausalLM").model,
+        base,
         peft.LoraConfig(
             r=HPARAMS["rank"], lora_alpha=HPARAMS["alpha"], target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
         ),
@@ -179,6 +198,9 @@ RUNS = {
     "lorakit-bf16 -logits-at-targets": (run_lorakit, dict(bf16=True, ablations=("logits-at-targets",))),
     "lorakit-bf16 +grad-ckpt": (run_lorakit, dict(bf16=True, gradient_checkpointing=True)),
     "lorakit -packing": (run_lorakit, dict(bf16=False, packing=False, group_by_length=False)),
+    # QLoRA: the frozen base's linear layers NF4 (e2e_quant)
+    "lorakit-bf16 +nf4": (run_lorakit, dict(bf16=True, quantize="nf4")),
+    "hf-trainer+peft-bf16 +bnb-nf4": (run_hf_peft, dict(bf16=True, nf4=True)),
 }
 
 

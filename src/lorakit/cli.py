@@ -36,8 +36,8 @@ out = Console()
 
 MODEL_HELP = "Base model: a Hugging Face hub id, a local directory, or an offline alias (minilm, smollm2-135m)."
 QUANTIZE_HELP = (
-    "Hold the base's linear layers quantised: nf4 | int8 | none. [default: as the adapter was trained (--quantize "
-    "of lorakit train)]"
+    "Hold the base's linear layers quantised: nf4 | int8 | gguf | none. [default: as the adapter was trained "
+    "(--quantize of lorakit train)]"
 )
 BF16_HELP = "Hold the base in bf16. [default: as a quantised training run held it, else fp32]"
 
@@ -113,7 +113,8 @@ def train(
         None,
         help=(
             "Hold the frozen base's linear layers quantised: nf4 (QLoRA: 4-bit NormalFloat, double-quantised"
-            " scales) or int8, through bitsandbytes; the adapter stays fp32. [default: off]"
+            " scales) or int8, through bitsandbytes; gguf: a GGUF model's own blocks (Q4_0, Q4_1, Q8_0, K-quants)."
+            " The adapter stays fp32. [default: off]"
         ),
     ),
     attention: str | None = typer.Option(
@@ -448,7 +449,7 @@ def serve(
     no_admin: bool = typer.Option(False, "--no-admin", help="Leave out the adapter load/unload endpoints."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     quantize: str | None = typer.Option(
-        None, help="Hold the base's linear layers quantised: nf4 | int8 (QLoRA-trained adapters). [default: off]"
+        None, help="Hold the base's linear layers quantised: nf4 | int8 | gguf (QLoRA-trained adapters). [default: off]"
     ),
     bf16: bool = typer.Option(False, "--bf16", help="Hold the base in bf16 (and compute in it)."),
 ) -> None:

@@ -245,6 +245,12 @@ class CheckpointReader:
             return handle.get_tensor(key)
 
 
+def gguf_source(name_or_path: str) -> Path | None:
+    """The GGUF file `name_or_path` loads from (a .gguf path, or an alias shipping one), else None."""
+    resolved = resolve_model(name_or_path, cache_gguf=False)
+    return Path(resolved.path) / resolved.gguf_file if resolved.gguf_file else None
+
+
 def checkpoint_reader(name_or_path: str) -> CheckpointReader | None:
     """A reader of `name_or_path`'s safetensors weights, or None when they are not on local disk
     in that format (a hub id, .bin files): callers then read the loaded module's weights."""

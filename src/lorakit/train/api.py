@@ -26,7 +26,7 @@ from torch import Tensor
 from .. import lora, methods
 from .._fs import remove_stale_temps
 from ..adapter_dir import read_task_info, write_task_info
-from ..models import checkpoint_reader, head_module_names, load_model, load_tokenizer, model_architectures
+from ..models import checkpoint_reader, gguf_source, head_module_names, load_model, load_tokenizer, model_architectures
 from ..quantize import check_scheme, dequantize_base, quantize_base
 from . import preflight
 from .config import TrainConfig
@@ -134,7 +134,7 @@ def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) 
     if config.quantize:  # before the adapter wraps the layers; new heads train in full, unquantised
         dtype = torch.bfloat16 if config.bf16 else torch.float32
         quantize_base(model, config.quantize, compute_dtype=dtype, keep=new_modules,
-                      reader=checkpoint_reader(config.model))  # fmt: skip
+                      reader=checkpoint_reader(config.model), gguf_file=gguf_source(config.model))  # fmt: skip
     seed_everything(config.seed)  # adapter init does not depend on how loading used the RNG
     model = methods.apply_method(model, config, new_modules)
     model.to(device)
@@ -200,7 +200,7 @@ def load_base(model_name: str, task: str, labels: Sequence[str] = (), *, quantiz
     loaded = load_model(model_name, task_class(task).auto_class, label_names=list(labels) or None, dtype=dtype)
     if quantize:
         quantize_base(loaded.model, quantize, compute_dtype=dtype, keep=loaded.new_modules,
-                      reader=checkpoint_reader(model_name))  # fmt: skip
+                      reader=checkpoint_reader(model_name), gguf_file=gguf_source(model_name))  # fmt: skip
     return loaded.model
 
 

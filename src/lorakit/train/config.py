@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from ..methods import METHODS
+from ..models import ModelError, gguf_source
 from ..quantize import SCHEMES
 from .tasks import REGISTRY, TASKS
 
@@ -186,11 +187,25 @@ class TrainConfig:
             raise TrainConfigError(f"--quantize={self.quantize!r} is invalid with --method={self.method}: a quantised "
                                    "weight cannot train; quantise only under --method lora")  # fmt: skip
         if self.distributed == "fsdp":
-            raise TrainConfigError(f"--quantize={self.quantize!r} is invalid with --distributed fsdp: bitsandbytes' "
+            raise TrainConfigError(f"--quantize={self.quantize!r} is invalid with --distributed fsdp: quantised "
                                    "packed weights do not shard; use --distributed ddp")  # fmt: skip
-        if importlib.util.find_spec("bitsandbytes") is None:
+        if self.quantize == "gguf":
+            self._validate_gguf()
+        elif importlib.util.find_spec("bitsandbytes") is None:
             raise TrainConfigError(f"--quantize={self.quantize!r} needs bitsandbytes, which is not installed: "
                                    "pip install bitsandbytes (or pip install 'lorakit[quant]')")  # fmt: skip
+
+    def _validate_gguf(self) -> None:
+        if importlib.util.find_spec("gguf") is None:
+            raise TrainConfigError("--quantize='gguf' needs the gguf package, which is not installed: pip install gguf")
+        try:
+            source = gguf_source(self.model)
+        except ModelError:
+            return  # the model check reports it
+        if source is None:
+            raise TrainConfigError(f"--quantize='gguf' is invalid with --model={self.model}: it keeps a GGUF file's "
+                                   "own blocks, and this model is not a .gguf file (nor the smollm2-135m alias); "
+                                   "use --quantize nf4 or int8")  # fmt: skip
 
     def _validate_combinations(self) -> None:
         """Options that are fine alone but wrong together: each would be silently ignored."""
