@@ -200,6 +200,7 @@ RUNS = {
     "lorakit -packing": (run_lorakit, dict(bf16=False, packing=False, group_by_length=False)),
     # QLoRA: the frozen base's linear layers NF4 (e2e_quant)
     "lorakit-bf16 +nf4": (run_lorakit, dict(bf16=True, quantize="nf4")),
+    "lorakit-bf16 +gguf": (run_lorakit, dict(bf16=True, quantize="gguf")),
     "hf-trainer+peft-bf16 +bnb-nf4": (run_hf_peft, dict(bf16=True, nf4=True)),
 }
 
