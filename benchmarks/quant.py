@@ -6,6 +6,8 @@ median of --steps. Rows:
   lorakit-bf16   what `lorakit train --bf16` does: fp32 load, frozen weights cast to bf16, autocast
   lorakit-nf4    `--quantize nf4 --bf16`: the base loaded lazily in bf16, each linear weight read
                  from the file and quantised to NF4 (bitsandbytes blocks, lorakit's NF4Linear), bf16 compute
+  lorakit-gguf   `--quantize gguf --bf16` (SmolLM2 only, the model that ships as a GGUF): the file's
+                 own Q4_1 blocks, dequantised in every forward and backward
   peft-bf16      transformers' bf16 load (lazily mapped) + PEFT: the plain bf16 reference
   peft-bnb-nf4   transformers' BitsAndBytesConfig (NF4, double quant, bf16 compute) + PEFT
 Models: SmolLM2-135M (real, 4 x 128 tokens) and a TinyLlama-1.1B-shaped LLaMA (random init,
@@ -13,7 +15,8 @@ Models: SmolLM2-135M (real, 4 x 128 tokens) and a TinyLlama-1.1B-shaped LLaMA (r
 
 --layer instead times one 2048 -> 5632 projection (TinyLlama's gate/up), 256 rows, bf16: forward
 and forward + input-gradient, for a bf16 nn.Linear, bitsandbytes' Linear4bit, lorakit's
-NF4Linear and torchao's NF4Tensor (linear_nf4): the measurement behind the choice of backend.
+NF4Linear, torchao's NF4Tensor (linear_nf4) and lorakit's GGUFLinear on Q4_1 blocks: the
+measurement behind the choice of backend.
 
     python benchmarks/quant.py [--models smollm2,tinyllama] [--steps 8]
     python benchmarks/quant.py --layer
@@ -36,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import rss_mb  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ROWS = ("lorakit-bf16", "lorakit-nf4", "peft-bf16", "peft-bnb-nf4")
+ROWS = ("lorakit-bf16", "lorakit-nf4", "lorakit-gguf", "peft-bf16", "peft-bnb-nf4")
+GGUF_MODELS = {"smollm2": "smollm2-135m"}  # the models that ship as a GGUF file
 SHAPES = {"smollm2": (4, 128), "tinyllama": (2, 128)}
 
 
@@ -56,11 +60,11 @@ def model_dir(name: str) -> Path:
     return directory
 
 
-def build(row: str, path: Path) -> torch.nn.Module:
+def build(row: str, path: Path, name: str) -> torch.nn.Module:
     import transformers as tf
 
     import lorakit
-    from lorakit.models import checkpoint_reader
+    from lorakit.models import checkpoint_reader, gguf_source
     from lorakit.train.trainer import hold_frozen_in_bf16
 
     if row.startswith("peft"):
@@ -71,7 +75,10 @@ def build(row: str, path: Path) -> torch.nn.Module:
         quantized = {"quantization_config": q} if row == "peft-bnb-nf4" else {}
         base = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **quantized)
         return peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    if row == "lorakit-nf4":  # as `lorakit train --quantize nf4 --bf16` loads it
+    if row == "lorakit-gguf":  # as `lorakit train --quantize gguf --bf16` loads it
+        model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        lorakit.quantize_base(model, "gguf", compute_dtype=torch.bfloat16, gguf_file=gguf_source(GGUF_MODELS[name]))
+    elif row == "lorakit-nf4":  # as `lorakit train --quantize nf4 --bf16` loads it
         model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
         lorakit.quantize_base(model, "nf4", compute_dtype=torch.bfloat16, reader=checkpoint_reader(str(path)))
     else:  # as `lorakit train --bf16` loads it
@@ -84,7 +91,7 @@ def build(row: str, path: Path) -> torch.nn.Module:
 def child(model_name: str, row: str, steps: int) -> dict:
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    model = build(row, model_dir(model_name)).train()
+    model = build(row, model_dir(model_name), model_name).train()
     load_s = time.perf_counter() - t0
     frozen = [p for p in model.parameters() if not p.requires_grad]
     weight_mb = sum(p.numel() * p.element_size() for p in frozen) / 2**20
@@ -111,7 +118,7 @@ def layer_times(repeats: int = 15) -> dict[str, dict[str, float]]:
     import bitsandbytes as bnb
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4, to_nf4
 
-    from lorakit.quantize import nf4_linear_class
+    from lorakit.quantize import GGUFLinear, nf4_linear_class
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -127,6 +134,10 @@ def layer_times(repeats: int = 15) -> dict[str, dict[str, float]]:
         layers[name] = layer.to("cpu").train()
     nf4 = to_nf4(weight, block_size=64, scaler_block_size=256)
     layers["torchao NF4Tensor"] = lambda inputs: linear_nf4(inputs, nf4)
+    import gguf
+
+    q4_1 = gguf.quants.quantize(weight.float().numpy(), gguf.GGMLQuantizationType.Q4_1)
+    layers["lorakit GGUFLinear (Q4_1)"] = GGUFLinear(torch.from_numpy(q4_1), "Q4_1", 2048, None, torch.bfloat16)
 
     def run(layer, backward: bool) -> float:
         t = time.perf_counter()
@@ -181,6 +192,8 @@ def main() -> None:
     for name in args.models.split(","):
         model_dir(name)  # build the shape once, outside the timed children
         for row in ROWS:
+            if row == "lorakit-gguf" and name not in GGUF_MODELS:
+                continue
             command = [sys.executable, __file__, "--child", name, row, "--steps", str(args.steps)]
             env = {**os.environ, "PYTHONWARNINGS": "ignore"}
             run = subprocess.run(command, capture_output=True, text=True, env=env)

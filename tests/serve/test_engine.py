@@ -476,3 +476,26 @@ def test_the_registry_works_without_a_thread(model_dirs, adapters_dir):
     assert all(a["in_use"] == 0 for a in registry.adapters())
     assert lorakit.adapter_names(model) == [f"slot{i}" for i in (0, 3)]  # a's and b's second slot
     assert registry.resolve("tiny") is None and registry.resolve("a") == "a"
+
+
+def test_a_quantised_base_serves_what_hf_generates_on_that_base(model_dirs, adapters_dir):
+    """`lorakit serve --quantize nf4`: the engine's base is NF4 (bitsandbytes), and greedy text
+    equals Hugging Face's generate with the adapter on the same quantised base."""
+    pytest.importorskip("bitsandbytes")
+    from lorakit.quantize import quantize_base
+
+    model_dir = str(model_dirs["llama"])
+    engine = Engine.from_pretrained(model_dir, adapters_dir, quantize="nf4", config=EngineConfig(watch_interval_s=0))
+    assert type(engine.model.model.layers[0].mlp.up_proj).__name__ == "NF4Linear"
+    names = ["a", None]
+    with engine:
+        out = engine.generate([PROMPTS[n] for n in names], names, max_tokens=12)
+    for event, name in zip(out, names):
+        tokenizer = load_tokenizer(model_dir)
+        model = load_model(model_dir, "AutoModelForCausalLM").model.eval()
+        quantize_base(model, "nf4")
+        if name:
+            lorakit.load_adapter(model, adapters_dir / name)
+        enc = tokenizer(PROMPTS[name], return_tensors="pt")
+        ids = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert event.text == tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)

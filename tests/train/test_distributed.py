@@ -92,18 +92,22 @@ def assert_same_adapter(a: Path, b: Path, bf16: bool = False) -> None:
 
 
 @pytest.mark.parametrize(
-    "strategy,task,bf16",
+    "strategy,task,bf16,quantize",
     [
-        ("ddp", "classification", False),
-        ("fsdp", "classification", False),
-        ("ddp", "causal-lm", False),
-        ("fsdp", "causal-lm", True),
+        ("ddp", "classification", False, None),
+        ("fsdp", "classification", False, None),
+        ("ddp", "causal-lm", False, None),
+        ("fsdp", "causal-lm", True, None),
+        ("ddp", "causal-lm", False, "nf4"),  # QLoRA: each rank quantises the same blocks
     ],
 )
-def test_two_processes_equal_one(strategy, task, bf16, model_dirs, data_files, tmp_path):
+def test_two_processes_equal_one(strategy, task, bf16, quantize, model_dirs, data_files, tmp_path):
     from lorakit.train.callbacks import default_callbacks
 
+    if quantize:
+        pytest.importorskip("bitsandbytes")
     flags = {"bf16": True} if bf16 else {}
+    flags |= {"quantize": quantize, "targets": "all-linear"} if quantize else {}
     single = options(model_dirs, data_files, task, tmp_path / "single", **flags)
     train(TrainConfig(**single), callbacks=default_callbacks(tmp_path / "single" / "logs", progress=False))
     run = torchrun(options(model_dirs, data_files, task, tmp_path / "multi", **flags), distributed=strategy)
