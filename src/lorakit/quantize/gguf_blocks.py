@@ -68,7 +68,8 @@ class GGUFLinear(nn.Linear):
         out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.weight.device)
         step = max(1, CHUNK_BYTES // (4 * self.in_features))
         for start in range(0, self.out_features, step):
-            out[start : start + step] = dequantize_blocks(self.weight[start : start + step], self.qtype, self.in_features)
+            rows = slice(start, start + step)
+            out[rows] = dequantize_blocks(self.weight[rows], self.qtype, self.in_features)
         return out
 
     def extra_repr(self) -> str:
