@@ -3,7 +3,7 @@
 Each row runs in a fresh child process (peak RSS is the process's own VmHWM); its training steps
 (forward + backward + AdamW on the adapter, LoRA q,v r=8 alpha 16) are timed after 2 warm-ups,
 median of --steps. Rows:
-  lorakit-bf16   what `lorakit train --bf16` does: fp32 load, frozen weights cast to bf16, autocast
+  lorakit-bf16   what `lorakit train --bf16` does: the base loaded in bf16 (lazily mapped), autocast
   lorakit-nf4    `--quantize nf4 --bf16`: the base loaded lazily in bf16, each linear weight read
                  from the file and quantised to NF4 (bitsandbytes blocks, lorakit's NF4Linear), bf16 compute
   lorakit-gguf   `--quantize gguf --bf16` (SmolLM2 only, the model that ships as a GGUF): the file's
@@ -81,8 +81,8 @@ def build(row: str, path: Path, name: str) -> torch.nn.Module:
     elif row == "lorakit-nf4":  # as `lorakit train --quantize nf4 --bf16` loads it
         model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
         lorakit.quantize_base(model, "nf4", compute_dtype=torch.bfloat16, reader=checkpoint_reader(str(path)))
-    else:  # as `lorakit train --bf16` loads it
-        model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:  # as `lorakit train --bf16` loads a frozen base: in bf16 straight away
+        model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     lorakit.inject(model, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     hold_frozen_in_bf16(model)
     return model
