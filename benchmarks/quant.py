@@ -18,8 +18,13 @@ and forward + input-gradient, for a bf16 nn.Linear, bitsandbytes' Linear4bit, lo
 NF4Linear, torchao's NF4Tensor (linear_nf4) and lorakit's GGUFLinear on Q4_1 blocks: the
 measurement behind the choice of backend.
 
+--base-loss scores SmolLM2-135M itself, no adapter, on the 200 E2E test examples the e2e
+benchmark uses, with its base held in fp32, NF4 and its GGUF blocks: how much each scheme
+costs before any training.
+
     python benchmarks/quant.py [--models smollm2,tinyllama] [--steps 8]
     python benchmarks/quant.py --layer
+    python benchmarks/quant.py --base-loss
 """
 
 from __future__ import annotations
@@ -175,15 +180,37 @@ def write_layer(times: dict) -> None:
     print("\n".join(lines))
 
 
+def base_losses() -> dict[str, float]:
+    """SmolLM2's eval loss on E2E test examples per quantisation of its base (no adapter)."""
+    from e2e import eval_loss, examples
+
+    from lorakit.models import load_tokenizer
+    from lorakit.train.api import load_base
+
+    torch.set_num_threads(2)
+    rows, tokenizer = examples("test", 200), load_tokenizer("smollm2-135m")
+    losses = {}
+    for scheme in (None, "nf4", "gguf"):
+        model = load_base("smollm2-135m", "causal-lm", quantize=scheme, bf16=scheme is not None)
+        with torch.no_grad():
+            losses[scheme or "fp32"] = eval_loss(model, tokenizer, rows)
+    (RESULTS / "quant_base_loss.json").write_text(json.dumps(losses, indent=1))
+    return losses
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm2,tinyllama")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--layer", action="store_true", help="time one NF4 projection per backend")
+    parser.add_argument("--base-loss", action="store_true", help="SmolLM2's E2E loss per scheme, no adapter")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "ROW"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.layer:
         write_layer(layer_times())
+        return
+    if args.base_loss:
+        print(base_losses())
         return
     if args.child:
         print(json.dumps(child(*args.child, args.steps)))
