@@ -236,3 +236,32 @@ def test_unseen_eval_label_is_refused(model_dirs, data_files, tmp_path):
         "--quiet",
     )
     assert result.returncode == 2 and "neutral" in result.stderr
+
+
+def test_export_writes_a_gguf_lora_and_an_ollama_modelfile(tmp_path, monkeypatch):
+    """On a base that is a GGUF file: the GGUF LoRA reads back equal to the adapter, and the
+    Modelfile points Ollama at the base's GGUF and the adapter's."""
+    import lorakit
+    from lorakit.models import load_model
+
+    from .gguf_files import tiny_llama_gguf
+
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    base = tiny_llama_gguf(tmp_path / "base", "Q8_0")
+    model = lorakit.inject(load_model(str(base), "AutoModelForCausalLM").model, lorakit.LoraConfig(r=4))
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            layer.lora_B["default"].normal_()
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    # (an adapter saved by lorakit.save_adapter records the dequantised cache as its base: name the GGUF)
+    assert invoke("export", tmp_path / "adapter", "--output", tmp_path / "a.gguf", "--model", base).exit_code == 0
+    again = lorakit.load_adapter(load_model(str(base), "AutoModelForCausalLM").model, tmp_path / "a.gguf")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    out = invoke("export", tmp_path / "adapter", "--format", "ollama", "--output", tmp_path / "ollama", "--model", base)
+    out = out.output
+    assert (tmp_path / "ollama" / "Modelfile").read_text() == f"FROM {base.resolve()}\nADAPTER ./adapter.gguf\n"
+    assert "ollama create adapter -f" in out
+    with pytest.raises(ValueError, match="--outtype 'q4' is not one of f32, f16, bf16, q8_0"):
+        invoke("export", tmp_path / "adapter", "--output", tmp_path / "x.gguf", "--outtype", "q4")

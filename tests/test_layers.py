@@ -1,6 +1,6 @@
 """The package's shape: layers import only downward, and no module imports itself in a circle.
 
-    cli, serve, demo, inspect_adapter          front doors
+    cli, serve, demo, inspect_adapter, export  front doors
     train                                      tasks, batching, the trainer loop
     methods                                    the paper's baselines beside LoRA
     lora                                       the core: math, layers, inject, merge, I/O
@@ -24,7 +24,7 @@ LAYERS = [
     {"lora"},
     {"methods"},
     {"train"},
-    {"serve", "cli", "demo", "inspect_adapter", "__main__", "__init__", "data"},
+    {"serve", "cli", "demo", "inspect_adapter", "export", "__main__", "__init__", "data"},
 ]
 RANK = {top: i for i, layer in enumerate(LAYERS) for top in layer}
 

@@ -460,3 +460,11 @@ def test_demo_data_is_small_and_reproducible(tmp_path):
     # Dev's aspects are never seen in training, so dev measures generalisation.
     train_text = " ".join(row["text"].lower() for row in read_split("train"))
     assert not [a for a in generator.DEV.aspects if f" {a} " in train_text]
+
+
+def test_adapters_record_an_alias_by_its_hub_id():
+    from lorakit.models import portable_name
+
+    assert portable_name("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert portable_name("minilm") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert portable_name("/some/dir") == "/some/dir"

@@ -382,6 +382,27 @@ def merge(
 
 
 @app.command()
+def export(
+    adapter: Path = typer.Argument(..., help="Adapter dir (from lorakit train, or PEFT's save_pretrained)."),
+    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp's LoRA file) | ollama (+ a Modelfile)."),
+    output: Path = typer.Option(..., help="gguf: the .gguf file to write; ollama: the directory to write."),
+    outtype: str = typer.Option("f32", help="Tensor type in the file: f32 | f16 | bf16 | q8_0."),
+    model: str | None = typer.Option(None, help=MODEL_HELP + " [default: the one the adapter records]"),
+    base_gguf: Path | None = typer.Option(
+        None, help="ollama: the base model's GGUF file. [default: the base's own, when it is one (smollm2-135m)]"
+    ),
+) -> None:
+    """Export an adapter for llama.cpp (GGUF LoRA) or Ollama (GGUF LoRA + Modelfile), unmerged."""
+    from .export import export_adapter
+
+    written = export_adapter(adapter, fmt, output, outtype=outtype, model=model, base_gguf=base_gguf)
+    for path in written:
+        console.print(f"wrote {path}")
+    if fmt == "ollama":
+        console.print(f"then: ollama create {adapter.resolve().name} -f {written[-1]}")
+
+
+@app.command()
 def inspect(adapter: Path = typer.Argument(..., help="Adapter dir.")) -> None:
     """Describe an adapter dir: base, targets, rank, parameters, size on disk, PEFT compatibility."""
     from .inspect_adapter import describe

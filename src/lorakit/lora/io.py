@@ -33,6 +33,7 @@ from .._fs import atomic_write_json, atomic_write_with
 from .adapters import delete_adapter
 from .config import CONFIG_NAME, ConfigError, LoraConfig, shorten
 from .embedding import LoraEmbedding
+from .gguf_adapter import GGUFAdapterError, is_gguf_adapter, read_gguf_adapter
 from .inject import (
     add_adapter,
     bias_names,
@@ -44,11 +45,11 @@ from .inject import (
     set_trainable,
 )
 from .layers import LoraLayer
+from .peft_keys import PREFIX
 from .targets import TargetError, find_targets, pattern_value
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
 
 
 # What an adapter's weights may hold: a float type torch can check for NaN and copy into the
@@ -230,13 +231,10 @@ def load_adapter(
     Strict: missing or unexpected keys, shapes or ranks that differ, non-finite or non-float
     weights, or an adapter made for another architecture raise AdapterLoadError naming the
     keys; nothing is half-loaded. The first adapter of a model becomes active; later ones
-    are activated with `set_adapter`. Frozen unless `is_trainable`."""
+    are activated with `set_adapter`. Frozen unless `is_trainable`. `path` may also be a
+    llama.cpp LoRA GGUF file (gguf_adapter.py), read into the same form."""
     name = adapter_name or "default"
-    try:
-        config = LoraConfig.from_pretrained(path)
-    except ConfigError as e:
-        raise AdapterConfigError(str(e)) from e
-    state = read_adapter_weights(path, allow_pickle)
+    config, state = _read(path, model, allow_pickle)
     try:
         add_adapter(model, config, name)
     except TargetError as e:
@@ -259,6 +257,20 @@ def load_adapter(
         freeze_base(model)
         freeze_adapter(model, name)
     return model
+
+
+def _read(path, model: nn.Module, allow_pickle: bool) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """An adapter's config and tensors in PEFT's form, from its directory or a GGUF LoRA file."""
+    if is_gguf_adapter(path):
+        try:
+            return read_gguf_adapter(path, model)
+        except GGUFAdapterError as e:
+            raise AdapterLoadError(str(e)) from e
+    try:
+        config = LoraConfig.from_pretrained(path)
+    except ConfigError as e:
+        raise AdapterConfigError(str(e)) from e
+    return config, read_adapter_weights(path, allow_pickle)
 
 
 def _copy_into(model: nn.Module, name: str, config: LoraConfig, state: dict[str, torch.Tensor], path) -> None:

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from .. import lora
 from ..lora.inject import bias_names, lora_configs, saved_modules
+from ..models import portable_name
 from . import adapters, full
 from .errors import MethodError
 from .prefix import PrefixModel
@@ -97,7 +98,7 @@ def lora_config(config, new_modules: Sequence[str]) -> lora.LoraConfig:
         use_rslora=config.use_rslora,
         init_lora_weights=True if config.init == "kaiming" else "gaussian",
         modules_to_save=list(new_modules) or None,
-        base_model_name_or_path=config.model,
+        base_model_name_or_path=portable_name(config.model),  # lorakit_task.json keeps config.model
     )
 
 

@@ -146,6 +146,8 @@ def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) 
                       reader=checkpoint_reader(config.model), gguf_file=gguf_source(config.model))  # fmt: skip
     seed_everything(config.seed)  # adapter init does not depend on how loading used the RNG
     model = methods.apply_method(model, config, new_modules)
+    for adapter in lora.lora_configs(model).values():  # PEFT's AutoPeftModelFor..., vLLM pick the class by it
+        adapter.task_type = task_class(config.task).peft_task_type
     model.to(device)
     task = make_task(config.task, tokenizer, config.max_length, labels)
     if dist.is_main:

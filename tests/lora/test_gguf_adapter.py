@@ -1,0 +1,149 @@
+"""llama.cpp's LoRA GGUF files: lorakit writes what llama.cpp's own converter writes for the
+same PEFT adapter (names, shapes, values, metadata), reads such a file back equal to the
+adapter it came from, and refuses what llama.cpp cannot run, naming the module and the reason."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+import lorakit
+from lorakit.lora.gguf_adapter import GGUFAdapterError, export_gguf, read_gguf_adapter
+from lorakit.lora.io import read_adapter_weights
+
+gguf = pytest.importorskip("gguf")
+LLAMA_CPP_VERSION = "0.3.36"
+
+
+def tiny_llama() -> tf.PreTrainedModel:
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)  # fmt: skip
+    return tf.LlamaForCausalLM(config).eval()
+
+
+def adapter_dir(tmp_path: Path, **config) -> tuple[tf.PreTrainedModel, Path]:
+    """A tiny LLaMA with a random (non-zero) adapter saved in PEFT's format."""
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **config}))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            layer.lora_B["default"].normal_(std=0.3)
+    lorakit.save_adapter(model, tmp_path / "peft")
+    return model, tmp_path / "peft"
+
+
+def export(tmp_path: Path, model, directory: Path, outtype: str = "f32") -> Path:
+    config = lorakit.LoraConfig.from_pretrained(directory)
+    return export_gguf(config, read_adapter_weights(directory), model.config.to_dict(), tmp_path / "a.gguf", outtype)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        {"use_rslora": True},
+        {"rank_pattern": {"v_proj": 8}, "alpha_pattern": {"down_proj": 3.0}},
+    ],
+)
+def test_a_gguf_file_read_back_computes_what_the_adapter_computes(tmp_path, config):
+    """rsLoRA and the per-module patterns are folded into B (llama.cpp scales by alpha / r)."""
+    model, directory = adapter_dir(tmp_path, **config)
+    path = export(tmp_path, model, directory)
+    fresh = lorakit.load_adapter(tiny_llama(), path)
+    ids = torch.tensor([[1, 5, 9, 33, 60, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        with lorakit.disable_adapters(model):
+            assert not torch.allclose(model(input_ids=ids).logits, fresh(input_ids=ids).logits, atol=1e-3)
+
+
+def test_the_file_holds_llama_cpps_layout(tmp_path):
+    """The oracle written out: names, metadata, [r, in] / [out, r] and q/k rows permuted."""
+    model, directory = adapter_dir(tmp_path)
+    reader = gguf.GGUFReader(str(export(tmp_path, model, directory)))
+    assert reader.get_field("general.architecture").contents() == "llama"
+    assert reader.get_field("general.type").contents() == "adapter"
+    assert reader.get_field("adapter.type").contents() == "lora"
+    assert reader.get_field("adapter.lora.alpha").contents() == 8.0
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == 2 * 7 * 2  # A and B of 7 projections in 2 blocks
+    layer = model.model.layers[1].self_attn.k_proj
+    a = tensors["blk.1.attn_k.weight.lora_a"].data
+    b = tensors["blk.1.attn_k.weight.lora_b"].data
+    np.testing.assert_array_equal(a, layer.lora_A["default"].detach().numpy())  # [4, 64]
+    B = layer.lora_B["default"].detach().numpy()  # [32, 4]: 2 kv heads of 16 rows
+    permuted = B.reshape(2, 2, 8, 4).swapaxes(1, 2).reshape(32, 4)  # llama.cpp's converter's permute
+    np.testing.assert_array_equal(b, permuted)
+    np.testing.assert_array_equal(tensors["blk.0.ffn_up.weight.lora_b"].data,
+                                  model.model.layers[0].mlp.up_proj.lora_B["default"].detach().numpy())  # fmt: skip
+
+
+@pytest.mark.parametrize("outtype,tol", [("f16", 2e-3), ("bf16", 2e-2), ("q8_0", 2e-2)])
+def test_smaller_outtypes_round_the_tensors_only(tmp_path, outtype, tol):
+    model, directory = adapter_dir(tmp_path)
+    config, state = read_gguf_adapter(export(tmp_path, model, directory, outtype), tiny_llama())
+    for key, value in read_adapter_weights(directory).items():
+        assert (state[key] - value).abs().max() <= tol * value.abs().max(), key
+
+
+def test_what_llama_cpp_cannot_run_is_refused_before_writing(tmp_path):
+    model, directory = adapter_dir(tmp_path)
+    config, state = lorakit.LoraConfig.from_pretrained(directory), read_adapter_weights(directory)
+    base = model.config.to_dict()
+    head = {**state, "base_model.model.lm_head.modules_to_save.default.weight": torch.zeros(64, 64)}
+    with pytest.raises(GGUFAdapterError, match="lm_head.modules_to_save.default.weight is trained as full weights"):
+        export_gguf(config, head, base, tmp_path / "x.gguf")
+    with pytest.raises(GGUFAdapterError, match="llama.cpp has no architecture for the base's model_type 'mpnet'"):
+        export_gguf(config, state, {**base, "model_type": "mpnet"}, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_model_gguf_is_not_read_as_an_adapter(tmp_path):
+    from ..gguf_files import tiny_llama_gguf
+
+    with pytest.raises(lorakit.AdapterLoadError, match="not a llama.cpp LoRA adapter"):
+        lorakit.load_adapter(tiny_llama(), tiny_llama_gguf(tmp_path, "Q8_0"))
+
+
+# -- against llama.cpp's own converter -------------------------------------------------------
+@pytest.fixture(scope="session")
+def llama_cpp_source(tmp_path_factory) -> Path:
+    """llama.cpp's sources from the llama-cpp-python source archive (PyPI), for its converter."""
+    cache = Path(os.environ.get("LORAKIT_LLAMA_CPP_SRC", tmp_path_factory.mktemp("llama-cpp")))
+    source = cache / f"llama_cpp_python-{LLAMA_CPP_VERSION}" / "vendor" / "llama.cpp"
+    if not (source / "convert_lora_to_gguf.py").is_file():
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache),
+               f"llama-cpp-python=={LLAMA_CPP_VERSION}"]  # fmt: skip
+        if subprocess.run(pip, capture_output=True).returncode:
+            pytest.skip("llama-cpp-python's source archive is not reachable (no package index)")
+        subprocess.run(["tar", "xzf", str(next(cache.glob("llama_cpp_python-*.tar.gz"))), "-C", str(cache)], check=True)
+    return source
+
+
+def test_lorakit_writes_what_llama_cpps_converter_writes(tmp_path, llama_cpp_source):
+    model, directory = adapter_dir(tmp_path)
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    theirs_path = tmp_path / "theirs.gguf"
+    env = {**os.environ, "PYTHONPATH": f"{llama_cpp_source / 'gguf-py'}:{llama_cpp_source}"}
+    run = subprocess.run([sys.executable, str(llama_cpp_source / "convert_lora_to_gguf.py"), "--base", str(base),
+                          "--outfile", str(theirs_path), "--outtype", "f32", str(directory)],
+                         capture_output=True, text=True, env=env)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    ours, theirs = gguf.GGUFReader(str(export(tmp_path, model, directory))), gguf.GGUFReader(str(theirs_path))
+    for key in ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha"):
+        assert ours.get_field(key).contents() == theirs.get_field(key).contents(), key
+    mine = {t.name: t for t in ours.tensors}
+    assert sorted(mine) == sorted(t.name for t in theirs.tensors)
+    for t in theirs.tensors:
+        assert list(mine[t.name].shape) == list(t.shape) and mine[t.name].tensor_type == t.tensor_type, t.name
+        np.testing.assert_array_equal(mine[t.name].data, t.data, err_msg=t.name)
