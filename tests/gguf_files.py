@@ -19,8 +19,9 @@ def llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
-# printable ASCII, then byte-level BPE's space and newline, then the end-of-text token
-CHARACTERS = [chr(c) for c in range(33, 127)] + ["Ġ", "Ċ", "<|endoftext|>"]
+# printable ASCII, byte-level BPE's space and newline, one merged pair (llama.cpp wants at least
+# one merge), then the end-of-text token
+CHARACTERS = [chr(c) for c in range(33, 127)] + ["Ġ", "Ċ", "ab", "<|endoftext|>"]
 
 
 def write_llama_gguf(model, path: Path, qtype: str = "Q4_0") -> Path:
@@ -39,9 +40,9 @@ def write_llama_gguf(model, path: Path, qtype: str = "Q4_0") -> Path:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"] if hasattr(config, "rope_parameters") else 1e4)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_tokenizer_model("gpt2")  # byte-level BPE without merges: one token per character
+    writer.add_tokenizer_model("gpt2")  # byte-level BPE, one token per character (and "ab")
     writer.add_token_list(CHARACTERS)
-    writer.add_token_merges([])
+    writer.add_token_merges(["a b"])
     writer.add_token_scores([0.0] * len(CHARACTERS))
     writer.add_eos_token_id(len(CHARACTERS) - 1)
     writer.add_bos_token_id(len(CHARACTERS) - 1)
