@@ -102,9 +102,15 @@ def test_predict_writes_one_prediction_per_input(trained, data_files, tmp_path):
 
 
 def test_inspect(trained):
+    from lorakit.inspect_adapter import describe
+
     result = invoke("inspect", trained)
     assert "rank" in result.stdout and "PEFT compatible" in result.stdout and "yes" in result.stdout
     assert "classification" in result.stdout
+    info = describe(trained)  # a classifier: its new head trains in full
+    assert info["vLLM"].startswith("no: vLLM does not load modules_to_save (classifier)")
+    assert "classifier" in info["llama.cpp (lorakit export --format gguf)"]
+    assert "is trained as full weights" in info["llama.cpp (lorakit export --format gguf)"]
 
 
 def test_merge_writes_a_plain_model(trained, tmp_path, data_files):
@@ -263,5 +269,9 @@ def test_export_writes_a_gguf_lora_and_an_ollama_modelfile(tmp_path, monkeypatch
     out = out.output
     assert (tmp_path / "ollama" / "Modelfile").read_text() == f"FROM {base.resolve()}\nADAPTER ./adapter.gguf\n"
     assert "ollama create adapter -f" in out
+    from lorakit.inspect_adapter import describe
+
+    info = describe(tmp_path / "adapter")
+    assert info["vLLM"] == "yes" and info["llama.cpp (lorakit export --format gguf)"] == "yes"
     with pytest.raises(ValueError, match="--outtype 'q4' is not one of f32, f16, bf16, q8_0"):
         invoke("export", tmp_path / "adapter", "--output", tmp_path / "x.gguf", "--outtype", "q4")

@@ -66,3 +66,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise TaskInfoError(f"{path} holds {type(data).__name__}, expected a JSON object; re-save the adapter")
     return data
+
+
+def trained_on(adapter_dir: str | Path) -> str | None:
+    """The base model as the run that trained the adapter named it (an alias, a GGUF path), if
+    lorakit trained it; adapter_config.json records the portable name (a hub id) instead."""
+    try:
+        return read_task_info(adapter_dir).get("model")
+    except TaskInfoError:
+        return None

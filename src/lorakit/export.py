@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ._fs import atomic_write_text
-from .adapter_dir import TaskInfoError, read_task_info
+from .adapter_dir import trained_on
 from .lora.config import LoraConfig
 from .lora.gguf_adapter import GGUFAdapterError, export_gguf
 from .lora.io import read_adapter_weights
@@ -28,7 +28,7 @@ def export_adapter(adapter: str | Path, fmt: str, output: str | Path, *, outtype
     if fmt not in FORMATS:
         raise GGUFAdapterError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     config = LoraConfig.from_pretrained(adapter)
-    base = model or _trained_on(adapter) or config.base_model_name_or_path
+    base = model or trained_on(adapter) or config.base_model_name_or_path
     if not base:
         raise GGUFAdapterError(f"{adapter} does not record its base model; pass --model")
     if fmt == "gguf":
@@ -43,14 +43,6 @@ def export_adapter(adapter: str | Path, fmt: str, output: str | Path, *, outtype
     modelfile = directory / "Modelfile"
     atomic_write_text(modelfile, f"FROM {base_file.resolve()}\nADAPTER ./{gguf_file.name}\n")
     return [gguf_file, modelfile]
-
-
-def _trained_on(adapter: str | Path) -> str | None:
-    """The base lorakit trained the adapter on, as it was named (an alias, a GGUF path)."""
-    try:
-        return read_task_info(adapter).get("model")
-    except TaskInfoError:
-        return None
 
 
 def base_config(name_or_path: str) -> dict:

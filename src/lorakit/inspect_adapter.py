@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .adapter_dir import trained_on
 from .lora.config import CONFIG_NAME, LoraConfig
 from .lora.io import PREFIX, WEIGHTS_NAME, read_adapter_weights
 
@@ -40,8 +41,40 @@ def describe(path: str | Path) -> dict[str, Any]:
         "dtype": ", ".join(sorted({str(v.dtype).replace("torch.", "") for v in state.values()})),
         "size on disk": _size(sum(f.stat().st_size for f in path.iterdir() if f.is_file())),
         "PEFT compatible": _peft_compatible(path, state),
+        "vLLM": _vllm(config, state, ranks),
+        "llama.cpp (lorakit export --format gguf)": _llama_cpp(path, config, state),
     }
     return info
+
+
+def _vllm(config: LoraConfig, state: dict, ranks: list[int]) -> str:
+    """Whether vLLM's LoRA loader takes the adapter, and if not the rule it breaks."""
+    if config.modules_to_save:
+        return f"no: vLLM does not load modules_to_save ({', '.join(config.modules_to_save)}); merge the adapter"
+    if any(k.endswith(".bias") for k in state):
+        return "no: vLLM loads no adapter bias terms; train without --bias or merge the adapter"
+    rank = max(ranks, default=0)
+    return f"yes (start vLLM with --max-lora-rank >= {rank}; its default is 16)" if rank > 16 else "yes"
+
+
+def _llama_cpp(path: Path, config: LoraConfig, state: dict) -> str:
+    """Whether `lorakit export --format gguf` can write the adapter for llama.cpp, or why not."""
+    from .lora.gguf_adapter import GGUFAdapterError, exportable_pairs, gguf_architecture
+
+    try:
+        exportable_pairs(config, state)
+    except GGUFAdapterError as e:
+        return f"no: {e}"
+    base = trained_on(path) or config.base_model_name_or_path
+    try:
+        from .export import base_config
+
+        gguf_architecture(base_config(base))
+    except GGUFAdapterError as e:
+        return f"no: {e}"
+    except Exception:  # the base is not on this machine: the architecture cannot be checked here
+        return f"yes, if llama.cpp knows the base's architecture ({base or 'base not recorded'} not found here)"
+    return "yes"
 
 
 def _peft_compatible(path: Path, state: dict) -> str:

@@ -55,7 +55,7 @@ def export_gguf(config: LoraConfig, state: dict[str, torch.Tensor], base_config:
     if outtype not in OUTTYPES:
         raise GGUFAdapterError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     name, arch = gguf_architecture(base_config)
-    pairs = _exportable_pairs(config, state)
+    pairs = exportable_pairs(config, state)
     names = gguf.get_tensor_name_map(arch, base_config["num_hidden_layers"])
     tensors = {}
     for path, (A, B) in pairs.items():  # A: [r, in], B: [out, r]
@@ -85,7 +85,7 @@ def export_gguf(config: LoraConfig, state: dict[str, torch.Tensor], base_config:
     return output
 
 
-def _exportable_pairs(config: LoraConfig, state: dict[str, torch.Tensor]) -> dict[str, tuple]:
+def exportable_pairs(config: LoraConfig, state: dict[str, torch.Tensor]) -> dict[str, tuple]:
     """{module path: (A, B) in fp32} of a plain-LoRA adapter on linear layers, or the reason not."""
     if getattr(config, "use_dora", False):  # (DoRA configs do not load yet: a guard for when they do)
         raise GGUFAdapterError("a DoRA adapter rescales each weight column by a learned magnitude, which llama.cpp's "
