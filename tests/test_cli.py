@@ -273,5 +273,13 @@ def test_export_writes_a_gguf_lora_and_an_ollama_modelfile(tmp_path, monkeypatch
 
     info = describe(tmp_path / "adapter")
     assert info["vLLM"] == "yes" and info["llama.cpp (lorakit export --format gguf)"] == "yes"
+    info = describe(tmp_path / "a.gguf")
+    assert (info["architecture"], info["rank"], info["adapted tensors"]) == ("llama", "4", 4)  # q, v x 2 blocks
+    # the way back: merging the GGUF file gives the model merging the PEFT directory gives
+    for source, out in ((tmp_path / "a.gguf", "from-gguf"), (tmp_path / "adapter", "from-peft")):
+        invoke("merge", "--adapter", source, "--model", base, "--output", tmp_path / out)
+    a, b = (load_model(str(tmp_path / out), "AutoModelForCausalLM").model for out in ("from-gguf", "from-peft"))
+    with torch.no_grad():
+        torch.testing.assert_close(a(input_ids=ids).logits, b(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="--outtype 'q4' is not one of f32, f16, bf16, q8_0"):
         invoke("export", tmp_path / "adapter", "--output", tmp_path / "x.gguf", "--outtype", "q4")

@@ -18,6 +18,8 @@ _PEFT_LORA_KEY = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|
 
 def describe(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.suffix == ".gguf" and path.is_file():
+        return _describe_gguf(path)
     config = LoraConfig.from_pretrained(path)
     state = read_adapter_weights(path)
     lora_keys = [k for k in state if _PEFT_LORA_KEY.search(k)]
@@ -45,6 +47,31 @@ def describe(path: str | Path) -> dict[str, Any]:
         "llama.cpp (lorakit export --format gguf)": _llama_cpp(path, config, state),
     }
     return info
+
+
+def _describe_gguf(path: Path) -> dict[str, Any]:
+    """A llama.cpp LoRA GGUF file: what it is for and holds, read without a model."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+
+    def field(key: str):
+        found = reader.get_field(key)
+        return None if found is None else found.contents()
+
+    a_tensors = [t for t in reader.tensors if t.name.endswith(".lora_a")]
+    return {
+        "format": "llama.cpp LoRA adapter (GGUF)"
+        if field("adapter.type") == "lora"
+        else f"not a LoRA adapter (general.type={field('general.type')!r})",  # fmt: skip
+        "architecture": field("general.architecture"),
+        "alpha": field("adapter.lora.alpha"),
+        "adapted tensors": len(a_tensors),
+        "rank": ", ".join(map(str, sorted({int(t.shape[-1]) for t in a_tensors}))),
+        "tensor types": ", ".join(sorted({t.tensor_type.name for t in reader.tensors})),
+        "size on disk": _size(path.stat().st_size),
+        "loads in": "llama.cpp, Ollama (ADAPTER); lorakit.load_adapter(model, path) on its base",
+    }
 
 
 def _vllm(config: LoraConfig, state: dict, ranks: list[int]) -> str:

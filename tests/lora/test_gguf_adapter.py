@@ -22,16 +22,26 @@ gguf = pytest.importorskip("gguf")
 LLAMA_CPP_VERSION = "0.3.36"
 
 
-def tiny_llama() -> tf.PreTrainedModel:
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=64, max_position_embeddings=64)  # fmt: skip
+ARCHITECTURES = {  # transformers config, model class; llama.cpp permutes q/k rows for the first two only
+    "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+    "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+}
+
+
+def tiny_llama(arch: str = "llama") -> tf.PreTrainedModel:
     torch.manual_seed(0)
-    config = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)  # fmt: skip
-    return tf.LlamaForCausalLM(config).eval()
+    config_class, model_class = ARCHITECTURES[arch]
+    extra = {"head_dim": 16} if arch == "qwen3" else {}
+    return model_class(config_class(**SHAPE, **extra)).eval()
 
 
-def adapter_dir(tmp_path: Path, **config) -> tuple[tf.PreTrainedModel, Path]:
-    """A tiny LLaMA with a random (non-zero) adapter saved in PEFT's format."""
-    model = tiny_llama()
+def adapter_dir(tmp_path: Path, arch: str = "llama", **config) -> tuple[tf.PreTrainedModel, Path]:
+    """A tiny model of `arch` with a random (non-zero) adapter saved in PEFT's format."""
+    model = tiny_llama(arch)
     lorakit.inject(model, lorakit.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **config}))
     torch.manual_seed(1)
     with torch.no_grad():
@@ -54,11 +64,12 @@ def export(tmp_path: Path, model, directory: Path, outtype: str = "f32") -> Path
         {"rank_pattern": {"v_proj": 8}, "alpha_pattern": {"down_proj": 3.0}},
     ],
 )
-def test_a_gguf_file_read_back_computes_what_the_adapter_computes(tmp_path, config):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_gguf_file_read_back_computes_what_the_adapter_computes(tmp_path, config, arch):
     """rsLoRA and the per-module patterns are folded into B (llama.cpp scales by alpha / r)."""
-    model, directory = adapter_dir(tmp_path, **config)
+    model, directory = adapter_dir(tmp_path, arch, **config)
     path = export(tmp_path, model, directory)
-    fresh = lorakit.load_adapter(tiny_llama(), path)
+    fresh = lorakit.load_adapter(tiny_llama(arch), path)
     ids = torch.tensor([[1, 5, 9, 33, 60, 2]])
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
@@ -129,10 +140,11 @@ def llama_cpp_source(tmp_path_factory) -> Path:
     return source
 
 
-def test_lorakit_writes_what_llama_cpps_converter_writes(tmp_path, llama_cpp_source):
-    model, directory = adapter_dir(tmp_path)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_lorakit_writes_what_llama_cpps_converter_writes(tmp_path, llama_cpp_source, arch):
+    model, directory = adapter_dir(tmp_path, arch)
     base = tmp_path / "base"
-    tiny_llama().save_pretrained(base)
+    tiny_llama(arch).save_pretrained(base)
     theirs_path = tmp_path / "theirs.gguf"
     env = {**os.environ, "PYTHONPATH": f"{llama_cpp_source / 'gguf-py'}:{llama_cpp_source}"}
     run = subprocess.run([sys.executable, str(llama_cpp_source / "convert_lora_to_gguf.py"), "--base", str(base),

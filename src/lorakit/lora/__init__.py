@@ -32,6 +32,7 @@ from .combine import combine_adapters
 from .config import ConfigError, LoraConfig
 from .conv import LoraConv2d
 from .embedding import LoraEmbedding
+from .gguf_adapter import GGUFAdapterError, export_gguf, is_gguf_adapter
 from .inject import inject, lora_configs, lora_layers, set_trainable
 from .io import AdapterLoadError, adapter_state_dict, load_adapter, read_adapter_weights, save_adapter
 from .layers import LoraLayer, LoraLinear
@@ -41,6 +42,9 @@ from .targets import Target, TargetError, dry_run, find_targets
 from .variants import LoraVariant
 
 __all__ = [
+    "GGUFAdapterError",
+    "export_gguf",
+    "is_gguf_adapter",
     "DEFAULT_TARGETS",
     "AdapterLoadError",
     "ConfigError",

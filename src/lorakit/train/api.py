@@ -228,7 +228,8 @@ def load_trained(
     the first one active. The base is quantised (`quantize`: nf4 | int8 | none) and held in
     bf16 as given, else as the first adapter's training run held it."""
     dirs = [Path(adapter_dirs)] if isinstance(adapter_dirs, (str, Path)) else [Path(d) for d in adapter_dirs]
-    info = read_task_info(dirs[0])
+    # a llama.cpp LoRA file carries no task or base: a causal LM, on the --model given
+    info = {"task": "causal-lm", "labels": []} if lora.is_gguf_adapter(dirs[0]) else read_task_info(dirs[0])
     model_name = model or info.get("model")
     if not model_name:
         raise ValueError(f"no base model recorded in {dirs[0]}; pass --model")
