@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +127,20 @@ def captured_trainer(monkeypatch) -> dict:
 
     monkeypatch.setattr(trainer_module.Trainer, "__init__", remember)
     return ref
+
+
+LLAMA_CPP_VERSION = "0.3.36"
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_source(tmp_path_factory) -> Path:
+    """llama.cpp's sources from the llama-cpp-python source archive (PyPI), for its converter."""
+    cache = Path(os.environ.get("LORAKIT_LLAMA_CPP_SRC", tmp_path_factory.mktemp("llama-cpp")))
+    source = cache / f"llama_cpp_python-{LLAMA_CPP_VERSION}" / "vendor" / "llama.cpp"
+    if not (source / "convert_lora_to_gguf.py").is_file():
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache),
+               f"llama-cpp-python=={LLAMA_CPP_VERSION}"]  # fmt: skip
+        if subprocess.run(pip, capture_output=True).returncode:
+            pytest.skip("llama-cpp-python's source archive is not reachable (no package index)")
+        subprocess.run(["tar", "xzf", str(next(cache.glob("llama_cpp_python-*.tar.gz"))), "-C", str(cache)], check=True)
+    return source

@@ -5,6 +5,8 @@ land on lorakit's (on the same blocks) far closer than the adapter moves them.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -42,3 +44,58 @@ def test_llama_cpp_applies_an_exported_adapter_as_lorakit_does(tmp_path, monkeyp
     moved = (mine - mine_base).abs().max()
     assert (results["base"] - mine_base).abs().max() < 0.1 * moved  # the yardstick: same base
     assert (results["adapter"] - mine).abs().max() < 0.1 * moved  # the adapter, applied alike
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama"])  # Qwen2: the converter does not know SmolLM2's tokenizer hash as Qwen2's
+def test_on_a_base_llama_cpps_own_converter_wrote(tmp_path, llama_cpp_source, arch):
+    """A tiny random LLaMA (SmolLM2's tokenizer) converted to GGUF by llama.cpp's
+    convert_hf_to_gguf.py (which permutes its q/k rows), a random rsLoRA adapter exported by
+    lorakit: llama.cpp's logits equal lorakit's on the HF model, with and without the adapter."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import transformers as tf
+
+    from lorakit.models import load_tokenizer, resolve_model
+
+    pytest.importorskip("sentencepiece")  # the converter imports it for LLaMA vocabularies
+    try:
+        tokenizer_dir = resolve_model("smollm2-135m").path
+    except Exception as e:  # noqa: BLE001 - the alias package is what is missing
+        pytest.skip(f"needs SmolLM2's tokenizer: {e}")
+    torch.manual_seed(0)
+    config_class, model_class = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+                                 "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[arch]  # fmt: skip
+    model = model_class(config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=len(load_tokenizer("smollm2-135m")),
+                                     max_position_embeddings=128, initializer_range=0.1)).eval()  # fmt: skip
+    hf_dir = tmp_path / "hf"
+    model.save_pretrained(hf_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tokenizer_dir) / name, hf_dir / name)
+    env = {**os.environ, "PYTHONPATH": f"{llama_cpp_source / 'gguf-py'}:{llama_cpp_source}"}
+    converted = subprocess.run([sys.executable, str(llama_cpp_source / "convert_hf_to_gguf.py"), str(hf_dir),
+                                "--outfile", str(tmp_path / "base.gguf"), "--outtype", "f32"],
+                               capture_output=True, text=True, env=env)  # fmt: skip
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True))
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            layer.lora_B["default"].normal_(std=0.5)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    gguf_lora = export_adapter(tmp_path / "adapter", "gguf", tmp_path / "adapter.gguf", model=str(hf_dir))[0]
+    ids = [1, 504, 3458, 314, 2817, 30, 9, 27]
+    with torch.no_grad():
+        mine = model(input_ids=torch.tensor([ids])).logits[0]
+        with lorakit.disable_adapters(model):
+            mine_base = model(input_ids=torch.tensor([ids])).logits[0]
+    for expected, lora_path in ((mine_base, None), (mine, str(gguf_lora))):
+        engine = llama_cpp.Llama(model_path=str(tmp_path / "base.gguf"), lora_path=lora_path, n_ctx=64,
+                                 logits_all=True, verbose=False)  # fmt: skip
+        engine.eval(ids)
+        theirs = torch.tensor(engine.scores[: len(ids)])
+        assert (theirs - expected).abs().max() < 1e-2 * expected.abs().max(), lora_path
+    assert (mine - mine_base).abs().max() > 0.2 * mine_base.abs().max()  # the adapter matters

@@ -19,7 +19,6 @@ from lorakit.lora.gguf_adapter import GGUFAdapterError, export_gguf, read_gguf_a
 from lorakit.lora.io import read_adapter_weights
 
 gguf = pytest.importorskip("gguf")
-LLAMA_CPP_VERSION = "0.3.36"
 
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -126,20 +125,6 @@ def test_a_model_gguf_is_not_read_as_an_adapter(tmp_path):
 
 
 # -- against llama.cpp's own converter -------------------------------------------------------
-@pytest.fixture(scope="session")
-def llama_cpp_source(tmp_path_factory) -> Path:
-    """llama.cpp's sources from the llama-cpp-python source archive (PyPI), for its converter."""
-    cache = Path(os.environ.get("LORAKIT_LLAMA_CPP_SRC", tmp_path_factory.mktemp("llama-cpp")))
-    source = cache / f"llama_cpp_python-{LLAMA_CPP_VERSION}" / "vendor" / "llama.cpp"
-    if not (source / "convert_lora_to_gguf.py").is_file():
-        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache),
-               f"llama-cpp-python=={LLAMA_CPP_VERSION}"]  # fmt: skip
-        if subprocess.run(pip, capture_output=True).returncode:
-            pytest.skip("llama-cpp-python's source archive is not reachable (no package index)")
-        subprocess.run(["tar", "xzf", str(next(cache.glob("llama_cpp_python-*.tar.gz"))), "-C", str(cache)], check=True)
-    return source
-
-
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_lorakit_writes_what_llama_cpps_converter_writes(tmp_path, llama_cpp_source, arch):
     model, directory = adapter_dir(tmp_path, arch)
