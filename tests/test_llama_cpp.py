@@ -19,18 +19,23 @@ from .gguf_files import tiny_llama_gguf
 llama_cpp = pytest.importorskip("llama_cpp")
 
 
+def random_adapter(model, tmp_path: Path, base: str, **config) -> Path:
+    """A random (non-zero) adapter on `model`, saved and exported to GGUF for base `base`."""
+    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **config))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            layer.lora_B["default"].normal_(std=0.5)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    return export_adapter(tmp_path / "adapter", "gguf", tmp_path / "adapter.gguf", model=base)[0]
+
+
 @pytest.mark.slow
 def test_llama_cpp_applies_an_exported_adapter_as_lorakit_does(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
     base = tiny_llama_gguf(tmp_path / "base", "Q8_0")
     ours = load_base(str(base), "causal-lm", quantize="gguf").eval()
-    lorakit.inject(ours, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for _, layer in lorakit.lora_layers(ours):
-            layer.lora_B["default"].normal_(std=0.5)
-    lorakit.save_adapter(ours, tmp_path / "adapter")
-    gguf_lora = export_adapter(tmp_path / "adapter", "gguf", tmp_path / "adapter.gguf", model=str(base))[0]
+    gguf_lora = random_adapter(ours, tmp_path, str(base))
     ids = [5, 17, 30, 42, 61, 77, 3, 9]
     with torch.no_grad():
         mine = ours(input_ids=torch.tensor([ids])).logits[0]
@@ -81,12 +86,7 @@ def test_on_a_base_llama_cpps_own_converter_wrote(tmp_path, llama_cpp_source, ar
                                 "--outfile", str(tmp_path / "base.gguf"), "--outtype", "f32"],
                                capture_output=True, text=True, env=env)  # fmt: skip
     assert converted.returncode == 0, converted.stderr[-3000:]
-    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True))
-    with torch.no_grad():
-        for _, layer in lorakit.lora_layers(model):
-            layer.lora_B["default"].normal_(std=0.5)
-    lorakit.save_adapter(model, tmp_path / "adapter")
-    gguf_lora = export_adapter(tmp_path / "adapter", "gguf", tmp_path / "adapter.gguf", model=str(hf_dir))[0]
+    gguf_lora = random_adapter(model, tmp_path, str(hf_dir), use_rslora=True)
     ids = [1, 504, 3458, 314, 2817, 30, 9, 27]
     with torch.no_grad():
         mine = model(input_ids=torch.tensor([ids])).logits[0]

@@ -114,23 +114,17 @@ def exportable_pairs(config: LoraConfig, state: dict[str, torch.Tensor]) -> dict
     return pairs
 
 
-def _permute_rows(B: torch.Tensor, arch: str, base: str, base_config: dict) -> torch.Tensor:
-    """llama.cpp's converter's q/k row permutation (rotary halves interleaved), on B's rows."""
+def _permute_rows(B: torch.Tensor, arch: str, base: str, base_config: dict, inverse: bool = False) -> torch.Tensor:
+    """llama.cpp's converter's q/k row permutation (each head's rotary halves interleaved) on B's
+    rows [out, r], or (`inverse`) its undoing; other tensors and architectures as they are."""
     if arch not in ROTARY_PERMUTED or not base.endswith((".attn_q", ".attn_k")):
         return B
     heads = base_config["num_attention_heads"]
     if base.endswith(".attn_k"):
         heads = base_config.get("num_key_value_heads") or heads
-    return B.reshape(heads, 2, B.shape[0] // heads // 2, B.shape[1]).transpose(1, 2).reshape(B.shape)
-
-
-def _unpermute_rows(B: torch.Tensor, arch: str, base: str, base_config: dict) -> torch.Tensor:
-    if arch not in ROTARY_PERMUTED or not base.endswith((".attn_q", ".attn_k")):
-        return B
-    heads = base_config["num_attention_heads"]
-    if base.endswith(".attn_k"):
-        heads = base_config.get("num_key_value_heads") or heads
-    return B.reshape(heads, B.shape[0] // heads // 2, 2, B.shape[1]).transpose(1, 2).reshape(B.shape)
+    half = B.shape[0] // heads // 2
+    split = (heads, half, 2, B.shape[1]) if inverse else (heads, 2, half, B.shape[1])
+    return B.reshape(split).transpose(1, 2).reshape(B.shape)
 
 
 def _encode(tensor: torch.Tensor, outtype: str):
@@ -188,7 +182,7 @@ def read_gguf_adapter(path: str | Path, model: nn.Module) -> tuple[LoraConfig, d
         rows_cols = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
         weight = torch.from_numpy(values.reshape(rows_cols).copy())
         if side == "lora_b":
-            weight = _unpermute_rows(weight, arch_name, base, base_config)
+            weight = _permute_rows(weight, arch_name, base, base_config, inverse=True)
             state[f"{PREFIX}{module}.lora_B.weight"] = weight
         else:
             state[f"{PREFIX}{module}.lora_A.weight"] = weight
