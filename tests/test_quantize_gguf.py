@@ -80,6 +80,10 @@ def test_a_gguf_run_trains_and_peft_runs_its_adapter_on_transformers_load(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(trained.model(input_ids=ids).logits, theirs(input_ids=ids).logits,
                                    rtol=1e-4, atol=1e-4)  # fmt: skip
+    # merging: ΔW added to the dequantised blocks, exact in fp32; re-making GGUF blocks is llama.cpp's job
+    plain, drift = lorakit.train.api.merge_trained(trained)
+    assert not any(isinstance(m, GGUFLinear) for m in plain.modules())
+    assert drift["merged_drift"] < 1e-5 and "requantised_drift" not in drift
 
 
 def test_quantize_gguf_on_a_model_without_a_gguf_file_fails_before_loading(tmp_path):

@@ -374,10 +374,13 @@ def merge(
     console.print(f"merged model written to {output}")
     if drift:
         scheme = trained.info["quantize"]
+        again = drift.get("requantised_drift")
+        requantised = (
+            f", {again:.2e} if quantised to {scheme} again (PEFT's merge-then-quantise warning)" if again else ""
+        )
         console.print(
             f"trained on a {scheme} base: merged into its dequantised weights; max |logits difference| against "
-            f"the unmerged adapter, relative to max |logits|: {drift['merged_drift']:.2e} as written, "
-            f"{drift['requantised_drift']:.2e} if quantised to {scheme} again (PEFT's merge-then-quantise warning)"
+            f"the unmerged adapter, relative to max |logits|: {drift['merged_drift']:.2e} as written{requantised}"
         )
 
 

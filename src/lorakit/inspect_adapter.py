@@ -53,11 +53,12 @@ def _describe_gguf(path: Path) -> dict[str, Any]:
     """A llama.cpp LoRA GGUF file: what it is for and holds, read without a model."""
     import gguf
 
+    from .lora.gguf_adapter import gguf_field
+
     reader = gguf.GGUFReader(str(path))
 
     def field(key: str):
-        found = reader.get_field(key)
-        return None if found is None else found.contents()
+        return gguf_field(reader, key)
 
     a_tensors = [t for t in reader.tensors if t.name.endswith(".lora_a")]
     return {
@@ -99,7 +100,7 @@ def _llama_cpp(path: Path, config: LoraConfig, state: dict) -> str:
         gguf_architecture(base_config(base))
     except GGUFAdapterError as e:
         return f"no: {e}"
-    except Exception:  # the base is not on this machine: the architecture cannot be checked here
+    except (OSError, ValueError):  # the base is not on this machine: its architecture cannot be checked here
         return f"yes, if llama.cpp knows the base's architecture ({base or 'base not recorded'} not found here)"
     return "yes"
 

@@ -157,7 +157,7 @@ def read_gguf_adapter(path: str | Path, model: nn.Module) -> tuple[LoraConfig, d
     import gguf
 
     reader = gguf.GGUFReader(str(path))
-    fields = {key: _field(reader, key) for key in ("general.type", "general.architecture", "adapter.type",
+    fields = {key: gguf_field(reader, key) for key in ("general.type", "general.architecture", "adapter.type",
                                                    "adapter.lora.alpha")}  # fmt: skip
     if fields["general.type"] != "adapter" or fields["adapter.type"] != "lora":
         raise GGUFAdapterError(f"{path} is not a llama.cpp LoRA adapter (general.type="
@@ -196,6 +196,7 @@ def read_gguf_adapter(path: str | Path, model: nn.Module) -> tuple[LoraConfig, d
     return config, state
 
 
-def _field(reader, key: str):
+def gguf_field(reader, key: str):
+    """A GGUF file's metadata value `key`, or None."""
     field = reader.get_field(key)
     return None if field is None else field.contents()

@@ -115,7 +115,7 @@ class Engine:
     ) -> Engine:
         """Load `model` (alias, path or hub id) with the head its adapters need. The task is
         `task`, else the one the adapters in `adapters_dir` record, else causal-lm. The base is
-        held in bf16 and its linear layers quantised (nf4 | int8) if asked."""
+        held in bf16 and its linear layers quantised (nf4 | int8 | gguf) if asked."""
         from ..models import load_tokenizer
         from ..train.api import load_base
 

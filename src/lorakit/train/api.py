@@ -142,8 +142,7 @@ def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) 
     preflight.check_lora_targets(config, model, new_modules)
     if config.quantize:  # before the adapter wraps the layers; new heads train in full, unquantised
         dtype = torch.bfloat16 if config.bf16 else torch.float32
-        quantize_base(model, config.quantize, compute_dtype=dtype, keep=new_modules,
-                      reader=checkpoint_reader(config.model), gguf_file=gguf_source(config.model))  # fmt: skip
+        quantize_loaded(model, config.model, config.quantize, dtype, keep=new_modules)
     seed_everything(config.seed)  # adapter init does not depend on how loading used the RNG
     model = methods.apply_method(model, config, new_modules)
     for adapter in lora.lora_configs(model).values():  # PEFT's AutoPeftModelFor..., vLLM pick the class by it
@@ -203,16 +202,22 @@ class Trained:
 def load_base(model_name: str, task: str, labels: Sequence[str] = (), *, quantize: str | None = None,
               bf16: bool = False) -> nn.Module:  # fmt: skip
     """The frozen base for inference with `task`'s head: held in bf16 if asked, its linear
-    layers quantised with `quantize` (nf4 | int8) as a QLoRA run held them (bit for bit: the
+    layers quantised with `quantize` (nf4 | int8 | gguf) as a QLoRA run held them (bit for bit: the
     quantisation is deterministic), heads the checkpoint lacks left unquantised."""
     if quantize:
         check_scheme(quantize)  # an unknown scheme or missing backend, before anything loads
     dtype = torch.bfloat16 if bf16 else torch.float32
     loaded = load_model(model_name, task_class(task).auto_class, label_names=list(labels) or None, dtype=dtype)
     if quantize:
-        quantize_base(loaded.model, quantize, compute_dtype=dtype, keep=loaded.new_modules,
-                      reader=checkpoint_reader(model_name), gguf_file=gguf_source(model_name))  # fmt: skip
+        quantize_loaded(loaded.model, model_name, quantize, dtype, keep=loaded.new_modules)
     return loaded.model
+
+
+def quantize_loaded(model: nn.Module, model_name: str, scheme: str, dtype: torch.dtype, keep: Sequence[str]) -> None:
+    """Quantise the base just loaded from `model_name` in place, reading its weights from where it
+    came from: the safetensors files (nf4/int8, one weight at a time) or its GGUF file (gguf)."""
+    quantize_base(model, scheme, compute_dtype=dtype, keep=keep, reader=checkpoint_reader(model_name),
+                  gguf_file=gguf_source(model_name))  # fmt: skip
 
 
 def load_trained(
@@ -301,6 +306,8 @@ def merge_trained(trained: Trained, probe_rows: int = 4, probe_length: int = 32)
     plain = lora.merge_and_unload(model)  # refuses a NaN/inf result
     scale = unmerged.abs().max().clamp_min(1e-12)
     report = {"merged_drift": ((logits(plain) - unmerged).abs().max() / scale).item()}
+    if scheme == "gguf":  # GGUF blocks are re-made by llama.cpp's own quantize tool, not here
+        return plain, report
     requantised = copy.deepcopy(plain)
     quantize_base(requantised, scheme, compute_dtype=dtype, keep=head_module_names(requantised))
     report["requantised_drift"] = ((logits(requantised) - unmerged).abs().max() / scale).item()

@@ -461,8 +461,8 @@ def hold_frozen_in_bf16(model: nn.Module) -> int:
     of trainable leaves only) and keeps the fp32 copies: slower and larger than plain fp32 on
     CPU. Held in bf16, the base costs half the memory and its matmuls run on AMX / tensor
     cores with no cast. Trainable weights, their gradients and the optimizer state stay fp32
-    (the adapter is saved in fp32): a trainable weight that loaded in bf16 (a new task head of
-    a base loaded in bf16 for --quantize) is raised to fp32. The in-memory base stays bf16."""
+    (the adapter is saved in fp32): a trainable weight that loaded in bf16 (a new task head or
+    A and B on a base loaded in bf16 by --bf16) is raised to fp32. The in-memory base stays bf16."""
     saved = 0
     for param in model.parameters():
         if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
