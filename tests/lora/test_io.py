@@ -220,8 +220,8 @@ def test_nan_weights_are_refused(saved):
 
 def test_unsupported_peft_feature_is_refused(saved):
     config = json.loads((saved / "adapter_config.json").read_text())
-    (saved / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(lorakit.ConfigError, match="use_dora"):
+    (saved / "adapter_config.json").write_text(json.dumps({**config, "lora_bias": True}))
+    with pytest.raises(lorakit.ConfigError, match="lora_bias"):
         lorakit.load_adapter(tiny("llama"), saved)
 
 

@@ -100,7 +100,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 class ParameterCount:
     trainable: int
     total: int
-    adapter: int  # A and B of every adapter (what the paper counts)
+    adapter: int  # every adapter's own parameters: A and B (what the paper counts), DoRA's magnitude
 
     @property
     def trainable_percent(self) -> float:
@@ -109,19 +109,22 @@ class ParameterCount:
     def __str__(self) -> str:
         return (
             f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
-            f"trainable%: {self.trainable_percent:.4f} || LoRA A/B params: {self.adapter:,}"
+            f"trainable%: {self.trainable_percent:.4f} || adapter params: {self.adapter:,}"
         )
 
 
 def count_parameters(model: nn.Module, adapter_name: str | None = None) -> ParameterCount:
-    """Trainable and total parameters; `adapter` counts LoRA A and B (of one adapter if
-    named). Total counts each parameter once (the base plus every adapter)."""
+    """Trainable and total parameters; `adapter` counts the LoRA layers' adapter parameters
+    (A, B, DoRA's magnitude; of one adapter if named). Total counts each parameter once (the
+    base plus every adapter)."""
     seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
-    adapter = 0
-    for _, layer in lora_layers(model):
-        for name in layer.adapter_names:
-            if adapter_name in (None, name):
-                adapter += layer.lora_A[name].numel() + layer.lora_B[name].numel()
+    adapter = sum(
+        p.numel()
+        for _, layer in lora_layers(model)
+        for name in layer.adapter_names
+        if adapter_name in (None, name)
+        for p in layer.own_parameters(name)
+    )
     return ParameterCount(
         trainable=sum(p.numel() for p in seen.values() if p.requires_grad),
         total=sum(p.numel() for p in seen.values()),
@@ -150,6 +153,12 @@ def add_weighted_adapter(
     require_adapters(model, adapters)
     check_adapter_name(model, adapter_name)
     configs = lora_configs(model)
+    dora = [a for a in adapters if configs[a].use_dora]
+    if dora:
+        raise ConfigError(
+            f"adapter(s) {dora} are DoRA: a magnitude rescales each one's weight, so their factors do not add up; "
+            "merge them one at a time (lorakit.merge) or mix them per row (mixed_batch)"
+        )
     first = configs[adapters[0]]
     rank = svd_rank or max(c.r for c in (configs[a] for a in adapters))
     for _, layer in lora_layers(model):

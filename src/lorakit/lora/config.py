@@ -19,7 +19,6 @@ CONFIG_NAME = "adapter_config.json"
 # PEFT fields whose non-default value means a feature lorakit does not implement: refusing to
 # load such an adapter beats silently computing something else.
 _UNSUPPORTED_PEFT = {
-    "use_dora": False,
     "layer_replication": None,
     "use_qalora": False,
     "lora_bias": False,
@@ -52,6 +51,8 @@ class LoraConfig:
         path after `layers_pattern` (default: layers, layer, h, block, blocks).
     rank_pattern / alpha_pattern: {pattern: value} overrides per module (pattern is a regex
         matched against the end of the module path, as in PEFT).
+    use_dora: DoRA (Liu et al. 2024): a trained magnitude per output row of each adapted
+        linear layer (`lora_magnitude_vector`), the direction from W0 + s·B·A (dora.py).
     enable_lora: lorakit's per-slice variant for fused projections (loralib's `enable_lora`):
         {pattern: [True, False, True]} adapts only the q and v slices of a fused qkv.
         Saved in PEFT's plain form (an equivalent rank-k·r adapter), so it is not serialised.
@@ -76,6 +77,7 @@ class LoraConfig:
     revision: str | None = None
     inference_mode: bool = False
     enable_lora: dict[str, list[bool]] | None = None
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -127,7 +129,7 @@ class LoraConfig:
             self.enable_lora,
             '{"module pattern": [True, False, True]} or null',
         )
-        for name in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+        for name in ("use_rslora", "fan_in_fan_out", "inference_mode", "use_dora"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false")
         for name in ("task_type", "base_model_name_or_path", "revision"):
             _check(
@@ -202,7 +204,7 @@ class LoraConfig:
         d["target_modules"] = (
             sorted(d["target_modules"]) if isinstance(d["target_modules"], list) else d["target_modules"]
         )
-        d.update(peft_type="LORA", use_dora=False, lora_bias=False)
+        d.update(peft_type="LORA", lora_bias=False)
         return d
 
     @classmethod

@@ -87,7 +87,7 @@ def export_gguf(config: LoraConfig, state: dict[str, torch.Tensor], base_config:
 
 def exportable_pairs(config: LoraConfig, state: dict[str, torch.Tensor]) -> dict[str, tuple]:
     """{module path: (A, B) in fp32} of a plain-LoRA adapter on linear layers, or the reason not."""
-    if getattr(config, "use_dora", False):  # (DoRA configs do not load yet: a guard for when they do)
+    if config.use_dora:
         raise GGUFAdapterError("a DoRA adapter rescales each weight column by a learned magnitude, which llama.cpp's "
                                "LoRA files cannot hold; merge it instead (lorakit merge)")  # fmt: skip
     modules = lora_modules(state)

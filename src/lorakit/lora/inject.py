@@ -10,9 +10,11 @@ import torch.nn as nn
 
 from ..quantize import upgrade_nf4_layers
 from .config import ConfigError, LoraConfig
+from .dora import DORA
 from .layers import LoraLayer
 from .modules_to_save import ModulesToSave
 from .targets import TargetError, find_targets, name_matches, plain_modules
+from .variants import PLAIN
 from .wrap import wrap
 
 
@@ -50,6 +52,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> None
                 use_rslora=config.use_rslora,
                 init=config.init_lora_weights,
                 slices=t.slices,
+                variant=DORA if config.use_dora else PLAIN,
             )
         for name in _modules_to_save_names(model, config):
             module = model.get_submodule(name)
@@ -76,7 +79,7 @@ def remove_adapter_modules(model: nn.Module, adapter_name: str) -> None:
 
 def adapter_parameters(model: nn.Module) -> set[int]:
     """ids of every adapter's own parameters (A, B, modules_to_save copies), by module type."""
-    ids = {id(p) for _, layer in lora_layers(model) for p in [*layer.lora_A.values(), *layer.lora_B.values()]}
+    ids = {id(p) for _, layer in lora_layers(model) for name in layer.adapter_names for p in layer.own_parameters(name)}
     ids |= {id(p) for _, w in saved_modules(model) for p in w.modules_to_save.parameters()}
     return ids
 
@@ -90,12 +93,10 @@ def freeze_base(model: nn.Module) -> None:
 
 
 def own_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
-    """Adapter `adapter_name`'s own parameters: A and B of every layer, its head copies."""
+    """Adapter `adapter_name`'s own parameters: A and B of every layer (and its variant's,
+    DoRA's magnitude), its head copies."""
     params = [
-        p
-        for _, layer in lora_layers(model)
-        if adapter_name in layer.lora_A
-        for p in (layer.lora_A[adapter_name], layer.lora_B[adapter_name])
+        p for _, layer in lora_layers(model) if adapter_name in layer.lora_A for p in layer.own_parameters(adapter_name)
     ]
     params += [
         p

@@ -4,6 +4,7 @@
     adapter_model.safetensors    base_model.model.<path>.lora_A.weight       A: [r, in]
                                  base_model.model.<path>.lora_B.weight       B: [out, r]
                                  base_model.model.<path>.lora_embedding_A    (embeddings)
+                                 base_model.model.<path>.lora_magnitude_vector  m: [out] (DoRA)
                                  base_model.model.<path>.<param>             (modules_to_save)
                                  base_model.model.<path>[.base_layer].bias   (bias="all"/"lora_only")
 Only safetensors and JSON are read by default: loading an adapter never runs code.
@@ -82,6 +83,8 @@ def _tensors(model: nn.Module, name: str, config: LoraConfig) -> dict[str, torch
             a_key, b_key = _lora_keys(path, layer)
             out[a_key] = layer.lora_A[name]
             out[b_key] = layer.B_matrix(name).reshape(layer._lora_shapes(layer.rank(name))[1])
+            for suffix, param in layer.variants[name].parameters(layer, name).items():
+                out[f"{PREFIX}{path}.{suffix}"] = param  # DoRA's lora_magnitude_vector
     for path, wrapper in saved_modules(model):
         if name in wrapper.modules_to_save:
             for key, value in wrapper.modules_to_save[name].state_dict(keep_vars=True).items():

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..quantize import dequantized_weight
 from . import functional as LF
 from .exact import ExactMerge, MergeError
 from .mixed import AdapterStacks, MixedRows, gathered_forward, per_adapter_rows
@@ -141,6 +142,7 @@ class LoraLayer(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             self.set_merged([n for n in self.merged_adapters if n != name])
+        self.variants[name].delete(self, name)
         for store in (self.lora_A, self.lora_B):
             del store[name]
         for store in (self.scaling, self.dropout_p, self.slices, self.variants):
@@ -151,6 +153,10 @@ class LoraLayer(nn.Module):
     @property
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
+
+    def own_parameters(self, name: str) -> list[nn.Parameter]:
+        """Adapter `name`'s parameters on this layer: A, B and its variant's (DoRA's magnitude)."""
+        return [self.lora_A[name], self.lora_B[name], *self.variants[name].parameters(self, name).values()]
 
     def rank(self, name: str) -> int:
         """The effective rank of ΔW's factorisation (k·r for a per-slice adapter)."""
@@ -229,13 +235,17 @@ class LoraLayer(nn.Module):
                 name = self.mixed.only
                 return self._adapter_forward(x, out, name) if name in self.lora_A else out
             return self._mixed_forward(x, out)
-        for name in self.active_adapters:
-            if name in self.lora_A and name not in self.merged_adapters:
-                out = self._adapter_forward(x, out, name)
+        names = [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
+        # A variant that reads the base output (DoRA) needs it apart from the sum: without
+        # autograd, plain terms are accumulated into `out` in place.
+        base = out.clone() if len(names) > 1 and any(self.variants[n].uses_base_output for n in names) else out
+        for name in names:
+            out = self._adapter_forward(x, out, name, base)
         return out
 
-    def _adapter_forward(self, x: Tensor, out: Tensor, name: str) -> Tensor:
-        return self.variants[name].forward(self, name, x, out)
+    def _adapter_forward(self, x: Tensor, out: Tensor, name: str, base: Tensor | None = None) -> Tensor:
+        """out + adapter `name`'s term; `base` is the base layer's output (default: out itself)."""
+        return self.variants[name].forward(self, name, x, out, out if base is None else base)
 
     def _mixed_forward(self, x: Tensor, out: Tensor) -> Tensor:
         if all(self.variants[n].gathered for n in self.mixed.names if n in self.variants):
@@ -272,3 +282,11 @@ class LoraLinear(LoraLayer):
     def lora_delta(self, name: str) -> Tensor:
         delta = LF.delta_weight(self.A_matrix(name), self.B_matrix(name), self.scaling[name])
         return delta.t() if self.fan_in_fan_out else delta
+
+    def base_weight(self) -> Tensor:
+        """W0 as [out, in] (a view): the unmerged weight (exact.py's copy while anything is
+        merged), a quantised one dequantised to fp32."""
+        if self.quantized:
+            return dequantized_weight(self.base_layer)
+        W = self.exact.original if self.exact.original is not None else self.base_layer.weight
+        return W.t() if self.fan_in_fan_out else W

@@ -58,7 +58,9 @@ def bnb_dequantized(layer: nn.Module) -> torch.Tensor:
     if hasattr(weight, "quant_state"):
         _unpack(weight)
         return dequantize_4bit(weight.data, weight.quant_state).float()
-    return weight.data.float() * weight.SCB.float()[:, None] / 127
+    # a forward moves the int8 row scales from the weight to the layer's matmul state
+    scales = weight.SCB if weight.SCB is not None else layer.state.SCB
+    return weight.data.float() * scales.float()[:, None] / 127
 
 
 def upgrade_nf4_layers(model: nn.Module) -> int:
