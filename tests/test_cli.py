@@ -155,6 +155,32 @@ def test_combine_of_one_adapter_at_half_and_half_is_that_adapter(trained, tmp_pa
     torch.testing.assert_close(logits[both], logits[one], rtol=1e-4, atol=1e-5)
 
 
+def test_train_dora_trains_the_magnitude_and_merges_to_the_same_model(model_dirs, data_files, tmp_path):
+    import transformers
+
+    import lorakit
+    from lorakit.inspect_adapter import describe
+    from lorakit.lora.io import read_adapter_weights
+    from lorakit.train.api import load_trained
+
+    out = tmp_path / "dora"
+    result = invoke(*train_args(model_dirs, data_files, "causal-lm", out, "--dora"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    magnitudes = {k: v for k, v in read_adapter_weights(out).items() if k.endswith("lora_magnitude_vector")}
+    trained = load_trained(None, out)
+    layer = next(layer for _, layer in lorakit.lora_layers(trained.model))
+    start = layer.base_weight().float().norm(dim=1)  # DoRA's magnitude starts at ‖W0‖ per row
+    assert magnitudes and not torch.allclose(layer.lora_magnitude_vector["default"], start, atol=1e-4)
+    info = describe(out)
+    assert info["variant"].startswith("DoRA") and info["vLLM"].startswith("no: vLLM does not run DoRA")
+    assert invoke("merge", "--adapter", out, "--output", tmp_path / "merged").exit_code == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = trained.tokenizer(["a b c d"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, trained.model(ids).logits, rtol=1e-4, atol=1e-5)
+
+
 def test_generate_one_adapter_per_prompt(model_dirs, data_files, tmp_path):
     from lorakit.train.api import load_trained
 

@@ -88,6 +88,9 @@ def train(
     alpha: float | None = typer.Option(None, help="LoRA alpha; the update is scaled by alpha/r. [default: 16]"),
     dropout: float | None = typer.Option(None, help="Dropout on the adapter input. [default: 0]"),
     rslora: bool | None = typer.Option(None, "--rslora", help="Scale by alpha/sqrt(r) (rank-stabilised LoRA)."),
+    dora: bool | None = typer.Option(
+        None, "--dora", help="DoRA: also train a magnitude per output row of each adapted linear layer (use_dora)."
+    ),
     lr: float | None = typer.Option(None, help="Peak learning rate. [default: 1e-3]"),
     lora_plus_ratio: float | None = typer.Option(
         None, help="LoRA+: B's learning rate = lr x this (16 in the LoRA+ paper). [default: 1]"
@@ -185,7 +188,9 @@ def train(
 
     Example: lorakit train --model minilm --task classification --data train.tsv --eval-data dev.tsv --output runs/sst2
     """
-    flags = {k: v for k, v in locals().items() if k not in ("config", "quiet", "rslora", "nproc") and v is not None}
+    flags = {
+        k: v for k, v in locals().items() if k not in ("config", "quiet", "rslora", "dora", "nproc") and v is not None
+    }
     if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(_torchrun(nproc))
     from .train import TrainConfig
@@ -195,6 +200,8 @@ def train(
 
     if rslora is not None:
         flags["use_rslora"] = rslora
+    if dora is not None:
+        flags["use_dora"] = dora
     options = {**_read_config(config), **flags}
     cfg = TrainConfig(**options)
     result = run(cfg, callbacks=default_callbacks(Path(cfg.output) / LOGS, progress=not quiet))

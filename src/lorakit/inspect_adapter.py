@@ -13,7 +13,9 @@ from .lora.io import PREFIX, WEIGHTS_NAME, read_adapter_weights
 
 # Every key PEFT writes for a LoRA adapter ends in one of these, or is a saved module's own
 # parameter (modules_to_save) or a bias.
-_PEFT_LORA_KEY = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+_PEFT_LORA_KEY = re.compile(
+    r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)$"
+)
 
 
 def describe(path: str | Path) -> dict[str, Any]:
@@ -37,6 +39,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         + (f" (pattern: {len(config.rank_pattern)} modules)" if config.rank_pattern else ""),
         "alpha": config.lora_alpha,
         "use_rslora": config.use_rslora,
+        "variant": "DoRA (a trained magnitude per output row)" if config.use_dora else "LoRA",
         "LoRA parameters": f"{sum(state[k].numel() for k in lora_keys):,}",
         "other saved parameters": f"{sum(v.numel() for k, v in state.items() if k not in set(lora_keys)):,}"
         + (f" (modules_to_save: {', '.join(config.modules_to_save)})" if config.modules_to_save else ""),
@@ -79,6 +82,8 @@ def _vllm(config: LoraConfig, state: dict, ranks: list[int]) -> str:
     """Whether vLLM's LoRA loader takes the adapter, and if not the rule it breaks."""
     if config.modules_to_save:
         return f"no: vLLM does not load modules_to_save ({', '.join(config.modules_to_save)}); merge the adapter"
+    if config.use_dora:
+        return "no: vLLM does not run DoRA adapters; merge the adapter (lorakit merge) and serve the merged model"
     if any(k.endswith(".bias") for k in state):
         return "no: vLLM loads no adapter bias terms; train without --bias or merge the adapter"
     rank = max(ranks, default=0)

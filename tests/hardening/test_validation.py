@@ -38,6 +38,7 @@ CONFIG_CHECKS = {
         {"method": "bitfit", "use_rslora": True},
         "--use-rslora=True is invalid with --method=bitfit",
     ),
+    "dora_with_full": ({"method": "full", "use_dora": True}, "--use-dora=True is invalid with --method=full"),
     "lora_plus_with_full": (
         {"method": "full", "lora_plus_ratio": 16},
         "--lora-plus-ratio=16 is invalid with --method=full",
@@ -85,6 +86,12 @@ def test_rank_larger_than_the_layer(model_dirs, data_files, tmp_path, no_trainin
         r"of the targeted layer .*query \(32 x 32\); lower --rank",
     ):
         run(model_dirs, data_files, tmp_path, rank=64)
+
+
+def test_dora_on_an_embedding(model_dirs, data_files, tmp_path, no_training):
+    message = r"--dora is invalid with --targets=\['query', 'word_embeddings'\]: DoRA is implemented for linear layers"
+    with pytest.raises(TrainConfigError, match=message + r", and .*word_embeddings is of type Embedding"):
+        run(model_dirs, data_files, tmp_path, targets="query,word_embeddings", use_dora=True)
 
 
 def test_unknown_target_name(model_dirs, data_files, tmp_path, no_training):

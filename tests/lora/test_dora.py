@@ -207,3 +207,16 @@ def test_dora_adapters_cannot_be_combined():
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), "b")
     with pytest.raises(lorakit.ConfigError, match=r"\['a'\] are DoRA"):
         lorakit.add_weighted_adapter(model, ["a", "b"], [1.0, 1.0], "ab")
+
+
+def test_a_dora_adapter_is_not_exported_to_gguf_and_inspect_says_why(tmp_path):
+    from lorakit.inspect_adapter import describe
+    from lorakit.lora import read_adapter_weights
+    from lorakit.lora.gguf_adapter import GGUFAdapterError, exportable_pairs
+
+    model = lorakit.inject(tiny("llama"), lorakit.LoraConfig(r=4, use_dora=True))
+    lorakit.save_adapter(model, tmp_path)
+    config, state = lorakit.LoraConfig.from_pretrained(tmp_path), read_adapter_weights(tmp_path)
+    with pytest.raises(GGUFAdapterError, match="DoRA adapter .* merge it instead"):
+        exportable_pairs(config, state)
+    assert describe(tmp_path)["llama.cpp (lorakit export --format gguf)"].startswith("no: a DoRA adapter")

@@ -38,7 +38,7 @@ class DoraVariant(LoraVariant):
     def create(self, layer: LoraLayer, adapter: str) -> None:
         if not isinstance(layer, LoraLinear):
             raise ValueError(
-                f"DoRA (use_dora) is implemented for linear layers; this target is a "
+                f"DoRA (use_dora) is implemented for linear layers; this target is of type "
                 f"{type(layer.base_layer).__name__}. Leave it out of target_modules, or train it without use_dora"
             )
         if MAGNITUDE not in layer._modules:

@@ -45,6 +45,7 @@ class TrainConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     use_rslora: bool = False
+    use_dora: bool = False  # DoRA: a trained magnitude per output row (Liu et al. 2024)
     init: str = "kaiming"  # or "gaussian" (the paper's)
     # other methods
     adapter_size: int = 16  # adapter-h / adapter-l bottleneck m
@@ -225,6 +226,7 @@ class TrainConfig:
             lora_only = {
                 "targets": self.targets is not None,
                 "use_rslora": self.use_rslora,
+                "use_dora": self.use_dora,
                 "lora_plus_ratio": self.lora_plus_ratio != 1,
             }
             for name, given in lora_only.items():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from ..lora.layers import LoraLinear
 from ..lora.targets import TargetError, candidate_names, find_targets, name_matches
 from ..lora.wrap import wrap
 from ..methods import lora_config
@@ -62,7 +63,13 @@ def check_lora_targets(config: TrainConfig, model: nn.Module, new_modules: Seque
         raise TrainConfigError(f"--targets={config.targets!r} is invalid: {e}") from e
     for t in targets:
         # A: [r, fan-in], B: [fan-out, r]; for a conv the fan-in includes the kernel.
-        size = wrap(t.module).max_rank
+        layer = wrap(t.module)
+        if config.use_dora and not isinstance(layer, LoraLinear):
+            raise TrainConfigError(
+                f"--dora is invalid with --targets={config.targets!r}: DoRA is implemented for linear layers, and "
+                f"{t.name} is of type {t.kind}; leave it out of --targets or drop --dora"
+            )
+        size = layer.max_rank
         if t.r > size:
             shape = " x ".join(map(str, t.module.weight.shape))
             raise TrainConfigError(
