@@ -91,6 +91,14 @@ def train(
     dora: bool | None = typer.Option(
         None, "--dora", help="DoRA: also train a magnitude per output row of each adapted linear layer (use_dora)."
     ),
+    init: str | None = typer.Option(
+        None,
+        help=(
+            "How A and B start: kaiming (B zero) | gaussian (the paper's) | pissa (W's principal singular "
+            "directions; W keeps the residual) | pissa_niter_N (randomised SVD) | olora (QR of W). The saved "
+            "adapter is always a plain LoRA adapter for the untouched base. [default: kaiming]"
+        ),
+    ),
     lr: float | None = typer.Option(None, help="Peak learning rate. [default: 1e-3]"),
     lora_plus_ratio: float | None = typer.Option(
         None, help="LoRA+: B's learning rate = lr x this (16 in the LoRA+ paper). [default: 1]"

@@ -10,6 +10,7 @@ from typing import Any
 from .adapter_dir import trained_on
 from .lora.config import CONFIG_NAME, LoraConfig
 from .lora.io import PREFIX, WEIGHTS_NAME, read_adapter_weights
+from .lora.principal import is_weight_init
 
 # Every key PEFT writes for a LoRA adapter ends in one of these, or is a saved module's own
 # parameter (modules_to_save) or a bias.
@@ -40,6 +41,9 @@ def describe(path: str | Path) -> dict[str, Any]:
         "alpha": config.lora_alpha,
         "use_rslora": config.use_rslora,
         "variant": "DoRA (a trained magnitude per output row)" if config.use_dora else "LoRA",
+        "init": f"{config.init_lora_weights}: for the residual base (loading redoes the init on the base)"
+        if is_weight_init(config.init_lora_weights)
+        else "plain (loads on the untouched base)",
         "LoRA parameters": f"{sum(state[k].numel() for k in lora_keys):,}",
         "other saved parameters": f"{sum(v.numel() for k, v in state.items() if k not in set(lora_keys)):,}"
         + (f" (modules_to_save: {', '.join(config.modules_to_save)})" if config.modules_to_save else ""),
@@ -82,6 +86,9 @@ def _vllm(config: LoraConfig, state: dict, ranks: list[int]) -> str:
     """Whether vLLM's LoRA loader takes the adapter, and if not the rule it breaks."""
     if config.modules_to_save:
         return f"no: vLLM does not load modules_to_save ({', '.join(config.modules_to_save)}); merge the adapter"
+    if is_weight_init(config.init_lora_weights):
+        return (f"no: saved as trained for the residual base of its {config.init_lora_weights} init; save it as plain "
+                "LoRA (lorakit.save_adapter(model, path), the default)")  # fmt: skip
     if config.use_dora:
         return "no: vLLM does not run DoRA adapters; merge the adapter (lorakit merge) and serve the merged model"
     if any(k.endswith(".bias") for k in state):

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .principal import is_weight_init
+
 CONFIG_NAME = "adapter_config.json"
 
 # PEFT fields whose non-default value means a feature lorakit does not implement: refusing to
@@ -46,7 +48,9 @@ class LoraConfig:
     bias: which biases train with the adapter: "none", "all" or "lora_only".
     modules_to_save: modules trained in full and saved with the adapter (a new task head).
     init_lora_weights: True/"kaiming" (A Kaiming-uniform, PEFT's default), "gaussian"
-        (A ~ N(0, 1/r), the paper's), or False (B random too: a non-identity start, for tests).
+        (A ~ N(0, 1/r), the paper's), False (B random too: a non-identity start, for tests), or
+        from the base weight, which keeps the residual (principal.py): "pissa" (its principal
+        singular directions), "pissa_niter_N" (randomised SVD, N iterations) or "olora" (QR).
     layers_to_transform / layers_pattern: adapt only these layer indices, found in the module
         path after `layers_pattern` (default: layers, layer, h, block, blocks).
     rank_pattern / alpha_pattern: {pattern: value} overrides per module (pattern is a regex
@@ -160,10 +164,10 @@ class LoraConfig:
         )
         _check(self.bias in ("none", "all", "lora_only"), "bias", self.bias, 'one of "none", "all", "lora_only"')
         _check(
-            self.init_lora_weights in (True, False, "kaiming", "gaussian"),
+            self.init_lora_weights in (True, False, "kaiming", "gaussian") or is_weight_init(self.init_lora_weights),
             "init_lora_weights",
             self.init_lora_weights,
-            'True, False, "kaiming" or "gaussian"',
+            'True, False, "kaiming", "gaussian", "pissa", "pissa_niter_N" (N subspace iterations) or "olora"',
         )
         for key, value in self.rank_pattern.items():
             _check(
@@ -219,7 +223,8 @@ class LoraConfig:
                     f"the adapter uses PEFT's {key}={d[key]!r}, which lorakit does not "
                     "support; retrain or convert it as a plain LoRA adapter"
                 )
-        if d.get("init_lora_weights") not in (True, False, "kaiming", "gaussian"):
+        init = d.get("init_lora_weights")
+        if init not in (True, False, "kaiming", "gaussian") and not is_weight_init(init):
             d = {**d, "init_lora_weights": True}  # PEFT's other inits only matter before training
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .config import LoraConfig
 from .peft_keys import PREFIX, lora_modules, module_scaling
+from .principal import is_weight_init
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # transformers model types llama.cpp converts under another architecture's name
@@ -87,6 +88,10 @@ def export_gguf(config: LoraConfig, state: dict[str, torch.Tensor], base_config:
 
 def exportable_pairs(config: LoraConfig, state: dict[str, torch.Tensor]) -> dict[str, tuple]:
     """{module path: (A, B) in fp32} of a plain-LoRA adapter on linear layers, or the reason not."""
+    if is_weight_init(config.init_lora_weights):
+        raise GGUFAdapterError(f"this {config.init_lora_weights} adapter was saved as trained, for the residual "
+                               "base its init leaves; save it as plain LoRA (lorakit.save_adapter(model, path), the "
+                               "default) and export that")  # fmt: skip
     if config.use_dora:
         raise GGUFAdapterError("a DoRA adapter rescales each weight column by a learned magnitude, which llama.cpp's "
                                "LoRA files cannot hold; merge it instead (lorakit merge)")  # fmt: skip

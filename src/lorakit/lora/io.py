@@ -47,6 +47,7 @@ from .inject import (
 )
 from .layers import LoraLayer
 from .peft_keys import PREFIX
+from .principal import as_plain_lora
 from .targets import TargetError, find_targets, pattern_value
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -95,10 +96,30 @@ def _tensors(model: nn.Module, name: str, config: LoraConfig) -> dict[str, torch
 
 
 # -- save ------------------------------------------------------------------------------------
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """Adapter `adapter_name` as PEFT saves it: {PEFT key: tensor}."""
+def adapter_state_dict(
+    model: nn.Module, adapter_name: str = "default", *, as_lora: bool = True
+) -> dict[str, torch.Tensor]:
+    """Adapter `adapter_name` as PEFT saves it: {PEFT key: tensor}. A PiSSA/OLoRA adapter comes
+    as the plain LoRA adapter for the untouched base (rank doubled) unless `as_lora` is False."""
     config = _config(model, adapter_name)
-    return {k: whole_tensor(v).detach().clone().contiguous() for k, v in _tensors(model, adapter_name, config).items()}
+    tensors = _tensors(model, adapter_name, config)
+    if as_lora:
+        tensors.update(_plain_factors(model, adapter_name))
+    return {k: whole_tensor(v).detach().clone().contiguous() for k, v in tensors.items()}
+
+
+def _plain_factors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """PEFT's conversion of the PiSSA/OLoRA layers: A' = [A; A0], B' = [B, -B0] (principal.py)."""
+    out = {}
+    for path, layer in lora_layers(model):
+        if name in layer.initial:
+            a_key, b_key = _lora_keys(path, layer)
+            out[a_key], out[b_key] = as_plain_lora(layer.lora_A[name], layer.lora_B[name], *layer.initial[name])
+    return out
+
+
+def _converted(model: nn.Module, name: str) -> bool:
+    return any(name in layer.initial for _, layer in lora_layers(model))
 
 
 def whole_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -107,15 +128,27 @@ def whole_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def adapter_config_dict(model: nn.Module, adapter_name: str = "default") -> dict:
+def adapter_config_dict(model: nn.Module, adapter_name: str = "default", *, as_lora: bool = True) -> dict:
     """The adapter_config.json for `adapter_name`: target_modules written so PEFT selects
     exactly the wrapped modules, and rank/alpha written per module wherever a layer's actual
-    rank or scaling differs from what the config says (per-slice and combined adapters)."""
+    rank or scaling differs from what the config says (per-slice and combined adapters). A
+    PiSSA/OLoRA adapter `as_lora`: a plain one of twice the rank (scaling unchanged), as PEFT's
+    conversion writes it."""
     config = _config(model, adapter_name)
     layers = {path: layer for path, layer in lora_layers(model) if adapter_name in layer.lora_A}
+    factor = 2 if as_lora and _converted(model, adapter_name) else 1
+    if factor == 2:
+        grow = 2**0.5 if config.use_rslora else 2  # alpha/r (or alpha/√r) stays the same
+        config = config.replace(
+            init_lora_weights=True,
+            r=2 * config.r,
+            lora_alpha=grow * config.lora_alpha,
+            rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+            alpha_pattern={k: grow * v for k, v in config.alpha_pattern.items()},
+        )
     d = config.replace(enable_lora=None, target_modules=_target_spec(model, config, layers)).to_peft_dict()
     for path, layer in layers.items():
-        r = layer.rank(adapter_name)
+        r = layer.rank(adapter_name) * factor
         alpha = layer.scaling[adapter_name] * (r**0.5 if config.use_rslora else r)
         if r != pattern_value(path, config.rank_pattern, config.r):
             d["rank_pattern"][path] = r
@@ -139,16 +172,21 @@ def _target_spec(model: nn.Module, config: LoraConfig, layers: dict) -> list[str
 
 
 def save_adapter(
-    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", *, write: bool = True
-) -> Path:
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", *, write: bool = True,
+    as_lora: bool = True,
+) -> Path:  # fmt: skip
     """Write adapter `adapter_name` to directory `path` in PEFT's format. Each file is
     written atomically (temp file + rename): an interrupted save leaves the old files intact.
+
+    A PiSSA/OLoRA adapter is written as the plain LoRA adapter for the untouched base (rank
+    doubled: PEFT's conversion), which any runtime loads; `as_lora=False` writes it as trained,
+    for the residual base (loading it redoes the init on the base, as PEFT does).
 
     Under FSDP every process must call it (the adapter is gathered whole); only the one with
     `write=True` (rank 0) writes."""
     path = Path(path)
-    state = adapter_state_dict(model, adapter_name)
-    config = adapter_config_dict(model, adapter_name)
+    state = adapter_state_dict(model, adapter_name, as_lora=as_lora)
+    config = adapter_config_dict(model, adapter_name, as_lora=as_lora)
     if not write:
         return path
     atomic_write_with(path / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))

@@ -26,6 +26,7 @@ from ..quantize import dequantized_weight
 from . import functional as LF
 from .exact import ExactMerge, MergeError
 from .mixed import AdapterStacks, MixedRows, gathered_forward, per_adapter_rows
+from .principal import NITER, is_weight_init, principal_factors
 from .variants import PLAIN, LoraVariant
 
 
@@ -44,6 +45,7 @@ class LoraLayer(nn.Module):
         self.dropout_p: dict[str, float] = {}
         self.slices: dict[str, tuple[bool, ...] | None] = {}
         self.variants: dict[str, LoraVariant] = {}
+        self.initial: dict[str, tuple[Tensor, Tensor]] = {}  # PiSSA/OLoRA: (A0, B0) taken out of W
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
@@ -125,6 +127,8 @@ class LoraLayer(nn.Module):
         self.scaling[name] = LF.lora_scaling(r, alpha, use_rslora)
         self.dropout_p[name] = float(dropout)
         self.slices[name] = tuple(slices) if slices is not None else None
+        if is_weight_init(init):  # PiSSA / OLoRA: A, B from W, which keeps the residual
+            self.init_from_weight(name, init)
         self.variants[name] = variant
         variant.create(self, name)
         self.stacks.clear()
@@ -139,14 +143,24 @@ class LoraLayer(nn.Module):
         if init is False:  # non-identity start: lets tests see the adapter's effect
             nn.init.normal_(B, std=0.02)
 
+    def init_from_weight(self, name: str, init: str) -> None:
+        raise ValueError(
+            f"init_lora_weights={init!r} takes A and B from a linear layer's weight; this target is of type "
+            f"{type(self.base_layer).__name__}: leave it out of target_modules or use the default init"
+        )
+
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             self.set_merged([n for n in self.merged_adapters if n != name])
-        self.variants[name].delete(self, name)
+        if name in self.initial:  # PiSSA/OLoRA: W gets back what the init took out of it
+            A0, B0 = self.initial.pop(name)
+            self.add_to_base_weight(self.scaling[name] * (B0.float() @ A0.float()))
+        if name in self.variants:
+            self.variants[name].delete(self, name)
         for store in (self.lora_A, self.lora_B):
             del store[name]
         for store in (self.scaling, self.dropout_p, self.slices, self.variants):
-            store.pop(name)
+            store.pop(name, None)  # (a half-made adapter, rolled back, lacks the later ones)
         self.active_adapters = [n for n in self.active_adapters if n != name]
         self.stacks.clear()
 
@@ -282,6 +296,36 @@ class LoraLinear(LoraLayer):
     def lora_delta(self, name: str) -> Tensor:
         delta = LF.delta_weight(self.A_matrix(name), self.B_matrix(name), self.scaling[name])
         return delta.t() if self.fan_in_fan_out else delta
+
+    def init_from_weight(self, name: str, init: str) -> None:
+        """PiSSA/OLoRA (principal.py): A, B from W's principal part, W replaced by the rest."""
+        others = [n for n in self.adapter_names if n != name]
+        if self.quantized or self.slices[name] is not None or others:
+            why = (
+                f"a quantised ({self.weight.dtype}) weight cannot take the residual exactly: initialise on the "
+                "full-precision base, or use the default init"
+                if self.quantized
+                else "per-slice adapters (enable_lora) are not supported with it"
+                if self.slices[name] is not None
+                else f"the adapters already on this layer ({', '.join(others)}) would see that residual too: give "
+                "it a model of its own, or load its plain-LoRA form (what save_adapter writes)"
+            )
+            raise ValueError(f"init_lora_weights={init!r} replaces the base weight by a residual; {why}")
+        if NITER.fullmatch(init):  # PEFT draws B's default init before its randomised SVD: the same
+            nn.init.kaiming_uniform_(torch.empty(self.fan_out, self.rank(name)), a=math.sqrt(5))  # draws, same factors
+        A, B = principal_factors(self.base_weight(), self.rank(name), self.scaling[name], init)
+        with torch.no_grad():
+            self.lora_A[name].copy_(A)
+            self.lora_B[name].copy_(B)
+        A0, B0 = self.lora_A[name].detach().clone(), self.lora_B[name].detach().clone()  # as stored
+        self.add_to_base_weight(-self.scaling[name] * (B0.float() @ A0.float()))
+        self.initial[name] = (A0, B0)
+
+    @torch.no_grad()
+    def add_to_base_weight(self, delta: Tensor) -> None:
+        """W += delta ([out, in] fp32), summed in fp32 and rounded once."""
+        W = self.base_weight()  # a view of the stored weight
+        W.copy_(W.float() + delta)
 
     def base_weight(self) -> Tensor:
         """W0 as [out, in] (a view): the unmerged weight (exact.py's copy while anything is

@@ -97,7 +97,7 @@ def lora_config(config, new_modules: Sequence[str]) -> lora.LoraConfig:
         lora_dropout=config.dropout,
         use_rslora=config.use_rslora,
         use_dora=config.use_dora,
-        init_lora_weights=True if config.init == "kaiming" else "gaussian",
+        init_lora_weights=True if config.init == "kaiming" else config.init,
         modules_to_save=list(new_modules) or None,
         base_model_name_or_path=portable_name(config.model),  # lorakit_task.json keeps config.model
     )

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from ..lora.principal import is_weight_init
 from ..methods import METHODS
 from ..models import ModelError, gguf_source
 from ..quantize import SCHEMES
@@ -46,7 +47,7 @@ class TrainConfig:
     dropout: float = 0.0
     use_rslora: bool = False
     use_dora: bool = False  # DoRA: a trained magnitude per output row (Liu et al. 2024)
-    init: str = "kaiming"  # or "gaussian" (the paper's)
+    init: str = "kaiming"  # or "gaussian" (the paper's), "pissa", "pissa_niter_N", "olora" (from W)
     # other methods
     adapter_size: int = 16  # adapter-h / adapter-l bottleneck m
     prefix_length: int = 16  # prefix-embed / prefix-layer positions
@@ -155,7 +156,12 @@ class TrainConfig:
         )
         _need(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0 disables clipping)")
         _need(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
-        _need(self.init in ("kaiming", "gaussian"), "init", self.init, '"kaiming" or "gaussian"')
+        _need(
+            self.init in ("kaiming", "gaussian") or is_weight_init(self.init),
+            "init",
+            self.init,
+            '"kaiming", "gaussian", "pissa", "pissa_niter_N" (randomised SVD, N iterations) or "olora"',
+        )
         _need(self.eval_generate >= 0, "eval_generate", self.eval_generate, ">= 0")
         _need(self.distributed in ("ddp", "fsdp"), "distributed", self.distributed, '"ddp" or "fsdp"')
         _need(self.quantize is None or self.quantize in SCHEMES, "quantize", self.quantize,
@@ -187,6 +193,10 @@ class TrainConfig:
         if self.method != "lora":
             raise TrainConfigError(f"--quantize={self.quantize!r} is invalid with --method={self.method}: a quantised "
                                    "weight cannot train; quantise only under --method lora")  # fmt: skip
+        if is_weight_init(self.init):
+            raise TrainConfigError(f"--quantize={self.quantize!r} is invalid with --init={self.init}: {self.init} "
+                                   "replaces each base weight by a residual, which quantised blocks cannot take "
+                                   "exactly; drop one of them")  # fmt: skip
         if self.distributed == "fsdp":
             raise TrainConfigError(f"--quantize={self.quantize!r} is invalid with --distributed fsdp: quantised "
                                    "packed weights do not shard; use --distributed ddp")  # fmt: skip
@@ -227,6 +237,7 @@ class TrainConfig:
                 "targets": self.targets is not None,
                 "use_rslora": self.use_rslora,
                 "use_dora": self.use_dora,
+                "init": self.init != "kaiming",
                 "lora_plus_ratio": self.lora_plus_ratio != 1,
             }
             for name, given in lora_only.items():
