@@ -34,7 +34,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "task": json.loads(task.read_text()).get("task") if task.is_file() else (config.task_type or "(not recorded)"),
         "targets": config.target_modules
         if isinstance(config.target_modules, str)
-        else ", ".join(config.target_modules or []),
+        else ", ".join([*(config.target_modules or []), *(config.target_parameters or [])]),
         "adapted modules": len(modules),
         "rank": ", ".join(map(str, ranks))
         + (f" (pattern: {len(config.rank_pattern)} modules)" if config.rank_pattern else ""),
@@ -89,6 +89,9 @@ def _vllm(config: LoraConfig, state: dict, ranks: list[int]) -> str:
     if is_weight_init(config.init_lora_weights):
         return (f"no: saved as trained for the residual base of its {config.init_lora_weights} init; save it as plain "
                 "LoRA (lorakit.save_adapter(model, path), the default)")  # fmt: skip
+    if config.target_parameters:
+        return ("not checked: vLLM's LoRA on fused MoE experts (target_parameters) depends on the model and vLLM "
+                "version; merging the adapter always works")  # fmt: skip
     if config.use_dora:
         return "no: vLLM does not run DoRA adapters; merge the adapter (lorakit merge) and serve the merged model"
     if any(k.endswith(".bias") for k in state):

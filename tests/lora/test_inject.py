@@ -137,7 +137,7 @@ def test_paper_count_gpt2_medium_r4_q_v_slices_of_c_attn():
 def test_dry_run_lists_without_changing_the_model():
     model = tiny("gpt2")
     report = lorakit.dry_run(model, lorakit.LoraConfig(r=2))
-    assert "transformer.h.0.attn.c_attn" in report and "Conv1D" in report and "2 modules" in report
+    assert "transformer.h.0.attn.c_attn" in report and "Conv1D" in report and "2 targets" in report
     assert wrapped(model) == []
 
 

@@ -114,6 +114,23 @@ def make_model_dir(root: Path, kind: str) -> Path:
             **common,
         )
         model = tf.LlamaForCausalLM(config)
+    elif kind == "qwen3-moe":  # a mixture of experts: fused 3-D expert weights
+        config = tf.Qwen3MoeConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=64,
+            bos_token_id=2,
+            initializer_range=0.3,
+            **common,
+        )
+        model = tf.Qwen3MoeForCausalLM(config)
     elif kind == "gpt2":  # learned positions, fused c_attn Conv1D
         config = tf.GPT2Config(
             n_embd=32,

@@ -24,7 +24,6 @@ _UNSUPPORTED_PEFT = {
     "layer_replication": None,
     "use_qalora": False,
     "lora_bias": False,
-    "target_parameters": None,
     "trainable_token_indices": None,
     "alora_invocation_tokens": None,
 }
@@ -57,6 +56,10 @@ class LoraConfig:
         matched against the end of the module path, as in PEFT).
     use_dora: DoRA (Liu et al. 2024): a trained magnitude per output row of each adapted
         linear layer (`lora_magnitude_vector`), the direction from W0 + s·B·A (dora.py).
+    target_parameters: parameters to adapt where no layer holds them, by path or dotted suffix:
+        the fused expert weights of MoE models, e.g. ["mlp.experts.gate_up_proj",
+        "mlp.experts.down_proj"] (one rank-r update per expert; parameters.py). With it,
+        target_modules=None means no modules (PEFT's rule), not the architecture's default.
     enable_lora: lorakit's per-slice variant for fused projections (loralib's `enable_lora`):
         {pattern: [True, False, True]} adapts only the q and v slices of a fused qkv.
         Saved in PEFT's plain form (an equivalent rank-k·r adapter), so it is not serialised.
@@ -82,11 +85,13 @@ class LoraConfig:
     inference_mode: bool = False
     enable_lora: dict[str, list[bool]] | None = None
     use_dora: bool = False
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
         self.target_modules = _as_names(self.target_modules)
         self.exclude_modules = _as_names(self.exclude_modules)
+        self.target_parameters = list(self.target_parameters) if self.target_parameters else None
         self.modules_to_save = list(self.modules_to_save) if self.modules_to_save else None
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
@@ -103,6 +108,12 @@ class LoraConfig:
                 value,
                 "a string, a list of strings, or null",
             )
+        _check(
+            self.target_parameters is None or _is_str_list(self.target_parameters),
+            "target_parameters",
+            self.target_parameters,
+            'a list of parameter names, e.g. ["mlp.experts.gate_up_proj"], or null',
+        )
         _check(
             self.modules_to_save is None or _is_str_list(self.modules_to_save),
             "modules_to_save",
@@ -169,6 +180,12 @@ class LoraConfig:
             self.init_lora_weights,
             'True, False, "kaiming", "gaussian", "pissa", "pissa_niter_N" (N subspace iterations) or "olora"',
         )
+        if self.target_parameters:
+            why = "0/false with target_parameters (an adapted parameter has no input of its own to drop out or rescale)"
+            for name, on in (("lora_dropout", self.lora_dropout > 0), ("use_dora", self.use_dora)):
+                _check(not on, name, getattr(self, name), why + "; adapt those parameters in a separate adapter")
+            _check(not is_weight_init(self.init_lora_weights), "init_lora_weights", self.init_lora_weights,
+                   "True, 'kaiming' or 'gaussian' with target_parameters")  # fmt: skip
         for key, value in self.rank_pattern.items():
             _check(
                 isinstance(value, int) and not isinstance(value, bool) and value > 0,

@@ -92,6 +92,10 @@ def exportable_pairs(config: LoraConfig, state: dict[str, torch.Tensor]) -> dict
         raise GGUFAdapterError(f"this {config.init_lora_weights} adapter was saved as trained, for the residual "
                                "base its init leaves; save it as plain LoRA (lorakit.save_adapter(model, path), the "
                                "default) and export that")  # fmt: skip
+    if config.target_parameters:
+        raise GGUFAdapterError(f"the adapter adapts parameters ({', '.join(config.target_parameters)}: fused MoE "
+                               "experts), which lorakit does not export to llama.cpp's LoRA format yet; merge it "
+                               "(lorakit merge) and convert the merged model")  # fmt: skip
     if config.use_dora:
         raise GGUFAdapterError("a DoRA adapter rescales each weight column by a learned magnitude, which llama.cpp's "
                                "LoRA files cannot hold; merge it instead (lorakit merge)")  # fmt: skip

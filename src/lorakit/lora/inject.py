@@ -13,7 +13,8 @@ from .config import ConfigError, LoraConfig
 from .dora import DORA
 from .layers import LoraLayer
 from .modules_to_save import ModulesToSave
-from .targets import TargetError, find_targets, name_matches, plain_modules
+from .parameters import LoraParameter
+from .targets import ParameterTarget, TargetError, find_parameter_targets, find_targets, name_matches, plain_modules
 from .variants import PLAIN
 from .wrap import wrap
 
@@ -54,6 +55,11 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> None
                 slices=t.slices,
                 variant=DORA if config.use_dora else PLAIN,
             )
+        for t in find_parameter_targets(model, config):
+            parameter_layer(model, t).add_adapter(
+                adapter_name, t.r, t.alpha, dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                init=config.init_lora_weights,
+            )  # fmt: skip
         for name in _modules_to_save_names(model, config):
             module = model.get_submodule(name)
             if not isinstance(module, ModulesToSave):
@@ -66,10 +72,25 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> None
     lora_configs(model)[adapter_name] = config
 
 
+def parameter_layer(model: nn.Module, target: ParameterTarget) -> LoraParameter:
+    """The wrapper of `target`'s parameter: the one already there, or a new one around the
+    module (outside the wrappers of its other parameters, as PEFT nests them)."""
+    outer = model.get_submodule(target.path)
+    module = outer
+    while isinstance(module, LoraParameter):
+        if module.parameter_name == target.parameter_name:
+            return module
+        module = module.base_layer
+    layer = LoraParameter(outer, target.parameter_name)
+    set_submodule(model, target.path, layer)
+    return layer
+
+
 def remove_adapter_modules(model: nn.Module, adapter_name: str) -> None:
     """Delete the adapter from every wrapper; a wrapper left with no adapter is replaced by
-    the module it wraps, so deleting the last adapter restores the plain model."""
-    for path, module in [*lora_layers(model), *saved_modules(model)]:
+    the module it wraps, so deleting the last adapter restores the plain model. Innermost
+    first: a nested wrapper's path runs through the one around it."""
+    for path, module in reversed([*lora_layers(model), *saved_modules(model)]):
         if adapter_name in module.adapter_names:
             module.delete_adapter(adapter_name)
         if not module.adapter_names:

@@ -46,6 +46,7 @@ from .inject import (
     set_trainable,
 )
 from .layers import LoraLayer
+from .parameters import LoraParameter, parameter_key
 from .peft_keys import PREFIX
 from .principal import as_plain_lora
 from .targets import TargetError, find_targets, pattern_value
@@ -136,6 +137,9 @@ def adapter_config_dict(model: nn.Module, adapter_name: str = "default", *, as_l
     conversion writes it."""
     config = _config(model, adapter_name)
     layers = {path: layer for path, layer in lora_layers(model) if adapter_name in layer.lora_A}
+    # an adapted parameter goes by its own path in target_parameters and the patterns
+    parameters = {parameter_key(path, layer): layers.pop(path) for path, layer in list(layers.items())
+                  if isinstance(layer, LoraParameter)}  # fmt: skip
     factor = 2 if as_lora and _converted(model, adapter_name) else 1
     if factor == 2:
         grow = 2**0.5 if config.use_rslora else 2  # alpha/r (or alpha/√r) stays the same
@@ -146,8 +150,9 @@ def adapter_config_dict(model: nn.Module, adapter_name: str = "default", *, as_l
             rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
             alpha_pattern={k: grow * v for k, v in config.alpha_pattern.items()},
         )
-    d = config.replace(enable_lora=None, target_modules=_target_spec(model, config, layers)).to_peft_dict()
-    for path, layer in layers.items():
+    spec = _target_spec(model, config, layers) if layers else ([] if parameters else config.target_modules)
+    d = config.replace(enable_lora=None, target_modules=spec).to_peft_dict()
+    for path, layer in {**layers, **parameters}.items():
         r = layer.rank(adapter_name) * factor
         alpha = layer.scaling[adapter_name] * (r**0.5 if config.use_rslora else r)
         if r != pattern_value(path, config.rank_pattern, config.r):

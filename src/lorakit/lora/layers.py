@@ -87,7 +87,7 @@ class LoraLayer(nn.Module):
                 "undone exactly. Keep the adapter unmerged (mixed_batch and set_adapter work as they are), or "
                 "load the base unquantised to merge"
             )
-        return self.base_layer.weight
+        return self.weight
 
     # -- adapters --------------------------------------------------------------------------
     def add_adapter(

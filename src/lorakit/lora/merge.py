@@ -82,7 +82,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = True) -> nn.Module:
         _refuse_non_finite_heads(model)
     # Merge everywhere first (all or nothing), then unwrap: a refused merge leaves the model as it was.
     _merge_all(model, lambda layer: names, safe_merge)
-    for name, layer in list(lora_layers(model)):
+    for name, layer in reversed(list(lora_layers(model))):  # innermost first (nested wrappers)
         layer.exact.forget()  # the merge is final: drop the copy kept for unmerge
         set_submodule(model, name, layer.base_layer)
     return _unload_wrappers(model)
@@ -101,7 +101,7 @@ def _refuse_non_finite_heads(model: nn.Module) -> None:
 
 def unload(model: nn.Module) -> nn.Module:
     """The original base model back, without any adapter (merged ones are unmerged)."""
-    for name, layer in list(lora_layers(model)):
+    for name, layer in reversed(list(lora_layers(model))):  # innermost first (nested wrappers)
         layer.unmerge()
         set_submodule(model, name, layer.base_layer)
     for name, wrapper in list(saved_modules(model)):

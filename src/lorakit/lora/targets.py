@@ -118,10 +118,20 @@ def _base(module: nn.Module) -> nn.Module | None:
     return base if is_supported(base) else None
 
 
+def module_spec(model: nn.Module, config: LoraConfig) -> list[str] | str:
+    """target_modules, or the architecture's default when it is None (and no parameters are
+    targeted instead: PEFT's rule)."""
+    if config.target_modules is not None:
+        return config.target_modules
+    return [] if config.target_parameters else default_targets(model)
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
     """The modules `config` selects, in model order. Raises TargetError naming the model's
     candidate module names when nothing (or an unsupported layer) matches."""
-    spec = config.target_modules if config.target_modules is not None else default_targets(model)
+    spec = module_spec(model, config)
+    if spec == [] and config.target_parameters:
+        return []  # only parameters are adapted (find_parameter_targets)
     head = output_head(model)
     saved = config.modules_to_save or []
     targets, unsupported = [], []
@@ -200,4 +210,76 @@ def dry_run(model: nn.Module, config: LoraConfig) -> str:
         )
         note = f" slices={''.join('1' if s else '0' for s in t.slices)}" if t.slices else ""
         rows.append(f"{t.name:<60} {t.kind:<10} {shape:<12} r={t.r:<4} alpha={t.alpha:<6g} {params:>10,}{note}")
-    return "\n".join(rows + [f"{len(rows)} modules, {total:,} adapter parameters"])
+    for t in find_parameter_targets(model, config):  # A: [E·r, in], B: [out, E·r]
+        experts = t.shape[0] if len(t.shape) == 3 else 1
+        params = experts * t.r * (t.shape[-1] + t.shape[-2])
+        total += params
+        kind = f"{experts} experts" if len(t.shape) == 3 else "parameter"
+        shape = "x".join(map(str, t.shape))
+        rows.append(f"{t.key:<60} {kind:<10} {shape:<12} r={t.r:<4} alpha={t.alpha:<6g} {params:>10,}")
+    return "\n".join(rows + [f"{len(rows)} targets, {total:,} adapter parameters"])
+
+
+@dataclass
+class ParameterTarget:
+    """One parameter LoRA would adapt (target_parameters): `key` = module path + parameter name."""
+
+    key: str
+    path: str  # where its module sits in the model (wrapped or not)
+    parameter_name: str
+    shape: tuple[int, ...]
+    r: int
+    alpha: float
+
+
+def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[ParameterTarget]:
+    """The parameters `config.target_parameters` selects (a path, or its dotted suffix, as PEFT
+    matches them), in model order; each module's parameters in its own order."""
+    if not config.target_parameters:
+        return []
+    from .parameters import LoraParameter
+
+    targets = []
+    for path, module in plain_modules(model):
+        holder = module
+        while isinstance(holder, LoraParameter):
+            holder = holder.base_layer
+        if isinstance(holder, LoraLayer):
+            continue  # a layer adapted through target_modules: its weight is not a free parameter
+        for name, param in holder.named_parameters(recurse=False):
+            key = f"{path}.{name}" if path else name
+            if not name_matches(key, config.target_parameters):
+                continue
+            if not path or param.dim() not in (2, 3):
+                raise TargetError(
+                    f"target_parameters matched {key} ({param.dim()}-D, "
+                    f"{'on the top-level model' if not path else 'shape ' + str(tuple(param.shape))}); LoRA adapts "
+                    "2-D and 3-D (expert) parameters of a submodule"
+                )
+            r = pattern_value(key, config.rank_pattern, config.r)
+            alpha = pattern_value(key, config.alpha_pattern, config.lora_alpha)
+            targets.append(ParameterTarget(key, path, name, tuple(param.shape), r, alpha))
+    if not targets:
+        raise TargetError(
+            f"target_parameters={config.target_parameters!r} matched no parameter of this {type(model).__name__}; "
+            f"its 3-D (expert) parameters: {', '.join(expert_names(model)) or '(none)'}"
+        )
+    return targets
+
+
+def expert_names(model: nn.Module) -> list[str]:
+    """The short names of a model's 3-D parameters ("mlp.experts.gate_up_proj"): what
+    target_parameters usually names."""
+    names = (n.replace(".base_layer", "") for n, p in model.named_parameters() if p.dim() == 3)
+    return sorted({".".join(n.split(".")[-3:]) for n in names})
+
+
+def split_targets(model: nn.Module, names: list[str]) -> tuple[list[str], list[str]]:
+    """`names` (module names, or paths ending in a parameter's name) as (target_modules,
+    target_parameters): an entry that names no module but a parameter of one is a parameter
+    (`mlp.experts.gate_up_proj`: a fused MoE expert weight)."""
+    modules = [n for n, _ in plain_modules(model) if n]
+    parameters = [n.replace(".base_layer", "") for n, _ in model.named_parameters()]
+    is_parameter = {t: not any(name_matches(m, [t]) for m in modules) and any(name_matches(p, [t]) for p in parameters)
+                    for t in names}  # fmt: skip
+    return [t for t in names if not is_parameter[t]], [t for t in names if is_parameter[t]]

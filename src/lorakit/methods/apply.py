@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from .. import lora
 from ..lora.inject import bias_names, lora_configs, saved_modules
+from ..lora.targets import split_targets
 from ..models import portable_name
 from . import adapters, full
 from .errors import MethodError
@@ -77,7 +78,7 @@ def apply_method(model: nn.Module, config, new_modules: Sequence[str]) -> nn.Mod
     train, which is `model` itself except for prefix methods (a PrefixModel around it). The
     new task-head modules `new_modules` train in every method."""
     if config.method == "lora":
-        return lora.inject(model, lora_config(config, new_modules))
+        return lora.inject(model, lora_config(config, new_modules, model))
     if config.method not in METHODS:
         raise unknown_method(config.method)
     if config.method.startswith("prefix") and config.eval_generate:
@@ -88,12 +89,18 @@ def apply_method(model: nn.Module, config, new_modules: Sequence[str]) -> nn.Mod
     return build(model, config.method, settings, new_modules)
 
 
-def lora_config(config, new_modules: Sequence[str]) -> lora.LoraConfig:
-    """The LoraConfig a TrainConfig asks for; the new task-head modules train in full."""
+def lora_config(config, new_modules: Sequence[str], model: nn.Module | None = None) -> lora.LoraConfig:
+    """The LoraConfig a TrainConfig asks for; the new task-head modules train in full. Names in
+    --targets that are `model`'s parameters rather than modules (fused MoE experts, such as
+    mlp.experts.gate_up_proj) become target_parameters."""
+    modules, parameters = config.targets, None
+    if model is not None and isinstance(config.targets, list):
+        modules, parameters = split_targets(model, config.targets)
     return lora.LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
-        target_modules=config.targets,
+        target_modules=modules or None,
+        target_parameters=parameters or None,
         lora_dropout=config.dropout,
         use_rslora=config.use_rslora,
         use_dora=config.use_dora,

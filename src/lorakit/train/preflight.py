@@ -17,7 +17,14 @@ from pathlib import Path
 import torch.nn as nn
 
 from ..lora.layers import LoraLinear
-from ..lora.targets import TargetError, candidate_names, find_targets, name_matches
+from ..lora.targets import (
+    TargetError,
+    candidate_names,
+    expert_names,
+    find_parameter_targets,
+    find_targets,
+    name_matches,
+)
 from ..lora.wrap import wrap
 from ..methods import lora_config
 from .config import TrainConfig, TrainConfigError
@@ -49,18 +56,29 @@ def check_lora_targets(config: TrainConfig, model: nn.Module, new_modules: Seque
     if config.method != "lora":
         return
     if isinstance(config.targets, list):
-        names = [n for n, _ in model.named_modules() if n]
+        names = [n for n, _ in model.named_modules() if n] + [n for n, _ in model.named_parameters()]
         unknown = [t for t in config.targets if not any(name_matches(n, [t]) for n in names)]
         if unknown:
+            experts = expert_names(model)
             raise TrainConfigError(
                 f"--targets={','.join(config.targets)!r} is invalid: {', '.join(map(repr, unknown))} "
                 f"matches no module of this {type(model).__name__}; candidate module names: "
                 f"{', '.join(candidate_names(model))}"
+                + (f"; expert parameters: {', '.join(experts)}" if experts else "")
             )
+    lora = lora_config(config, new_modules, model)
     try:
-        targets = find_targets(model, lora_config(config, new_modules))
+        targets = find_targets(model, lora)
+        parameters = find_parameter_targets(model, lora)
     except TargetError as e:
         raise TrainConfigError(f"--targets={config.targets!r} is invalid: {e}") from e
+    for t in parameters:  # one rank-r pair per expert
+        size = min(t.shape[-2:])
+        if t.r > size:
+            raise TrainConfigError(
+                f"--rank={t.r} is invalid: expected at most {size}, the smaller dimension of each expert in "
+                f"{t.key} ({' x '.join(map(str, t.shape))}); lower --rank"
+            )
     for t in targets:
         # A: [r, fan-in], B: [fan-out, r]; for a conv the fan-in includes the kernel.
         layer = wrap(t.module)
