@@ -99,6 +99,13 @@ def train(
             "adapter is always a plain LoRA adapter for the untouched base. [default: kaiming]"
         ),
     ),
+    add_tokens: str | None = typer.Option(
+        None,
+        help=(
+            'New special tokens, comma-separated (e.g. "<tool>,<sep>"): added to the tokenizer (saved beside the '
+            "adapter), and only their embedding rows train and are saved (PEFT's trainable_token_indices)."
+        ),
+    ),
     lr: float | None = typer.Option(None, help="Peak learning rate. [default: 1e-3]"),
     lora_plus_ratio: float | None = typer.Option(
         None, help="LoRA+: B's learning rate = lr x this (16 in the LoRA+ paper). [default: 1]"

@@ -11,6 +11,7 @@ from .adapter_dir import trained_on
 from .lora.config import CONFIG_NAME, LoraConfig
 from .lora.io import PREFIX, WEIGHTS_NAME, read_adapter_weights
 from .lora.principal import is_weight_init
+from .lora.tokens import SAVED_SUFFIX
 
 # Every key PEFT writes for a LoRA adapter ends in one of these, or is a saved module's own
 # parameter (modules_to_save) or a bias.
@@ -47,6 +48,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "LoRA parameters": f"{sum(state[k].numel() for k in lora_keys):,}",
         "other saved parameters": f"{sum(v.numel() for k, v in state.items() if k not in set(lora_keys)):,}"
         + (f" (modules_to_save: {', '.join(config.modules_to_save)})" if config.modules_to_save else ""),
+        "new token rows": _token_rows(config, state),
         "dtype": ", ".join(sorted({str(v.dtype).replace("torch.", "") for v in state.values()})),
         "size on disk": _size(sum(f.stat().st_size for f in path.iterdir() if f.is_file())),
         "PEFT compatible": _peft_compatible(path, state),
@@ -92,12 +94,22 @@ def _vllm(config: LoraConfig, state: dict, ranks: list[int]) -> str:
     if config.target_parameters:
         return ("not checked: vLLM's LoRA on fused MoE experts (target_parameters) depends on the model and vLLM "
                 "version; merging the adapter always works")  # fmt: skip
+    if config.trainable_token_indices:
+        return "no: vLLM does not load trained token rows (trainable_token_indices); merge the adapter"
     if config.use_dora:
         return "no: vLLM does not run DoRA adapters; merge the adapter (lorakit merge) and serve the merged model"
     if any(k.endswith(".bias") for k in state):
         return "no: vLLM loads no adapter bias terms; train without --bias or merge the adapter"
     rank = max(ranks, default=0)
     return f"yes (start vLLM with --max-lora-rank >= {rank}; its default is 16)" if rank > 16 else "yes"
+
+
+def _token_rows(config: LoraConfig, state: dict) -> str:
+    keys = [k for k in state if k.endswith(SAVED_SUFFIX)]
+    if not keys:
+        return "none"
+    modules = ", ".join(k[len(PREFIX) : -len(SAVED_SUFFIX) - 1] for k in keys)
+    return f"{state[keys[0]].shape[0]} tokens ({modules}): only their rows are saved"
 
 
 def _llama_cpp(path: Path, config: LoraConfig, state: dict) -> str:

@@ -315,8 +315,12 @@ def load_tokenizer(name_or_path: str):
     """
     from transformers import AutoTokenizer
 
-    resolved = resolve_model(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(resolved.path, **resolved.kwargs)
+    alone = Path(name_or_path)
+    if (alone / "tokenizer_config.json").is_file() and not (alone / "config.json").is_file():  # beside an adapter
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    else:
+        resolved = resolve_model(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path, **resolved.kwargs)
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.sep_token
         if fallback is None:

@@ -79,3 +79,33 @@ def test_expert_targets_are_checked_against_the_model_before_training(data_files
     with pytest.raises(TrainConfigError, match=r"'experts\.up_proj' matches no module .* expert parameters: "
                        r"mlp\.experts\.down_proj, mlp\.experts\.gate_up_proj"):  # fmt: skip
         train(config(dirs, data_files, "causal-lm", tmp_path, targets="q_proj,experts.up_proj"), callbacks=[])
+
+
+def test_new_tokens_train_their_rows_alone_and_load_with_their_tokenizer(model_dirs, tmp_path):
+    """--add-tokens: the tokenizer grows (saved beside the adapter), the untied head's new rows
+    train too, only the rows are saved, and the loaded adapter scores what the run scored."""
+    from lorakit.inspect_adapter import describe
+    from lorakit.lora import read_adapter_weights
+
+    from .conftest import write_jsonl
+
+    rows = [{"prompt": f"a {w}", "response": f"<tool> {w} <sep> b"} for w in ("c", "d", "a", "b") * 12]
+    data = write_jsonl(tmp_path / "tools.jsonl", rows)
+    cfg = TrainConfig(model=str(model_dirs["llama"]), task="causal-lm", data=str(data), eval_data=str(data),
+                      output=str(tmp_path / "out"), add_tokens="<tool>,<sep>", max_steps=12, batch_size=8, lr=3e-2,
+                      rank=4, alpha=8, max_length=32, targets="q_proj,v_proj")  # fmt: skip
+    result = train(cfg, callbacks=[])
+    final = result.summary["final_eval"]["loss"]
+    assert final < result.summary["baseline_eval"]["loss"]
+    saved = read_adapter_weights(tmp_path / "out")
+    token_keys = sorted(k for k in saved if "trainable_tokens" in k)
+    assert token_keys == ["base_model.model.lm_head.token_adapter.trainable_tokens_delta",
+                          "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]  # fmt: skip
+    assert all(saved[k].shape == (2, 32) for k in token_keys)  # two rows each, not the whole table
+    trained = load_trained(None, tmp_path / "out")
+    assert trained.tokenizer.convert_tokens_to_ids(["<tool>", "<sep>"]) == [len(trained.tokenizer) - 2,
+                                                                            len(trained.tokenizer) - 1]  # fmt: skip
+    assert evaluate(trained, str(data))["loss"] == pytest.approx(final, rel=1e-4)
+    info = describe(tmp_path / "out")
+    assert info["new token rows"].startswith("2 tokens (") and "model.embed_tokens" in info["new token rows"]
+    assert info["vLLM"].startswith("no: vLLM does not load trained token rows")

@@ -39,6 +39,7 @@ from .layers import LoraLayer, LoraLinear
 from .merge import MergeError, merge, merge_and_unload, unload, unmerge
 from .modules_to_save import ModulesToSave
 from .targets import Target, TargetError, dry_run, find_targets
+from .tokens import TrainableTokens, new_token_rows
 from .variants import LoraVariant
 
 __all__ = [
@@ -80,6 +81,8 @@ __all__ = [
     "save_adapter",
     "set_adapter",
     "set_trainable",
+    "TrainableTokens",
+    "new_token_rows",
     "unload",
     "unmerge",
 ]

@@ -12,7 +12,15 @@ import torch.nn as nn
 
 from . import functional as LF
 from .config import ConfigError, LoraConfig
-from .inject import check_adapter_name, lora_configs, lora_layers, remove_adapter_modules, saved_modules, set_trainable
+from .inject import (
+    check_adapter_name,
+    lora_configs,
+    lora_layers,
+    remove_adapter_modules,
+    saved_modules,
+    set_trainable,
+    switchable_layers,
+)
 from .mixed import MixedRows
 
 
@@ -30,7 +38,7 @@ def require_adapters(model: nn.Module, names: Sequence[str]) -> None:
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    for _, layer in lora_layers(model):
+    for layer in switchable_layers(model):
         return list(layer.active_adapters)
     return []
 
@@ -40,7 +48,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str], *, trainable: bool
     weights (unless something is merged): it only changes which A, B each layer reads."""
     names = [names] if isinstance(names, str) else list(names)
     require_adapters(model, names)
-    for _, layer in lora_layers(model):
+    for layer in switchable_layers(model):
         if layer.merged_adapters and set(layer.merged_adapters) != set(names):
             layer.set_merged(names)  # keep a merged model merged with what is now active
         layer.active_adapters = names
@@ -53,7 +61,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str], *, trainable: bool
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the bare base model inside the block (merged adapters are unmerged meanwhile)."""
-    layers = [layer for _, layer in lora_layers(model)] + [w for _, w in saved_modules(model)]
+    layers = switchable_layers(model) + [w for _, w in saved_modules(model)]
     merged = {id(layer): list(getattr(layer, "merged_adapters", [])) for layer in layers}
     for layer in layers:
         if merged[id(layer)]:
@@ -80,7 +88,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
     slot = {n: i for i, n in enumerate(names)}
     index = torch.tensor([slot[n] if n is not None else len(names) for n in adapter_names], dtype=torch.long)
     rows = MixedRows(names, index)
-    modules = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
+    modules = switchable_layers(model) + [m for _, m in saved_modules(model)]
     for module in modules:
         module.mixed = rows
     try:
@@ -120,7 +128,7 @@ def count_parameters(model: nn.Module, adapter_name: str | None = None) -> Param
     seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
     adapter = sum(
         p.numel()
-        for _, layer in lora_layers(model)
+        for layer in switchable_layers(model)
         for name in layer.adapter_names
         if adapter_name in (None, name)
         for p in layer.own_parameters(name)

@@ -24,7 +24,6 @@ _UNSUPPORTED_PEFT = {
     "layer_replication": None,
     "use_qalora": False,
     "lora_bias": False,
-    "trainable_token_indices": None,
     "alora_invocation_tokens": None,
 }
 
@@ -60,6 +59,9 @@ class LoraConfig:
         the fused expert weights of MoE models, e.g. ["mlp.experts.gate_up_proj",
         "mlp.experts.down_proj"] (one rank-r update per expert; parameters.py). With it,
         target_modules=None means no modules (PEFT's rule), not the architecture's default.
+    trainable_token_indices: token ids whose embedding rows train (new special tokens), saved as
+        those rows alone (tokens.py): a list (the input embedding, and the output head when it
+        shares its weight) or {"embed_tokens": [...], "lm_head": [...]}.
     enable_lora: lorakit's per-slice variant for fused projections (loralib's `enable_lora`):
         {pattern: [True, False, True]} adapts only the q and v slices of a fused qkv.
         Saved in PEFT's plain form (an equivalent rank-k·r adapter), so it is not serialised.
@@ -86,6 +88,7 @@ class LoraConfig:
     enable_lora: dict[str, list[bool]] | None = None
     use_dora: bool = False
     target_parameters: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -113,6 +116,15 @@ class LoraConfig:
             "target_parameters",
             self.target_parameters,
             'a list of parameter names, e.g. ["mlp.experts.gate_up_proj"], or null',
+        )
+        tokens = self.trainable_token_indices
+        _check(
+            tokens is None
+            or _is_index_list(tokens)
+            or (isinstance(tokens, dict) and all(isinstance(k, str) and _is_index_list(v) for k, v in tokens.items())),
+            "trainable_token_indices",
+            tokens,
+            'token ids, e.g. [49152, 49153], or {"embed_tokens": [...]}, or null',
         )
         _check(
             self.modules_to_save is None or _is_str_list(self.modules_to_save),
@@ -287,6 +299,11 @@ def _is_number(value: Any) -> bool:
         return math.isfinite(value)
     except OverflowError:  # an int too large for a float
         return False
+
+
+def _is_index_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                    for v in value)  # fmt: skip
 
 
 def _is_str_list(value: Any) -> bool:

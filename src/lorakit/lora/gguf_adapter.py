@@ -92,6 +92,10 @@ def exportable_pairs(config: LoraConfig, state: dict[str, torch.Tensor]) -> dict
         raise GGUFAdapterError(f"this {config.init_lora_weights} adapter was saved as trained, for the residual "
                                "base its init leaves; save it as plain LoRA (lorakit.save_adapter(model, path), the "
                                "default) and export that")  # fmt: skip
+    if config.trainable_token_indices:
+        raise GGUFAdapterError("the adapter trains embedding rows of new tokens, which llama.cpp's LoRA files cannot "
+                               "hold (the base's vocabulary would change too); merge it (lorakit merge) and convert "
+                               "the merged model with its tokenizer")  # fmt: skip
     if config.target_parameters:
         raise GGUFAdapterError(f"the adapter adapts parameters ({', '.join(config.target_parameters)}: fused MoE "
                                "experts), which lorakit does not export to llama.cpp's LoRA format yet; merge it "

@@ -15,6 +15,7 @@ from .layers import LoraLayer
 from .modules_to_save import ModulesToSave
 from .parameters import LoraParameter
 from .targets import ParameterTarget, TargetError, find_parameter_targets, find_targets, name_matches, plain_modules
+from .tokens import TrainableTokens, tied_head, token_targets
 from .variants import PLAIN
 from .wrap import wrap
 
@@ -60,6 +61,8 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> None
                 adapter_name, t.r, t.alpha, dropout=config.lora_dropout, use_rslora=config.use_rslora,
                 init=config.init_lora_weights,
             )  # fmt: skip
+        if config.trainable_token_indices:
+            add_token_rows(model, config.trainable_token_indices, adapter_name)
         for name in _modules_to_save_names(model, config):
             module = model.get_submodule(name)
             if not isinstance(module, ModulesToSave):
@@ -86,15 +89,35 @@ def parameter_layer(model: nn.Module, target: ParameterTarget) -> LoraParameter:
     return layer
 
 
+def add_token_rows(model: nn.Module, spec: list[int] | dict[str, list[int]], adapter_name: str) -> None:
+    """Trainable rows of the embedding (tokens.py), and of the output head that shares its weight."""
+    for path, indices in token_targets(model, spec).items():
+        module = model.get_submodule(path)
+        if isinstance(module, LoraLayer):
+            raise ConfigError(f"trainable_token_indices: {path} is also a LoRA target; train its rows or adapt it "
+                              "with LoRA, not both")  # fmt: skip
+        if not isinstance(module, TrainableTokens):
+            module = TrainableTokens(module)
+            set_submodule(model, path, module)
+        module.add_adapter(adapter_name, indices)
+        head = tied_head(model, module.base_layer) if isinstance(module.base_layer, nn.Embedding) else None
+        if head is not None:  # a tied output head reads the same rows
+            wrapper = model.get_submodule(head)
+            if not isinstance(wrapper, TrainableTokens):
+                wrapper = TrainableTokens(wrapper, tied_to=module)
+                set_submodule(model, head, wrapper)
+            wrapper.add_adapter(adapter_name, indices)
+
+
 def remove_adapter_modules(model: nn.Module, adapter_name: str) -> None:
     """Delete the adapter from every wrapper; a wrapper left with no adapter is replaced by
     the module it wraps, so deleting the last adapter restores the plain model. Innermost
     first: a nested wrapper's path runs through the one around it."""
-    for path, module in reversed([*lora_layers(model), *saved_modules(model)]):
-        if adapter_name in module.adapter_names:
+    for path, module in reversed([*lora_layers(model), *saved_modules(model), *token_layers(model)]):
+        if adapter_name in module.adapter_names or adapter_name in getattr(module, "active_adapters", ()):
             module.delete_adapter(adapter_name)
         if not module.adapter_names:
-            original = module.base_layer if isinstance(module, LoraLayer) else module.original_module
+            original = module.original_module if isinstance(module, ModulesToSave) else module.base_layer
             set_submodule(model, path, original)
 
 
@@ -102,6 +125,7 @@ def adapter_parameters(model: nn.Module) -> set[int]:
     """ids of every adapter's own parameters (A, B, modules_to_save copies), by module type."""
     ids = {id(p) for _, layer in lora_layers(model) for name in layer.adapter_names for p in layer.own_parameters(name)}
     ids |= {id(p) for _, w in saved_modules(model) for p in w.modules_to_save.parameters()}
+    ids |= {id(p) for _, t in token_layers(model) for name in t.adapter_names for p in t.own_parameters(name)}
     return ids
 
 
@@ -124,6 +148,9 @@ def own_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
         for _, w in saved_modules(model)
         if adapter_name in w.modules_to_save
         for p in w.modules_to_save[adapter_name].parameters()
+    ]
+    params += [
+        p for _, t in token_layers(model) if adapter_name in t.adapter_names for p in t.own_parameters(adapter_name)
     ]
     return params
 
@@ -169,6 +196,15 @@ def lora_configs(model: nn.Module) -> dict[str, LoraConfig]:
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer))
+
+
+def token_layers(model: nn.Module) -> Iterator[tuple[str, TrainableTokens]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, TrainableTokens))
+
+
+def switchable_layers(model: nn.Module) -> list[LoraLayer | TrainableTokens]:
+    """Every wrapper whose adapters are switched, disabled, mixed per row and merged alike."""
+    return [m for _, m in lora_layers(model)] + [m for _, m in token_layers(model)]
 
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:

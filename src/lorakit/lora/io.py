@@ -5,6 +5,8 @@
                                  base_model.model.<path>.lora_B.weight       B: [out, r]
                                  base_model.model.<path>.lora_embedding_A    (embeddings)
                                  base_model.model.<path>.lora_magnitude_vector  m: [out] (DoRA)
+                                 base_model.model.<path>.token_adapter.trainable_tokens_delta
+                                                                 rows: [n, dim] (new tokens)
                                  base_model.model.<path>.<param>             (modules_to_save)
                                  base_model.model.<path>[.base_layer].bias   (bias="all"/"lora_only")
 Only safetensors and JSON are read by default: loading an adapter never runs code.
@@ -44,12 +46,14 @@ from .inject import (
     lora_layers,
     saved_modules,
     set_trainable,
+    token_layers,
 )
 from .layers import LoraLayer
 from .parameters import LoraParameter, parameter_key
 from .peft_keys import PREFIX
 from .principal import as_plain_lora
 from .targets import TargetError, find_targets, pattern_value
+from .tokens import SAVED_SUFFIX
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -87,6 +91,9 @@ def _tensors(model: nn.Module, name: str, config: LoraConfig) -> dict[str, torch
             out[b_key] = layer.B_matrix(name).reshape(layer._lora_shapes(layer.rank(name))[1])
             for suffix, param in layer.variants[name].parameters(layer, name).items():
                 out[f"{PREFIX}{path}.{suffix}"] = param  # DoRA's lora_magnitude_vector
+    for path, tokens in token_layers(model):
+        if name in tokens.adapter_names and tokens.owner is tokens:  # a tied head saves nothing of its own
+            out[f"{PREFIX}{path}.{SAVED_SUFFIX}"] = tokens.rows[name]
     for path, wrapper in saved_modules(model):
         if name in wrapper.modules_to_save:
             for key, value in wrapper.modules_to_save[name].state_dict(keep_vars=True).items():

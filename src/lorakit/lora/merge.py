@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from .adapters import active_adapters, require_adapters
 from .exact import MergeError
-from .inject import lora_configs, lora_layers, saved_modules, set_submodule
+from .inject import lora_configs, lora_layers, saved_modules, set_submodule, switchable_layers, token_layers
 from .layers import LoraLayer
 
 
@@ -35,7 +35,7 @@ def _merge_all(model: nn.Module, names_for: Callable[[LoraLayer], Sequence[str]]
     merge), the layers already merged are set back to what they held (bit-exact: W0 is kept)."""
     done: list[tuple[LoraLayer, list[str]]] = []
     try:
-        for path, layer in lora_layers(model):
+        for path, layer in [*lora_layers(model), *token_layers(model)]:
             before = list(layer.merged_adapters)
             try:
                 layer.set_merged(dict.fromkeys(names_for(layer)), safe=safe)
@@ -66,7 +66,7 @@ def _refuse_tied(model: nn.Module) -> None:
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Restore the original base weights bit for bit."""
-    for _, layer in lora_layers(model):
+    for layer in switchable_layers(model):
         layer.unmerge()
     return model
 
@@ -82,8 +82,9 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = True) -> nn.Module:
         _refuse_non_finite_heads(model)
     # Merge everywhere first (all or nothing), then unwrap: a refused merge leaves the model as it was.
     _merge_all(model, lambda layer: names, safe_merge)
-    for name, layer in reversed(list(lora_layers(model))):  # innermost first (nested wrappers)
-        layer.exact.forget()  # the merge is final: drop the copy kept for unmerge
+    for name, layer in reversed([*lora_layers(model), *token_layers(model)]):  # innermost first (nested wrappers)
+        if isinstance(layer, LoraLayer):
+            layer.exact.forget()  # the merge is final: drop the copy kept for unmerge
         set_submodule(model, name, layer.base_layer)
     return _unload_wrappers(model)
 
@@ -101,7 +102,7 @@ def _refuse_non_finite_heads(model: nn.Module) -> None:
 
 def unload(model: nn.Module) -> nn.Module:
     """The original base model back, without any adapter (merged ones are unmerged)."""
-    for name, layer in reversed(list(lora_layers(model))):  # innermost first (nested wrappers)
+    for name, layer in reversed([*lora_layers(model), *token_layers(model)]):  # innermost first (nested wrappers)
         layer.unmerge()
         set_submodule(model, name, layer.base_layer)
     for name, wrapper in list(saved_modules(model)):

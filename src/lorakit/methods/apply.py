@@ -73,12 +73,13 @@ def unknown_method(name: str) -> MethodError:
     return MethodError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
 
 
-def apply_method(model: nn.Module, config, new_modules: Sequence[str]) -> nn.Module:
+def apply_method(model: nn.Module, config, new_modules: Sequence[str], token_rows=None) -> nn.Module:
     """Set `model` up for training with `config.method` (a TrainConfig); returns the model to
     train, which is `model` itself except for prefix methods (a PrefixModel around it). The
-    new task-head modules `new_modules` train in every method."""
+    new task-head modules `new_modules` train in every method; `token_rows` (LoRA): the
+    embedding rows of added tokens that train too (trainable_token_indices)."""
     if config.method == "lora":
-        return lora.inject(model, lora_config(config, new_modules, model))
+        return lora.inject(model, lora_config(config, new_modules, model).replace(trainable_token_indices=token_rows))
     if config.method not in METHODS:
         raise unknown_method(config.method)
     if config.method.startswith("prefix") and config.eval_generate:

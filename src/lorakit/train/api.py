@@ -96,6 +96,15 @@ def build_model(config: TrainConfig, labels: Sequence[str]) -> tuple[nn.Module, 
     return loaded.model, tokenizer, loaded.new_modules
 
 
+def add_tokens(model: nn.Module, tokenizer: Any, tokens: Sequence[str]) -> list[int]:
+    """Add `tokens` to the tokenizer as special tokens and grow the model's embedding table (and an
+    untied output head) to fit; returns their ids."""
+    tokenizer.add_tokens(list(tokens), special_tokens=True)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))  # new rows: the mean of the old ones, as transformers does
+    return tokenizer.convert_tokens_to_ids(list(tokens))
+
+
 def training_device(config: TrainConfig) -> torch.device:
     """--device, else this process's GPU (LOCAL_RANK under torchrun) when CUDA is there, else the CPU."""
     if config.device:
@@ -139,12 +148,15 @@ def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) 
         else []
     )
     model, tokenizer, new_modules = build_model(config, labels)
+    token_rows = None
+    if config.add_tokens:  # the new rows train (and are saved) alone, not the whole table
+        token_rows = lora.new_token_rows(model, add_tokens(model, tokenizer, config.add_tokens))
     preflight.check_lora_targets(config, model, new_modules)
     if config.quantize:  # before the adapter wraps the layers; new heads train in full, unquantised
         dtype = torch.bfloat16 if config.bf16 else torch.float32
         quantize_loaded(model, config.model, config.quantize, dtype, keep=new_modules)
     seed_everything(config.seed)  # adapter init does not depend on how loading used the RNG
-    model = methods.apply_method(model, config, new_modules)
+    model = methods.apply_method(model, config, new_modules, token_rows)
     for adapter in lora.lora_configs(model).values():  # PEFT's AutoPeftModelFor..., vLLM pick the class by it
         adapter.task_type = task_class(config.task).peft_task_type
     model.to(device)
@@ -156,7 +168,9 @@ def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) 
         write_task_info(output, task=config.task, labels=list(labels), model=config.model,
                         max_length=config.max_length, text_field=config.text_field,
                         pair_field=config.pair_field, label_field=config.label_field,
-                        quantize=config.quantize, bf16=config.bf16)  # fmt: skip
+                        quantize=config.quantize, bf16=config.bf16, added_tokens=config.add_tokens)  # fmt: skip
+        if config.add_tokens:  # the vocabulary the adapter was trained with, beside it
+            tokenizer.save_pretrained(output)
     if callbacks is None:
         from .callbacks import default_callbacks
 
@@ -248,6 +262,9 @@ def load_trained(
     base = load_base(model_name, info["task"], labels, quantize=quantize, bf16=bf16)
     info["quantize"] = quantize
     tokenizer = load_tokenizer(model_name)
+    if info.get("added_tokens"):  # trained with new tokens: their tokenizer is beside the adapter
+        tokenizer = load_tokenizer(str(dirs[0]))
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the adapter holds the new rows
     for i, d in enumerate(dirs):
         if methods.is_method_dir(d):  # full/top2/bitfit/adapter/prefix: its trained tensors onto the base
             if len(dirs) > 1:

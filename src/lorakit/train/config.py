@@ -48,6 +48,7 @@ class TrainConfig:
     use_rslora: bool = False
     use_dora: bool = False  # DoRA: a trained magnitude per output row (Liu et al. 2024)
     init: str = "kaiming"  # or "gaussian" (the paper's), "pissa", "pissa_niter_N", "olora" (from W)
+    add_tokens: list[str] | None = None  # new special tokens; only their embedding rows train
     # other methods
     adapter_size: int = 16  # adapter-h / adapter-l bottleneck m
     prefix_length: int = 16  # prefix-embed / prefix-layer positions
@@ -103,6 +104,8 @@ class TrainConfig:
             and not _looks_like_regex(self.targets)
         ):
             self.targets = [self.targets]
+        if isinstance(self.add_tokens, str):
+            self.add_tokens = [t.strip() for t in self.add_tokens.split(",") if t.strip()]
         self.validate()
 
     def validate(self) -> None:
@@ -238,6 +241,7 @@ class TrainConfig:
                 "use_rslora": self.use_rslora,
                 "use_dora": self.use_dora,
                 "init": self.init != "kaiming",
+                "add_tokens": bool(self.add_tokens),
                 "lora_plus_ratio": self.lora_plus_ratio != 1,
             }
             for name, given in lora_only.items():
