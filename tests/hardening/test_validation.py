@@ -39,6 +39,11 @@ CONFIG_CHECKS = {
         "--use-rslora=True is invalid with --method=bitfit",
     ),
     "dora_with_full": ({"method": "full", "use_dora": True}, "--use-dora=True is invalid with --method=full"),
+    "init_with_bitfit": ({"method": "bitfit", "init": "pissa"}, "--init='pissa' is invalid with --method=bitfit"),
+    "add_tokens_with_full": (
+        {"method": "full", "add_tokens": "<tool>"},
+        "--add-tokens=['<tool>'] is invalid with --method=full",
+    ),
     "lora_plus_with_full": (
         {"method": "full", "lora_plus_ratio": 16},
         "--lora-plus-ratio=16 is invalid with --method=full",

@@ -4,6 +4,10 @@ functional.py       the math as pure functions (ΔW, the forward term, stacking,
 layers.py           the base wrapper (keeps `base_layer`) and Linear/Conv1D; embedding.py, conv.py
 wrap.py             which layer types LoRA wraps, and the wrapper each gets
 variants.py         the extension point: how an adapter's update enters its layer
+dora.py             DoRA, a variant: a trained magnitude per output row
+principal.py        PiSSA / OLoRA: A and B from W, which keeps the residual; conversion to LoRA
+parameters.py       LoRA on a parameter (fused MoE experts, PEFT's target_parameters)
+tokens.py           trainable embedding rows of new tokens (PEFT's trainable_token_indices)
 exact.py            exact merge/unmerge of one weight
 mixed.py            mixed-adapter batches, layer side (routing, stacks, gathered matmul)
 modules_to_save.py  whole modules trained per adapter (a new task head)
