@@ -80,6 +80,37 @@ def tiny_inputs(kind: str, batch: int = 3, seq: int = 7) -> dict[str, torch.Tens
     return {"input_ids": ids}
 
 
+def assert_mixed_equals_alone(model: nn.Module, rows: list, run) -> None:
+    """A mixed batch (row i on adapter rows[i], None: the base) equals each adapter alone on
+    the whole batch, row by row. `run(model)` -> the model's logits on a fixed batch."""
+    import lorakit
+
+    alone = {}
+    for name in {n for n in rows if n is not None}:
+        lorakit.set_adapter(model, name)
+        alone[name] = run(model)
+    with lorakit.disable_adapters(model):
+        alone[None] = run(model)
+    with lorakit.mixed_batch(model, rows):
+        mixed = run(model)
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(mixed[i], alone[name][i], rtol=1e-5, atol=1e-5)
+
+
+def train_losses(model: nn.Module, ids: torch.Tensor, steps: int, lr: float) -> list[float]:
+    """The losses of `steps` AdamW steps on the trainable parameters, next-token loss on `ids`."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def logits(model: nn.Module, inputs: dict) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits

@@ -6,7 +6,7 @@ import torch
 
 import lorakit
 from lorakit.lora.dora import weight_norm
-from tests.conftest import logits, tiny, tiny_inputs
+from tests.conftest import assert_mixed_equals_alone, logits, tiny, tiny_inputs
 
 TARGETS = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj", "down_proj"], "bert": ["query", "value"]}
 
@@ -157,17 +157,7 @@ def test_mixed_batch_of_dora_and_plain_adapters_equals_each_alone():
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=TARGETS["llama"]), "plain")
     perturb(model)
     inputs = tiny_inputs("llama", batch=3)
-    alone = {}
-    for name in ("dora", "plain"):
-        lorakit.set_adapter(model, name)
-        alone[name] = logits(model, inputs)
-    with lorakit.disable_adapters(model):
-        alone[None] = logits(model, inputs)
-    rows = ["plain", "dora", None]
-    with lorakit.mixed_batch(model, rows):
-        mixed = logits(model, inputs)
-    for i, name in enumerate(rows):
-        torch.testing.assert_close(mixed[i], alone[name][i], rtol=1e-5, atol=1e-5)
+    assert_mixed_equals_alone(model, ["plain", "dora", None], lambda m: logits(m, inputs))
 
 
 def test_two_active_dora_adapters_sum_their_updates_and_merge_the_same():

@@ -14,6 +14,7 @@ import transformers as tf
 import lorakit
 from lorakit.lora import LoraLayer, LoraLinear
 from lorakit.lora.parameters import LoraParameter
+from tests.conftest import assert_mixed_equals_alone, train_losses
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 COMMON = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
@@ -129,18 +130,7 @@ def test_mixed_batch_of_expert_adapters_equals_each_alone():
     for name, r in (("a", 2), ("b", 3)):
         lorakit.inject(model, lorakit.LoraConfig(r=r, target_modules=["q_proj"], target_parameters=EXPERTS), name)
     perturb(model)
-    x = ids()
-    alone = {}
-    for name in ("a", "b"):
-        lorakit.set_adapter(model, name)
-        alone[name] = logits(model, x)
-    with lorakit.disable_adapters(model):
-        alone[None] = logits(model, x)
-    rows = ["b", None, "a"]
-    with lorakit.mixed_batch(model, rows):
-        mixed = logits(model, x)
-    for i, name in enumerate(rows):
-        torch.testing.assert_close(mixed[i], alone[name][i], rtol=1e-5, atol=1e-5)
+    assert_mixed_equals_alone(model, ["b", None, "a"], logits)
 
 
 def test_training_moves_only_the_adapter_and_the_loss_falls():
@@ -149,17 +139,9 @@ def test_training_moves_only_the_adapter_and_the_loss_falls():
         for p in base.parameters():
             if p.dim() > 1:
                 p.mul_(15)
-    model = lorakit.inject(base, lorakit.LoraConfig(r=4, lora_alpha=8, target_parameters=EXPERTS)).train()
+    model = lorakit.inject(base, lorakit.LoraConfig(r=4, lora_alpha=8, target_parameters=EXPERTS))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    x = (torch.arange(12) + torch.tensor([[0], [9], [23], [40]])) % 64
-    losses = []
-    for _ in range(15):
-        loss = model(x, labels=x).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, (torch.arange(12) + torch.tensor([[0], [9], [23], [40]])) % 64, steps=15, lr=2e-2)
     assert losses[-1] < 0.6 * losses[0], losses
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 

@@ -14,6 +14,7 @@ import torch
 import transformers as tf
 
 import lorakit
+from tests.conftest import train_losses
 
 SCHEMES = {
     "nf4": dict(
@@ -108,16 +109,8 @@ def test_training_on_a_quantised_base_moves_only_the_adapter_and_the_loss_falls(
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     ids = (torch.arange(16) + torch.tensor([[0], [9], [23], [40]])) % 64  # next token: this one + 1
-    model.train()
-    losses = []
-    for _ in range(20):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, ids, steps=20, lr=1e-2)
     assert losses[-1] < 0.8 * losses[0], losses
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 

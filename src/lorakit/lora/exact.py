@@ -7,7 +7,7 @@ repeated merge/unmerge cycles cannot drift.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -52,3 +52,21 @@ class ExactMerge:
     def forget(self) -> None:
         """The merge is final (merge_and_unload): drop the copy kept for unmerging."""
         self.original = None
+
+
+class MergesByName:
+    """`merge` / `unmerge` of a wrapper in terms of its `set_merged(names, safe)` (the weight
+    as W0 plus exactly the named adapters) and its `active_adapters` / `merged_adapters`."""
+
+    active_adapters: list[str]
+    merged_adapters: list[str]
+
+    def set_merged(self, names: Iterable[str], safe: bool = True) -> None:
+        raise NotImplementedError
+
+    def merge(self, names: Sequence[str] | None = None, safe: bool = True) -> None:
+        names = self.active_adapters if names is None else names
+        self.set_merged(list(dict.fromkeys([*self.merged_adapters, *names])), safe=safe)
+
+    def unmerge(self) -> None:
+        self.set_merged([])

@@ -24,13 +24,13 @@ from torch import Tensor
 
 from ..quantize import dequantized_weight
 from . import functional as LF
-from .exact import ExactMerge, MergeError
+from .exact import ExactMerge, MergeError, MergesByName
 from .mixed import AdapterStacks, MixedRows, gathered_forward, per_adapter_rows
 from .principal import NITER, is_weight_init, principal_factors
 from .variants import PLAIN, LoraVariant
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(MergesByName, nn.Module):
     """Base class: adapter bookkeeping, merge/unmerge, the forward skeleton."""
 
     fan_in: int  # set by each layer type
@@ -229,13 +229,6 @@ class LoraLayer(nn.Module):
             f"merging {list(names)} gives NaN or infinite values in the {self.weight.dtype} base weight (an "
             "overflow); merge into a float32 copy of the model, or keep the adapter unmerged"
         )
-
-    def merge(self, names: Sequence[str] | None = None, safe: bool = True) -> None:
-        names = self.active_adapters if names is None else names
-        self.set_merged(dict.fromkeys([*self.merged_adapters, *names]), safe=safe)
-
-    def unmerge(self) -> None:
-        self.set_merged([])
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:

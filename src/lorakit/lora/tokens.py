@@ -23,13 +23,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .exact import MergeError
+from .exact import MergeError, MergesByName
 from .mixed import MixedRows, per_adapter_rows
 
 SAVED_SUFFIX = "token_adapter.trainable_tokens_delta"
 
 
-class TrainableTokens(nn.Module):
+class TrainableTokens(MergesByName, nn.Module):
     """Trainable rows of an nn.Embedding, or of an output head nn.Linear, per adapter."""
 
     def __init__(self, base_layer: nn.Module, tied_to: TrainableTokens | None = None) -> None:
@@ -111,13 +111,6 @@ class TrainableTokens(nn.Module):
                 raise MergeError(f"the token rows of adapter {name!r} hold NaN or infinite values")
             self.weight.index_copy_(0, self._index(name), rows)
         self.merged_adapters = list(names)
-
-    def merge(self, names: Sequence[str] | None = None, safe: bool = True) -> None:
-        names = self.active_adapters if names is None else names
-        self.set_merged(list(dict.fromkeys([*self.merged_adapters, *names])), safe=safe)
-
-    def unmerge(self) -> None:
-        self.set_merged([])
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
