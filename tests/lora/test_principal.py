@@ -142,6 +142,9 @@ def test_what_pissa_cannot_do_is_refused_before_the_weights_change():
     with pytest.raises(ValueError, match="residual; the adapters already on this layer \\(plain\\)"):
         lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"), "p")
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    pissa = lorakit.inject(tiny("llama"), lorakit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="olora"))
+    with pytest.raises(ValueError, match="holds the residual of default's PiSSA/OLoRA init; another adapter cannot"):
+        lorakit.inject(pissa, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), "later")
     with pytest.raises(ValueError, match="from a linear layer's weight; this target is of type Embedding"):
         lorakit.inject(tiny("bert"), lorakit.LoraConfig(target_modules=["word_embeddings"], init_lora_weights="olora"))
     with pytest.raises(lorakit.ConfigError, match="init_lora_weights='pissa_niter_x' is invalid"):

@@ -22,6 +22,7 @@ from .inject import (
     switchable_layers,
 )
 from .mixed import MixedRows
+from .principal import is_weight_init
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -166,6 +167,12 @@ def add_weighted_adapter(
         raise ConfigError(
             f"adapter(s) {dora} are DoRA: a magnitude rescales each one's weight, so their factors do not add up; "
             "merge them one at a time (lorakit.merge) or mix them per row (mixed_batch)"
+        )
+    residual = [a for a in configs if is_weight_init(configs[a].init_lora_weights)]
+    if residual:
+        raise ConfigError(
+            f"adapter(s) {residual} left a PiSSA/OLoRA residual in the base weights, which a combined adapter would "
+            "be added to; save them (plain LoRA, the default), reload on a fresh base, and combine those"
         )
     first = configs[adapters[0]]
     rank = svd_rank or max(c.r for c in (configs[a] for a in adapters))

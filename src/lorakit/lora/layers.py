@@ -106,6 +106,12 @@ class LoraLayer(MergesByName, nn.Module):
         wrapped layer starts out computing exactly what the base layer computes."""
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer; delete it first or pick another name")
+        if self.initial:  # PiSSA/OLoRA left a residual in W: a new adapter would be added to the wrong base
+            raise ValueError(
+                f"this layer's base weight holds the residual of {', '.join(self.initial)}'s PiSSA/OLoRA init; "
+                "another adapter cannot share it: load the PiSSA/OLoRA adapter in its plain-LoRA form (what "
+                "save_adapter writes) to mix it with others"
+            )
         if r > self.max_rank:
             raise ValueError(
                 f"rank r={r} exceeds this layer's size ({self.fan_out}x{self.fan_in}); use r <= {self.max_rank}"
