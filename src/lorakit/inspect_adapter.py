@@ -28,7 +28,11 @@ def describe(path: str | Path) -> dict[str, Any]:
     state = read_adapter_weights(path)
     lora_keys = [k for k in state if _PEFT_LORA_KEY.search(k)]
     modules = sorted({_PEFT_LORA_KEY.sub("", k)[len(PREFIX) :] for k in lora_keys})
-    ranks = sorted({state[k].shape[0] for k in lora_keys if "_A" in k})
+    # an adapted parameter's A stacks one rank-r block per expert: its rank is the config's
+    holders = tuple("." + t.rsplit(".", 1)[0] for t in config.target_parameters or [])
+    on_parameter = [k for k in lora_keys if _PEFT_LORA_KEY.sub("", k).replace(".base_layer", "").endswith(holders)]
+    ranks = {state[k].shape[0] for k in lora_keys if "_A" in k and k not in on_parameter}
+    ranks = sorted(ranks | ({config.r} if on_parameter and holders else set()))
     task = path / "lorakit_task.json"
     info: dict[str, Any] = {
         "base model": config.base_model_name_or_path or "(not recorded)",

@@ -182,3 +182,13 @@ def test_dry_run_counts_what_inject_creates():
     assert "model.layers.0.mlp.experts.gate_up_proj" in report and "4 experts" in report and "4x24x16" in report
     created = lorakit.count_parameters(lorakit.inject(moe("qwen3_moe"), config)).adapter
     assert report.splitlines()[-1] == f"6 targets, {created:,} adapter parameters"
+
+
+def test_inspect_reports_the_expert_rank_and_targets(tmp_path):
+    from lorakit.inspect_adapter import describe
+
+    config = lorakit.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=EXPERTS)
+    lorakit.save_adapter(lorakit.inject(moe("qwen3_moe"), config), tmp_path)
+    info = describe(tmp_path)
+    assert info["rank"] == "2" and info["targets"] == "q_proj, " + ", ".join(EXPERTS)
+    assert info["vLLM"].startswith("not checked") and info["llama.cpp (lorakit export --format gguf)"].startswith("no:")
