@@ -11,6 +11,8 @@ import lorakit
 from lorakit.lora import read_adapter_weights
 from tests.conftest import logits, tiny, tiny_inputs
 
+# PEFT warns that PiSSA/OLoRA change the base weights: known, and what these tests check
+pytestmark = pytest.mark.filterwarnings("ignore:.*changes the base weights:UserWarning")
 INITS = ["pissa", "pissa_niter_4", "olora"]
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
