@@ -60,14 +60,20 @@ class DoraVariant(LoraVariant):
         if xd is not x:  # dropout is on: the base term is taken on the dropped input too (PEFT's rule)
             base = layer.base_layer(xd)
         bias = getattr(layer.base_layer, "bias", None)
-        if bias is not None:
-            base = base - bias.to(base.dtype)  # x·W0ᵀ
+        bias = None if bias is None else bias.to(base.dtype)
         with torch.no_grad():
             norm = weight_norm(layer, adapter)  # [out], detached
         g = (layer.lora_magnitude_vector[adapter] / norm).to(x.dtype)
         A, B = layer.A_matrix(adapter).to(x.dtype), layer.B_matrix(adapter).to(x.dtype)
-        lora = (xd @ A.t()) @ B.t()  # [..., out]
-        return out + (g - 1) * base + (g * layer.scaling[adapter]) * lora
+        h = xd @ A.t()  # [..., r]
+        s = layer.scaling[adapter]
+        if out is base:  # one adapter, no dropout (the usual case): y = g·(x·W0ᵀ + s·h·Bᵀ) + bias,
+            # the up-projection accumulated into the base output by one GEMM, then one scaling pass
+            core = base if bias is None else base - bias
+            y = LF.lora_forward_h(h, core, B, s) * g
+            return y if bias is None else y + bias
+        base = base if bias is None else base - bias  # x·W0ᵀ
+        return out + (g - 1) * base + (g * s) * (h @ B.t())
 
     def delta_weight(self, layer: LoraLayer, adapter: str) -> Tensor:
         """W' - W0 = (g - 1)·W0 + g·s·B·A in fp32, the norm formed directly (merging is once)."""
