@@ -67,20 +67,23 @@ class DecoderStep:
         self.cache_kw, self.logits_kwargs = forward_keywords(model)
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        """[rows, vocab] fp32 logits at each row's last position (the cache grows in place)."""
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
+                every_position: bool = False) -> torch.Tensor:  # fmt: skip
+        """[rows, vocab] fp32 logits at each row's last position (the cache grows in place);
+        `every_position`: [rows, columns, vocab] in the model's dtype (scoring a prompt)."""
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
             use_cache=True,
             **{self.cache_kw: cache},
-            **self.logits_kwargs,
+            **({} if every_position else self.logits_kwargs),
         )
-        return out.logits[:, -1].float()
+        return out.logits if every_position else out.logits[:, -1].float()
 
-    def prefill(self, jobs: Sequence[Job]) -> tuple[torch.Tensor, Any, torch.Tensor]:
-        """The prompts of `jobs`, left-padded, through the model: (mask, cache, logits)."""
+    def prefill(self, jobs: Sequence[Job], every_position: bool = False) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """The prompts of `jobs`, left-padded, through the model: (mask, cache, logits), the
+        logits at every column if asked (the last column: each row's next token)."""
         from transformers import DynamicCache
 
         width = max(len(j.prompt_ids) for j in jobs)
@@ -88,7 +91,7 @@ class DecoderStep:
         mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs])
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        return mask, cache, self.forward(ids, mask, positions, cache)
+        return mask, cache, self.forward(ids, mask, positions, cache, every_position)
 
     def decode(self, batch: RunningBatch) -> torch.Tensor:
         """Every row's next token through the model; extends the batch's mask by one column."""

@@ -43,7 +43,7 @@ from .batch import DecoderStep, RunningBatch, context_length, eos_ids
 from .errors import Busy, EngineError, Internal, Timeout
 from .jobs import EngineConfig, EngineEvents, Event, Job, Sampling
 from .registry import AdapterRegistry, dir_task
-from .sampling import TextTail, next_tokens, request_generator
+from .sampling import TextTail, next_tokens, prompt_logprobs, request_generator
 
 log = logging.getLogger("lorakit.serve")
 
@@ -240,33 +240,36 @@ class Engine:
         with self._tokenizer_lock:
             return self.tokenizer(chat_text(self.tokenizer, messages), add_special_tokens=False)["input_ids"]
 
-    def generation_jobs(self, prompts: Sequence[list[int]], adapter: str | None, sampling: Sampling) -> list[Job]:
-        """One job per tokenized prompt; refuses what cannot fit the context or the caps."""
+    def generation_jobs(
+        self, prompts: Sequence[list[int]], adapter: str | None, sampling: Sampling, n: int = 1
+    ) -> list[Job]:
+        """`n` jobs per tokenized prompt (choice index = prompt·n + k, OpenAI's order; a seeded
+        request's k-th choice samples with seed + k); refuses what cannot fit the context or caps."""
         self._require_task("causal-lm", "/v1/completions or /v1/chat/completions")
-        if not 1 <= len(prompts) <= self.config.max_batch_size:
-            raise EngineError(f"give 1 to {self.config.max_batch_size} prompts per request, not {len(prompts)}")
+        if not 1 <= len(prompts) * n <= self.config.max_batch_size:
+            raise EngineError(
+                f"give 1 to {self.config.max_batch_size} choices per request (prompts x n), not {len(prompts) * n}"
+            )
         if sampling.max_tokens is not None and sampling.max_tokens > self.config.max_tokens:
             raise EngineError(f"max_tokens={sampling.max_tokens} exceeds this server's cap of {self.config.max_tokens}")
         jobs = []
         for i, ids in enumerate(prompts):
             room = self.max_context - len(ids)
-            wanted = sampling.max_tokens or min(self.config.max_tokens, room)
+            wanted = sampling.max_tokens if sampling.max_tokens is not None else min(self.config.max_tokens, room)
             if not ids:
                 raise EngineError(f"prompt {i} is empty")
-            if room < 1 or wanted > room:
+            if not all(0 <= t < self.vocab_size for t in ids):
+                raise EngineError(f"prompt {i} holds token ids outside the vocabulary (0 to {self.vocab_size - 1})")
+            if room < 0 or wanted > room or (wanted > 0 and room < 1):
                 raise EngineError(
                     f"prompt {i} has {len(ids)} tokens; with max_tokens={wanted} that exceeds "
                     f"the model's context of {self.max_context} tokens"
                 )
-            jobs.append(
-                Job(
-                    adapter,
-                    i,
-                    prompt_ids=list(ids),
-                    sampling=sampling.replace(max_tokens=wanted),
-                    generator=request_generator(sampling),
+            for k in range(n):
+                own = sampling.replace(max_tokens=wanted, seed=None if sampling.seed is None else sampling.seed + k)
+                jobs.append(
+                    Job(adapter, i * n + k, prompt_ids=list(ids), sampling=own, generator=request_generator(own))
                 )
-            )
         return jobs
 
     def classification_jobs(self, texts: Sequence[str], adapter: str | None) -> list[Job]:
@@ -367,6 +370,30 @@ class Engine:
     def _decode_text(self, tokens: list[int]) -> str:
         with self._tokenizer_lock:
             return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def decode(self, tokens: list[int]) -> str:
+        """Token ids as text, special tokens kept (an echoed prompt, a token's own text)."""
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(tokens, skip_special_tokens=False)
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        with self._tokenizer_lock:
+            return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().num_embeddings
+
+    def tokenizer_info(self) -> dict:
+        t = self.tokenizer
+        return {
+            "tokenizer_class": type(t).__name__,
+            "vocab_size": self.vocab_size,
+            "model_max_length": self.max_context,
+            **{key: getattr(t, key, None) for key in ("bos_token", "eos_token", "pad_token", "unk_token")},
+            "add_bos_token": getattr(t, "add_bos_token", None),
+            "chat_template": getattr(t, "chat_template", None),
+        }
 
     # -- the worker loop -----------------------------------------------------------------------
     def _run(self) -> None:
@@ -514,8 +541,16 @@ class Engine:
 
     def _prefill(self, jobs: list[Job]) -> RunningBatch | None:
         self.events.on_batch("prefill", len(jobs))
+        scoring = [j.sampling.echo and j.sampling.logprobs is not None for j in jobs]
         with self._adapters_for(jobs):
-            mask, cache, logits = self._step.prefill(jobs)
+            mask, cache, logits = self._step.prefill(jobs, every_position=any(scoring))
+        if any(scoring):  # the echoed prompts' own tokens, scored (the rows are left-padded)
+            width = logits.shape[1]
+            for job, row, wanted in zip(jobs, logits, scoring):
+                if wanted:
+                    own = row[width - len(job.prompt_ids) :]
+                    job.logprobs = prompt_logprobs(job.prompt_ids, own, job.sampling.logprobs)
+            logits = logits[:, -1].float()
         return self._advance(RunningBatch(list(jobs), cache, mask, next_tokens(jobs, logits)))
 
     def _decode(self) -> None:
@@ -530,6 +565,10 @@ class Engine:
         """Give each row its new token; finished rows leave the batch."""
         keep = []
         for i, (job, token) in enumerate(zip(batch.jobs, batch.next.tolist())):
+            if job.sampling.max_tokens == 0:  # scoring the prompt alone (echo): nothing to generate
+                job.pending = None
+                self._finish(job, "length")
+                continue
             delta, reason = self._text.add(job, token)
             if reason is None:
                 keep.append(i)
@@ -559,6 +598,8 @@ class Engine:
                 text=job.output,
                 prompt_tokens=len(job.prompt_ids),
                 completion_tokens=len(job.tokens),
+                logprobs=job.logprobs if job.sampling.logprobs is not None else None,
+                prompt_ids=job.prompt_ids if job.sampling.echo else None,
             )
         )
 

@@ -8,13 +8,16 @@ from typing import Any
 
 from . import protocol as P
 from .jobs import Event
+from .logprobs import Decode, chat_logprobs, completion_logprobs
 
 
 class CompletionFormat:
-    """How a finished request and its stream chunks look for one endpoint."""
+    """How a finished request and its stream chunks look for one endpoint. `decode` (token ids
+    to text) renders echoed prompts and logprobs."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, decode: Decode | None = None) -> None:
         self.model, self.id, self.created = model, P.new_id(self.prefix), P.now()
+        self.decode = decode
 
     prefix = "cmpl"
 
@@ -24,7 +27,15 @@ class CompletionFormat:
         return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     def response(self, finals: list[Event]) -> Any:
-        choices = [P.CompletionChoice(index=e.index, text=e.text, finish_reason=e.finish_reason) for e in finals]
+        choices = [
+            P.CompletionChoice(
+                index=e.index,
+                text=(self.decode(e.prompt_ids) if e.prompt_ids is not None else "") + e.text,
+                logprobs=None if e.logprobs is None else completion_logprobs(e.logprobs, self.decode),
+                finish_reason=e.finish_reason,
+            )
+            for e in finals
+        ]
         return P.Completion(
             id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage(finals)
         )
@@ -42,7 +53,12 @@ class ChatFormat(CompletionFormat):
 
     def response(self, finals: list[Event]) -> Any:
         choices = [
-            P.ChatChoice(index=e.index, message=P.AssistantMessage(content=e.text), finish_reason=e.finish_reason)
+            P.ChatChoice(
+                index=e.index,
+                message=P.AssistantMessage(content=e.text),
+                logprobs=None if e.logprobs is None else chat_logprobs(e.logprobs, self.decode),
+                finish_reason=e.finish_reason,
+            )
             for e in finals
         ]
         return P.ChatCompletion(

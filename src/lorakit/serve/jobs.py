@@ -39,9 +39,21 @@ class Sampling:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely at its place
+    echo: bool = False  # the prompt comes back first (with logprobs: each prompt token scored)
 
     def replace(self, **changes: Any) -> Sampling:
         return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability under the model (None for a prompt's first token: nothing
+    predicts it) and the `k` most likely tokens at its position, {token id: logprob}."""
+
+    token: int
+    logprob: float | None
+    top: dict[int, float]
 
 
 @dataclass
@@ -57,6 +69,8 @@ class Event:
     completion_tokens: int = 0
     error: EngineError | None = None
     result: dict | None = None
+    logprobs: list[TokenLogprob] | None = None  # on the final event: (echoed prompt +) completion
+    prompt_ids: list[int] | None = None  # on the final event of an echo request
 
     @property
     def final(self) -> bool:
@@ -81,6 +95,8 @@ class Job:
     bound: bool = False  # holds its slot (or needs none: the base)
     cancelled: bool = False
     generator: torch.Generator | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # echoed prompt's, then each kept token's
+    pending: TokenLogprob | None = None  # the token just chosen, kept if it joins the output
 
     def send(self, event: Event) -> None:
         """Hand `event` to the listener; a listener that fails must not take the worker down."""

@@ -1,7 +1,7 @@
 """The HTTP routes, as FastAPI routers over the app's state (engine, limits, gate, metrics).
 
-generation  POST /v1/completions, /v1/chat/completions, /v1/classify
-info        GET /v1/models, /health, /metrics
+generation  POST /v1/completions, /v1/chat/completions, /v1/classify, /tokenize, /detokenize
+info        GET /v1/models, /health, /metrics, /tokenizer_info
 admin       GET|POST /v1/adapters, DELETE /v1/adapters/{name}
 """
 
@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import protocol as P
 from .engine import Engine
-from .errors import check_name
+from .errors import EngineError, check_name
 from .formats import ChatFormat, CompletionFormat, prepend, sse
 from .jobs import Event, Job
 
@@ -99,20 +99,57 @@ async def _respond(request: Request, jobs: list[Job], body: P.GenerationRequest,
 @generation.post("/v1/completions")
 async def completions(body: P.CompletionRequest, request: Request) -> Response:
     engine = _engine(request)
+    if body.stream and (body.logprobs is not None or body.echo):
+        raise EngineError("stream: not supported together with logprobs or echo; send stream: false")
+    if body.max_tokens == 0 and not body.echo:
+        raise EngineError("max_tokens: 0 scores the prompt and needs echo: true (else there is nothing to return)")
     adapter = _resolve(request, body.model)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    ids = [engine.encode_prompt(p) for p in prompts]
-    sampling = body.sampling(body.max_tokens or request.app.state.limits.default_max_tokens)
-    return await _respond(request, engine.generation_jobs(ids, adapter, sampling), body, CompletionFormat(body.model))
+    ids = [engine.encode_prompt(p) if isinstance(p, str) else list(p) for p in body.prompts()]
+    limit = body.max_tokens if body.max_tokens is not None else request.app.state.limits.default_max_tokens
+    jobs = engine.generation_jobs(ids, adapter, body.sampling(limit, body.logprobs, body.echo), n=body.n)
+    return await _respond(request, jobs, body, CompletionFormat(body.model, engine.decode))
 
 
 @generation.post("/v1/chat/completions")
 async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
     engine = _engine(request)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise EngineError("top_logprobs: needs logprobs: true")
+    if body.stream and body.logprobs:
+        raise EngineError("stream: not supported together with logprobs; send stream: false")
+    if (body.max_completion_tokens or body.max_tokens) == 0:
+        raise EngineError("max_tokens: must be at least 1 for a chat completion")
     adapter = _resolve(request, body.model)
     ids = engine.encode_chat([m.as_dict() for m in body.messages])
-    jobs = engine.generation_jobs([ids], adapter, body.sampling(body.max_completion_tokens or body.max_tokens))
-    return await _respond(request, jobs, body, ChatFormat(body.model))
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    sampling = body.sampling(body.max_completion_tokens or body.max_tokens, logprobs)
+    jobs = engine.generation_jobs([ids], adapter, sampling, n=body.n)
+    return await _respond(request, jobs, body, ChatFormat(body.model, engine.decode))
+
+
+@generation.post("/tokenize")
+def tokenize(body: P.TokenizeRequest, request: Request) -> dict:
+    engine = _engine(request)
+    if (body.prompt is None) == (body.messages is None):
+        raise EngineError("give one of prompt or messages")
+    if body.prompt is not None:
+        tokens = engine.tokenize(body.prompt, body.add_special_tokens)
+    else:
+        tokens = engine.encode_chat([m.as_dict() for m in body.messages])
+    return {"count": len(tokens), "max_model_len": engine.max_context, "tokens": tokens}
+
+
+@generation.post("/detokenize")
+def detokenize(body: P.DetokenizeRequest, request: Request) -> dict:
+    engine = _engine(request)
+    if not all(0 <= t < engine.vocab_size for t in body.tokens):
+        raise EngineError(f"tokens: ids outside the vocabulary (0 to {engine.vocab_size - 1})")
+    return {"prompt": engine.decode(body.tokens)}
+
+
+@info.get("/tokenizer_info")
+def tokenizer_info(request: Request) -> dict:
+    return _engine(request).tokenizer_info()
 
 
 @generation.post("/v1/classify")

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .jobs import Job, Sampling
+from .jobs import Job, Sampling, TokenLogprob
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
@@ -27,12 +27,30 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
 
 
 def next_tokens(jobs: Sequence[Job], logits: torch.Tensor) -> torch.Tensor:
-    """[rows]: each row's next token from logits: [rows, vocab]."""
+    """[rows]: each row's next token from logits: [rows, vocab]. A row that asks for logprobs
+    gets the chosen token's (under the model, before temperature) as `job.pending`."""
     tokens = logits.argmax(-1)
     for i, job in enumerate(jobs):
         if job.sampling.temperature > 0:
             tokens[i] = sample(logits[i], job.sampling, job.generator)
+        if job.sampling.logprobs is not None:
+            job.pending = scored(logits[i].log_softmax(-1), int(tokens[i]), job.sampling.logprobs)
     return tokens
+
+
+def scored(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """`token`'s logprob and the `k` most likely tokens, from logprobs: [vocab]."""
+    values, ids = logprobs.topk(k) if k else (logprobs[:0], logprobs[:0].long())
+    return TokenLogprob(token, float(logprobs[token]), dict(zip(ids.tolist(), values.tolist())))
+
+
+def prompt_logprobs(prompt: Sequence[int], logits: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """Each prompt token scored by the positions before it: logits: [len(prompt), vocab] (the
+    logits at the prompt's own positions). The first token has no logprob (nothing predicts it)."""
+    scores = [TokenLogprob(prompt[0], None, {})]
+    for position in range(1, len(prompt)):
+        scores.append(scored(logits[position - 1].float().log_softmax(-1), prompt[position], k))
+    return scores
 
 
 def request_generator(sampling: Sampling) -> torch.Generator | None:
@@ -60,6 +78,9 @@ class TextTail:
             reason = "stop"
         else:
             job.tokens.append(token)
+            if job.pending is not None:
+                job.logprobs.append(job.pending)
+        job.pending = None
         text = self.decode(job.tokens)
         cut = min((i for i in (text.find(s) for s in job.sampling.stop) if i >= 0), default=-1)
         if cut >= 0:
