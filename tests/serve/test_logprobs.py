@@ -76,9 +76,19 @@ def test_generated_token_logprobs_and_n_choices(serve, model_dirs, adapters_dir)
     got = choices[0]["logprobs"]["token_logprobs"]
     for k, token in enumerate(generated[: len(got)]):
         assert got[k] == pytest.approx(expected[len(ids) - 1 + k, token].item(), abs=1e-4)
-    chat = server.client.post("/v1/chat/completions", json={"model": "a", "messages": [{"role": "user", "content": PROMPT}],
-                                                            "max_tokens": 3, "logprobs": True, "top_logprobs": 2,
-                                                            "temperature": 0}).json()  # fmt: skip
+    messages = [{"role": "user", "content": PROMPT}]
+    chat = server.client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "a",
+            "messages": messages,
+            "max_tokens": 3,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "temperature": 0,
+        },
+    )
+    chat = chat.json()
     content = chat["choices"][0]["logprobs"]["content"]
     assert content and all(len(t["top_logprobs"]) == 2 and t["logprob"] <= 0 for t in content)
     assert content[0]["logprob"] == pytest.approx(max(x["logprob"] for x in content[0]["top_logprobs"]), abs=1e-6)
