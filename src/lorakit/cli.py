@@ -14,9 +14,11 @@ A user's mistake is one red line and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -289,9 +291,15 @@ def _fmt(value: Any) -> str:
 # -- eval / predict / generate -------------------------------------------------------------
 @app.command("eval")
 def eval_(
-    adapter: Path = typer.Option(..., help="Adapter dir (from lorakit train, or PEFT's save_pretrained)."),
+    adapter: list[Path] = typer.Option(
+        ..., help="Adapter dir (from lorakit train, or PEFT's save_pretrained); repeat to score several in one pass."
+    ),
     data: str = typer.Option(..., help="Data to score, in any format train reads."),
     model: str | None = typer.Option(None, help=MODEL_HELP + " [default: the one the adapter records]"),
+    base: bool = typer.Option(False, "--base", help="Also score the base model without any adapter."),
+    compare: bool = typer.Option(
+        False, "--compare", help="Several adapters: also score them one run each, and print both times."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object on stdout."),
     generate: int = typer.Option(0, help="Generation tasks: also BLEU/ROUGE-L on this many inputs."),
     batch_size: int = typer.Option(32, help="Examples per batch."),
@@ -300,16 +308,47 @@ def eval_(
     quantize: str | None = typer.Option(None, help=QUANTIZE_HELP),
     bf16: bool | None = typer.Option(None, "--bf16/--no-bf16", help=BF16_HELP),
 ) -> None:
-    """Score an adapter on a data file (accuracy/F1, entity F1, loss/perplexity, BLEU/ROUGE-L)."""
-    from .train.api import evaluate, load_trained
+    """Score adapters on a data file (accuracy/F1, entity F1, loss/perplexity, BLEU/ROUGE-L).
 
-    trained = load_trained(model, adapter, task=task, quantize=quantize, bf16=bf16)
-    scores = evaluate(trained, data, generate=generate, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    if as_json:
-        print(json.dumps(scores))
+    Several --adapter (and --base) are scored in one pass: each batch runs once, its rows repeated
+    per adapter in a mixed batch."""
+    from . import lora
+    from .train.api import evaluate, evaluate_adapters, load_trained
+
+    trained = load_trained(model, adapter if len(adapter) > 1 else adapter[0], task=task, quantize=quantize, bf16=bf16)
+    options = dict(generate=generate, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    if len(adapter) == 1 and not base:
+        scores = evaluate(trained, data, **options)
+        if as_json:
+            print(json.dumps(scores))
+            return
+        for key, value in scores.items():
+            out.print(f"{key}: {_fmt(value)}")
         return
-    for key, value in scores.items():
-        out.print(f"{key}: {_fmt(value)}")
+    names = lora.adapter_names(trained.model) + ([None] if base else [])
+    labels = [str(d) for d in adapter] + (["(base)"] if base else [])
+    start = time.perf_counter()
+    rows = evaluate_adapters(trained, names, data, **options)
+    seconds = {"one pass": time.perf_counter() - start}
+    if compare:
+        start = time.perf_counter()
+        for name in names:
+            with lora.disable_adapters(trained.model) if name is None else contextlib.nullcontext():
+                if name is not None:
+                    lora.set_adapter(trained.model, name)
+                evaluate(trained, data, **options)
+        seconds["one run per adapter"] = time.perf_counter() - start
+    if as_json:
+        print(json.dumps({"scores": dict(zip(labels, rows)), "seconds": seconds}))
+        return
+    table = Table(show_edge=False)
+    table.add_column("adapter")
+    for key in rows[0]:
+        table.add_column(key, justify="right")
+    for label, row in zip(labels, rows):
+        table.add_row(label, *(_fmt(v) for v in row.values()))
+    out.print(table)
+    out.print(", ".join(f"{k}: {v:.2f} s" for k, v in seconds.items()))
 
 
 @app.command()

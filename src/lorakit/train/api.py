@@ -11,6 +11,7 @@ eval metric, else the last) plus `lorakit_task.json` (task, labels, base model),
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
@@ -32,6 +33,7 @@ from . import preflight
 from .config import TrainConfig
 from .data import DataError, read_records
 from .distributed import init_distributed
+from .fanout import in_lockstep
 from .state import BaseCallback
 from .tasks import (
     Task,
@@ -340,8 +342,41 @@ def evaluate(
     fields: dict[str, str | None] | None = None,
 ) -> dict[str, float]:
     """Score the loaded adapter on a data file (metrics in percent; loss/perplexity raw)."""
-    config = _config_for(trained, data, fields)
-    examples = read_examples(data, config, None, "eval data")
+    examples = _eval_examples(trained, data, fields)
+    with torch.no_grad():
+        return trained.task.evaluate(
+            trained.model, examples, batch_size=batch_size, generate=generate, max_new_tokens=max_new_tokens
+        )
+
+
+def evaluate_adapters(
+    trained: Trained,
+    adapters: Sequence[str | None],
+    data: str,
+    generate: int = 0,
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    fields: dict[str, str | None] | None = None,
+) -> list[dict[str, float]]:
+    """Score each of `adapters` (adapter names loaded on `trained.model`; None: the base) on the
+    same data in one pass: every batch runs once, its rows repeated per adapter in a mixed batch
+    (fanout.py). Generation metrics (`generate` > 0) are taken adapter by adapter."""
+    examples = _eval_examples(trained, data, fields)
+    scores = in_lockstep(trained.model, adapters, lambda view: trained.task.evaluate(view, examples, batch_size))
+    if generate:
+        for name, row in zip(adapters, scores):
+            with lora.disable_adapters(trained.model) if name is None else contextlib.nullcontext():
+                if name is not None:
+                    lora.set_adapter(trained.model, name)
+                with torch.no_grad():
+                    row.update(trained.task.evaluate(trained.model, examples, batch_size=batch_size,
+                                                     generate=generate, max_new_tokens=max_new_tokens))  # fmt: skip
+    return scores
+
+
+def _eval_examples(trained: Trained, data: str, fields: dict[str, str | None] | None) -> list[dict]:
+    """The examples of `data`, refusing labels the adapter was not trained on."""
+    examples = read_examples(data, _config_for(trained, data, fields), None, "eval data")
     if trained.task.labels:
         unseen = {e.get("label") for e in examples if "label" in e} - set(trained.task.labels)
         if unseen:
@@ -349,10 +384,7 @@ def evaluate(
                 f"eval data {data} has label(s) {sorted(unseen)} the adapter was not trained on "
                 f"(it knows {trained.task.labels})"
             )
-    with torch.no_grad():
-        return trained.task.evaluate(
-            trained.model, examples, batch_size=batch_size, generate=generate, max_new_tokens=max_new_tokens
-        )
+    return examples
 
 
 def _config_for(trained: Trained, data: str, fields: dict[str, str | None] | None) -> TrainConfig:
