@@ -72,7 +72,8 @@ def main() -> None:
         "| way | seconds | x |",
         "|---|---|---|",
         f"| one run per adapter | {each:.1f} | 1.00 |",
-        f"| one pass, mixed batches (`lorakit eval --adapter ... --adapter ...`) | {one_pass:.1f} | {each / one_pass:.2f} |",
+        f"| one pass, mixed batches (`lorakit eval --adapter A --adapter B ...`) | {one_pass:.1f} "
+        f"| {each / one_pass:.2f} |",
         "",
         f"Eval losses equal to {worst:.1e} (relative); `python benchmarks/eval_many.py`",
     ]
