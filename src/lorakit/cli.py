@@ -14,7 +14,6 @@ A user's mistake is one red line and exit code 2, never a traceback.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -313,7 +312,7 @@ def eval_(
     Several --adapter (and --base) are scored in one pass: each batch runs once, its rows repeated
     per adapter in a mixed batch."""
     from . import lora
-    from .train.api import evaluate, evaluate_adapters, load_trained
+    from .train.api import evaluate, evaluate_adapters, load_trained, only
 
     trained = load_trained(model, adapter if len(adapter) > 1 else adapter[0], task=task, quantize=quantize, bf16=bf16)
     options = dict(generate=generate, batch_size=batch_size, max_new_tokens=max_new_tokens)
@@ -333,9 +332,7 @@ def eval_(
     if compare:
         start = time.perf_counter()
         for name in names:
-            with lora.disable_adapters(trained.model) if name is None else contextlib.nullcontext():
-                if name is not None:
-                    lora.set_adapter(trained.model, name)
+            with only(trained.model, name):
                 evaluate(trained, data, **options)
         seconds["one run per adapter"] = time.perf_counter() - start
     if as_json:

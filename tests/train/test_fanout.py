@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-import lorakit
-from lorakit.train.api import evaluate, evaluate_adapters, load_trained
+from lorakit.train.api import evaluate, evaluate_adapters, load_trained, only
 
 from ..serve.test_engine import make_adapter
 from .conftest import copy_rows, sentiment_rows, write_jsonl
@@ -16,11 +15,7 @@ def one_by_one(trained, names, data) -> list[dict]:
     """The oracle: each adapter active alone (the base with adapters disabled), the usual path."""
     rows = []
     for name in names:
-        if name is None:
-            with lorakit.disable_adapters(trained.model):
-                rows.append(evaluate(trained, data))
-        else:
-            lorakit.set_adapter(trained.model, name)
+        with only(trained.model, name):
             rows.append(evaluate(trained, data))
     return rows
 

@@ -365,13 +365,27 @@ def evaluate_adapters(
     scores = in_lockstep(trained.model, adapters, lambda view: trained.task.evaluate(view, examples, batch_size))
     if generate:
         for name, row in zip(adapters, scores):
-            with lora.disable_adapters(trained.model) if name is None else contextlib.nullcontext():
-                if name is not None:
-                    lora.set_adapter(trained.model, name)
-                with torch.no_grad():
-                    row.update(trained.task.evaluate(trained.model, examples, batch_size=batch_size,
-                                                     generate=generate, max_new_tokens=max_new_tokens))  # fmt: skip
+            with only(trained.model, name), torch.no_grad():
+                row.update(trained.task.evaluate(trained.model, examples, batch_size=batch_size, generate=generate,
+                                                 max_new_tokens=max_new_tokens))  # fmt: skip
     return scores
+
+
+@contextlib.contextmanager
+def only(model: nn.Module, name: str | None):
+    """Inside the block, `model` runs adapter `name` alone (None: the base, adapters disabled);
+    the adapters active before are active again after."""
+    if name is None:
+        with lora.disable_adapters(model):
+            yield model
+        return
+    before = lora.active_adapters(model)
+    lora.set_adapter(model, name)
+    try:
+        yield model
+    finally:
+        if before:
+            lora.set_adapter(model, before)
 
 
 def _eval_examples(trained: Trained, data: str, fields: dict[str, str | None] | None) -> list[dict]:
