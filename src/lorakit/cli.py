@@ -293,9 +293,18 @@ def eval_(
     adapter: list[Path] = typer.Option(
         ..., help="Adapter dir (from lorakit train, or PEFT's save_pretrained); repeat to score several in one pass."
     ),
-    data: str = typer.Option(..., help="Data to score, in any format train reads."),
+    data: str | None = typer.Option(None, help="Data to score, in any format train reads."),
     model: str | None = typer.Option(None, help=MODEL_HELP + " [default: the one the adapter records]"),
     base: bool = typer.Option(False, "--base", help="Also score the base model without any adapter."),
+    harness: str | None = typer.Option(
+        None,
+        help=(
+            "lm-evaluation-harness tasks (comma list) instead of --data, every adapter in one pass "
+            "(pip install 'lm-eval[api]'; lorakit's demo tasks: python -m lorakit.data.lm_eval_tasks DIR)."
+        ),
+    ),
+    include_path: str | None = typer.Option(None, help="--harness: a directory of task YAMLs."),
+    limit: int | None = typer.Option(None, help="--harness: at most this many documents per task."),
     compare: bool = typer.Option(
         False, "--compare", help="Several adapters: also score them one run each, and print both times."
     ),
@@ -314,7 +323,13 @@ def eval_(
     from . import lora
     from .train.api import evaluate, evaluate_adapters, load_trained, only
 
+    if (data is None) == (harness is None):
+        console.print("[red]error:[/red] give --data FILE or --harness TASKS (one of them)")
+        raise typer.Exit(2)
     trained = load_trained(model, adapter if len(adapter) > 1 else adapter[0], task=task, quantize=quantize, bf16=bf16)
+    if harness:
+        _harness(trained, adapter, base, harness, include_path, limit, batch_size, as_json)
+        return
     options = dict(generate=generate, batch_size=batch_size, max_new_tokens=max_new_tokens)
     if len(adapter) == 1 and not base:
         scores = evaluate(trained, data, **options)
@@ -346,6 +361,32 @@ def eval_(
         table.add_row(label, *(_fmt(v) for v in row.values()))
     out.print(table)
     out.print(", ".join(f"{k}: {v:.2f} s" for k, v in seconds.items()))
+
+
+def _harness(trained, adapter: list[Path], base: bool, tasks: str, include_path: str | None, limit: int | None,
+             batch_size: int, as_json: bool) -> None:  # fmt: skip
+    """`lorakit eval --harness`: lm-eval's metrics for every adapter (and the base), one table."""
+    from . import lora
+    from .train.harness import run_harness
+
+    names = lora.adapter_names(trained.model) + ([None] if base else [])
+    labels = [str(d) for d in adapter] + (["(base)"] if base else [])
+    results = run_harness(trained.model, trained.tokenizer, names, [t.strip() for t in tasks.split(",")],
+                          include_path, limit, batch_size)  # fmt: skip
+    table = {label: {f"{task} {metric.split(',')[0]}": value for task, metrics in r["results"].items()
+                     for metric, value in metrics.items() if isinstance(value, float) and "stderr" not in metric}
+             for label, r in zip(labels, results)}  # fmt: skip
+    if as_json:
+        print(json.dumps(table))
+        return
+    out_table = Table(show_edge=False)
+    out_table.add_column("adapter")
+    columns = list(next(iter(table.values())))
+    for column in columns:
+        out_table.add_column(column, justify="right")
+    for label, row in table.items():
+        out_table.add_row(label, *(_fmt(row.get(c)) for c in columns))
+    out.print(out_table)
 
 
 @app.command()

@@ -74,3 +74,68 @@ def test_lm_eval_through_the_server_equals_hf_with_peft(tmp_path, monkeypatch):
                     assert ll == pytest.approx(ll2, abs=1e-4) and greedy == greedy2
             else:  # the generated text
                 assert mine["resps"] == hers["resps"]
+
+
+def test_harness_in_process_for_two_adapters_equals_hf_with_peft(tmp_path, monkeypatch):
+    """`lorakit eval --harness`: both adapters in one pass, each equal to lm-eval's own hf+peft."""
+    from lorakit.train.api import load_trained
+    from lorakit.train.harness import run_harness
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tasks = write_tasks(tmp_path / "tasks", limit=6)
+    model_dir, adapters = tmp_path / "model", tmp_path / "adapters"
+    demo_model(model_dir, tmp_path / "tasks" / "lorakit_demo.jsonl")
+    dirs = [make_adapter(model_dir, adapters / n, seed=s, r=4, target_modules=["q_proj", "v_proj"])
+            for n, s in (("a", 1), ("b", 2))]  # fmt: skip
+    trained = load_trained(str(model_dir), dirs, task="causal-lm")
+    ours = run_harness(trained.model, trained.tokenizer, ["a", "b"], tasks, include_path=str(tmp_path / "tasks"))
+    for mine, adapter in zip(ours, dirs):
+        theirs = evaluate(tmp_path / "tasks", tasks, "hf", f"pretrained={model_dir},peft={adapter},device=cpu")
+        for task in tasks:
+            metric = "acc,none" if task.endswith("mc") else "exact_match,none"
+            assert mine["results"][task][metric] == theirs["results"][task][metric]
+            for a, b in zip(mine["samples"][task], theirs["samples"][task], strict=True):
+                if task.endswith("mc"):
+                    for (ll, greedy), (ll2, greedy2) in zip([r[0] for r in a["resps"]], [r[0] for r in b["resps"]]):
+                        assert ll == pytest.approx(ll2, abs=1e-4) and greedy == greedy2
+                else:
+                    assert a["resps"] == b["resps"]
+    first = [r[0][0] for r in ours[0]["samples"][tasks[0]][0]["resps"]]
+    other = [r[0][0] for r in ours[1]["samples"][tasks[0]][0]["resps"]]
+    assert first != other  # the two adapters answer differently
+
+
+def test_lorakit_eval_harness_prints_one_row_per_adapter(tmp_path, monkeypatch):
+    import json as json_
+
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    write_tasks(tmp_path / "tasks", limit=4)
+    model_dir = tmp_path / "model"
+    demo_model(model_dir, tmp_path / "tasks" / "lorakit_demo.jsonl")
+    dirs = [make_adapter(model_dir, tmp_path / n, seed=s, r=4) for n, s in (("a", 1), ("b", 2))]
+    args = [
+        "eval",
+        "--model",
+        str(model_dir),
+        "--adapter",
+        str(dirs[0]),
+        "--adapter",
+        str(dirs[1]),
+        "--base",
+        "--harness",
+        "lorakit_demo_mc",
+        "--include-path",
+        str(tmp_path / "tasks"),
+        "--task",
+        "causal-lm",
+        "--json",
+    ]
+    result = CliRunner().invoke(app, args)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table = json_.loads(result.stdout.strip().splitlines()[-1])
+    assert list(table) == [str(dirs[0]), str(dirs[1]), "(base)"]
+    assert all(0 <= row["lorakit_demo_mc acc"] <= 1 for row in table.values())
