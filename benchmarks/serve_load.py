@@ -102,8 +102,20 @@ class Server:
         self.thread.join(60)
 
 
-async def fire(url: str, names: list[str], clients: int, max_tokens: int, time_limit: float) -> dict:
-    """`clients` workers send the requests (adapter i % len(names)) until done or out of time."""
+def request_body(name: str, i: int, max_tokens: int, scoring: bool) -> dict:
+    """A greedy completion, or (`scoring`) lm-eval's loglikelihood request: the prompt and a
+    continuation echoed with their logprobs, one new token."""
+    prompt = PROMPTS[i % len(PROMPTS)]
+    if scoring:
+        prompt += " " + PROMPTS[(i + 1) % len(PROMPTS)]
+        return {"model": name, "prompt": prompt, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+    return {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+
+
+async def fire(url: str, names: list[str], clients: int, max_tokens: int, time_limit: float,
+               scoring: bool = False) -> dict:  # fmt: skip
+    """`clients` workers send the requests (adapter i % len(names)) until done or out of time.
+    Scoring requests count the prompt tokens they score as their tokens."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(len(names)):
         queue.put_nowait(i)
@@ -114,12 +126,11 @@ async def fire(url: str, names: list[str], clients: int, max_tokens: int, time_l
         nonlocal tokens, errors
         while not queue.empty() and time.perf_counter() - start < time_limit:
             i = queue.get_nowait()
-            body = {"model": names[i], "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0}
             sent = time.perf_counter()
-            response = await http.post("/v1/completions", json=body)
+            response = await http.post("/v1/completions", json=request_body(names[i], i, max_tokens, scoring))
             if response.status_code == 200:
                 latencies.append(time.perf_counter() - sent)
-                tokens += response.json()["usage"]["completion_tokens"]
+                tokens += response.json()["usage"]["prompt_tokens" if scoring else "completion_tokens"]
             else:
                 errors += 1
 
@@ -162,13 +173,13 @@ def run(args: argparse.Namespace, adapters_dir: Path, mixed: bool, spread: int) 
     adapters = [f"adapter{i:02d}" for i in range(spread)]
     names = [adapters[i % spread] for i in range(args.requests)]
     with Server(engine, args.clients) as url:
-        result = asyncio.run(fire(url, names, args.clients, args.max_tokens, args.time_limit))
+        result = asyncio.run(fire(url, names, args.clients, args.max_tokens, args.time_limit, args.scoring))
     return {"mode": "mixed" if mixed else "no-mixed", "adapters": spread, **result}
 
 
-def write(results: dict) -> None:
+def write(results: dict, name: str = "serve_load") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serve_load.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     c = results["config"]
     setup = (
         f"{c['model']}, {c['requests']} requests per run from {c['clients']} concurrent clients, "
@@ -192,7 +203,7 @@ def write(results: dict) -> None:
             "Throughput of mixed over no-mixed (tokens/s): "
             + ", ".join(f"{k} adapter(s): {v:.2f}x" for k, v in results["speedup"].items()),
         ]
-    (RESULTS / "serve_load.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 # -- fault injection ----------------------------------------------------------------------------
@@ -383,6 +394,12 @@ def main() -> None:
         help="torch intra-op threads (on a CPU shared with other jobs, 1 is often far faster)",
     )
     parser.add_argument("--faults", action="store_true", help="the fault-injection run instead (see the docstring)")
+    parser.add_argument(
+        "--scoring",
+        action="store_true",
+        help="lm-eval's loglikelihood requests (echo, logprobs 1, max_tokens 1) instead of completions; results "
+        "in serve_scoring.{json,md}, tokens/s counts scored prompt tokens",
+    )
     parser.add_argument("--malformed-every", type=int, default=5, help="with --faults: every Nth request is malformed")
     args = parser.parse_args()
     if args.threads:
@@ -424,8 +441,9 @@ def main() -> None:
         "machine": machine,
         "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
     }
-    write({"config": config, "runs": runs, "speedup": speedup})
-    print(f"wrote {RESULTS / 'serve_load.json'} and serve_load.md")
+    name = "serve_scoring" if args.scoring else "serve_load"
+    write({"config": config, "runs": runs, "speedup": speedup}, name)
+    print(f"wrote {RESULTS / name}.json and .md")
 
 
 if __name__ == "__main__":
