@@ -183,7 +183,12 @@ def write(results: dict, name: str = "serve_load") -> None:
     c = results["config"]
     setup = (
         f"{c['model']}, {c['requests']} requests per run from {c['clients']} concurrent clients, "
-        f"max_tokens {c['max_tokens']} (greedy), max batch {c['max_batch_size']}; "
+        + (
+            "lm-eval's scoring requests (echo, logprobs 1, max_tokens 1; tokens/s: prompt tokens scored)"
+            if c.get("scoring")
+            else f"max_tokens {c['max_tokens']} (greedy)"
+        )
+        + f", max batch {c['max_batch_size']}; "
         f"{c['machine']}. Command: `{c['command']}`\n"
     )
     lines = [
