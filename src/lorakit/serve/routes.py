@@ -1,7 +1,7 @@
 """The HTTP routes, as FastAPI routers over the app's state (engine, limits, gate, metrics).
 
 generation  POST /v1/completions, /v1/chat/completions, /v1/classify, /tokenize, /detokenize
-info        GET /v1/models, /health, /metrics, /tokenizer_info
+info        GET /v1/models, /health, /metrics, /tokenizer_info; the page: GET /, /ui/adapters
 admin       GET|POST /v1/adapters, DELETE /v1/adapters/{name}
 """
 
@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import protocol as P
@@ -19,6 +19,7 @@ from .engine import Engine
 from .errors import EngineError, check_name
 from .formats import ChatFormat, CompletionFormat, prepend, sse
 from .jobs import Event, Job
+from .page import adapter_cards, page
 
 generation = APIRouter()
 info = APIRouter()
@@ -145,6 +146,16 @@ def detokenize(body: P.DetokenizeRequest, request: Request) -> dict:
     if not all(0 <= t < engine.vocab_size for t in body.tokens):
         raise EngineError(f"tokens: ids outside the vocabulary (0 to {engine.vocab_size - 1})")
     return {"prompt": engine.decode(body.tokens)}
+
+
+@info.get("/", response_class=HTMLResponse, include_in_schema=False)
+def home() -> HTMLResponse:
+    return HTMLResponse(page())
+
+
+@info.get("/ui/adapters")
+def ui_adapters(request: Request) -> dict:
+    return adapter_cards(_engine(request))
 
 
 @info.get("/tokenizer_info")
