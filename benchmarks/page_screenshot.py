@@ -35,7 +35,7 @@ def main() -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT))
     from lorakit.serve import Engine, EngineConfig
 
     work = Path(tempfile.mkdtemp())
@@ -43,7 +43,7 @@ def main() -> None:
     train(work / "e2e-dora", "--lr", "1e-3", "--dora")
     for run in work.iterdir():  # the adapters dir holds adapters only: drop the checkpoints
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
-    from serve.test_server import Server
+    from tests.serve.test_server import Server  # uvicorn in a thread, as the tests run it
 
     engine = Engine.from_pretrained("smollm2-135m", work, served_name="smollm2-135m",
                                     config=EngineConfig(watch_interval_s=0))  # fmt: skip
