@@ -48,6 +48,21 @@ def evaluate(include, tasks, model: str, model_args: str) -> dict:
                                    numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)  # fmt: skip
 
 
+def assert_same_results(ours: dict, theirs: dict, tasks) -> None:
+    """The same metric, and per request the same loglikelihoods (1e-4) and greedy flags, or
+    the same generated text."""
+    for task in tasks:
+        metric = "acc,none" if task.endswith("mc") else "exact_match,none"
+        assert ours["results"][task][metric] == theirs["results"][task][metric]
+        for mine, hers in zip(ours["samples"][task], theirs["samples"][task], strict=True):
+            assert mine["doc_id"] == hers["doc_id"]
+            if task.endswith("mc"):  # each choice's (loglikelihood, is_greedy)
+                for (ll, greedy), (ll2, greedy2) in zip([r[0] for r in mine["resps"]], [r[0] for r in hers["resps"]]):
+                    assert ll == pytest.approx(ll2, abs=1e-4) and greedy == greedy2
+            else:  # the generated text
+                assert mine["resps"] == hers["resps"]
+
+
 def test_lm_eval_through_the_server_equals_hf_with_peft(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     tasks = write_tasks(tmp_path / "tasks", limit=6)
@@ -64,16 +79,7 @@ def test_lm_eval_through_the_server_equals_hf_with_peft(tmp_path, monkeypatch):
     first = [r[0][0] for r in ours["samples"][tasks[0]][0]["resps"]]
     assert len(first) == 2 and first[0] != first[1]  # the two choices score differently: a test that can fail
     assert any(s["resps"][0][0].strip() for s in ours["samples"][tasks[1]])  # and text was generated
-    for task in tasks:
-        metric = "acc,none" if task.endswith("mc") else "exact_match,none"
-        assert ours["results"][task][metric] == theirs["results"][task][metric]
-        for mine, hers in zip(ours["samples"][task], theirs["samples"][task], strict=True):
-            assert mine["doc_id"] == hers["doc_id"]
-            if task.endswith("mc"):  # each choice's (loglikelihood, is_greedy)
-                for (ll, greedy), (ll2, greedy2) in zip([r[0] for r in mine["resps"]], [r[0] for r in hers["resps"]]):
-                    assert ll == pytest.approx(ll2, abs=1e-4) and greedy == greedy2
-            else:  # the generated text
-                assert mine["resps"] == hers["resps"]
+    assert_same_results(ours, theirs, tasks)
 
 
 def test_harness_in_process_for_two_adapters_equals_hf_with_peft(tmp_path, monkeypatch):
@@ -91,15 +97,7 @@ def test_harness_in_process_for_two_adapters_equals_hf_with_peft(tmp_path, monke
     ours = run_harness(trained.model, trained.tokenizer, ["a", "b"], tasks, include_path=str(tmp_path / "tasks"))
     for mine, adapter in zip(ours, dirs):
         theirs = evaluate(tmp_path / "tasks", tasks, "hf", f"pretrained={model_dir},peft={adapter},device=cpu")
-        for task in tasks:
-            metric = "acc,none" if task.endswith("mc") else "exact_match,none"
-            assert mine["results"][task][metric] == theirs["results"][task][metric]
-            for a, b in zip(mine["samples"][task], theirs["samples"][task], strict=True):
-                if task.endswith("mc"):
-                    for (ll, greedy), (ll2, greedy2) in zip([r[0] for r in a["resps"]], [r[0] for r in b["resps"]]):
-                        assert ll == pytest.approx(ll2, abs=1e-4) and greedy == greedy2
-                else:
-                    assert a["resps"] == b["resps"]
+        assert_same_results(mine, theirs, tasks)
     first = [r[0][0] for r in ours[0]["samples"][tasks[0]][0]["resps"]]
     other = [r[0][0] for r in ours[1]["samples"][tasks[0]][0]["resps"]]
     assert first != other  # the two adapters answer differently
