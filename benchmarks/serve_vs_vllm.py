@@ -8,7 +8,10 @@ latency. Both servers run fp32 on SmolLM2's weights (the dequantised GGUF); vLLM
 `--enable-lora --max-loras 8 --max-lora-rank 16 --enforce-eager --dtype float32` and its
 defaults otherwise (VLLM_CPU_KVCACHE_SPACE=2).
 
-    python benchmarks/serve_vs_vllm.py --vllm-python VENV/bin/python --adapter DIR
+    python benchmarks/serve_vs_vllm.py --vllm-python VENV/bin/python --adapter DIR [--scoring]
+
+--scoring sends lm-eval's loglikelihood request instead (the prompt plus its E2E reference, echoed
+with logprobs, one new token) and checks both servers give the same loglikelihoods.
 """
 
 from __future__ import annotations
@@ -67,30 +70,41 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 600) -> Non
     raise SystemExit("server did not start")
 
 
-def load(url: str, prompts: list[str], names: list[str]) -> dict:
+def load(url: str, prompts: list[str], names: list[str], scoring: bool = False) -> dict:
+    """The 64 requests at once: generation (32 greedy tokens), or with `scoring` lm-eval's
+    loglikelihood request (prompt + reference echoed with logprobs, one new token), whose
+    tokens are the prompt tokens scored and whose answers (the summed logprobs) are kept."""
     import httpx
 
-    def one(i: int) -> tuple[float, int]:
+    def one(i: int) -> tuple[float, int, float | None]:
         t = time.perf_counter()
-        body = {"model": names[i % len(names)], "prompt": prompts[i], "max_tokens": TOKENS, "temperature": 0}
+        body = {"model": names[i % len(names)], "prompt": prompts[i], "max_tokens": 1 if scoring else TOKENS,
+                "temperature": 0, **({"echo": True, "logprobs": 1} if scoring else {})}  # fmt: skip
         response = httpx.post(url + "/v1/completions", json=body, timeout=900)
         response.raise_for_status()
-        return time.perf_counter() - t, response.json()["usage"]["completion_tokens"]
+        answer = response.json()
+        if not scoring:
+            return time.perf_counter() - t, answer["usage"]["completion_tokens"], None
+        scores = answer["choices"][0]["logprobs"]["token_logprobs"][1:-1]  # the prompt's, the new token's left out
+        return time.perf_counter() - t, answer["usage"]["prompt_tokens"], sum(scores)
 
     one(0)  # warm-up
     start = time.perf_counter()
     with ThreadPoolExecutor(REQUESTS) as pool:
         done = list(pool.map(one, range(REQUESTS)))
     wall = time.perf_counter() - start
-    tokens = sum(n for _, n in done)
+    tokens = sum(n for _, n, _ in done)
+    latencies = sorted(t for t, _, _ in done)
     return {"tokens_per_s": tokens / wall, "wall_s": wall, "tokens": tokens,
-            "median_latency_s": statistics.median(t for t, _ in done)}  # fmt: skip
+            "median_latency_s": statistics.median(latencies), "p99_latency_s": latencies[-1],
+            "loglikelihoods": [ll for _, _, ll in done] if scoring else None}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vllm-python", required=True)
     parser.add_argument("--adapter", type=Path, required=True)
+    parser.add_argument("--scoring", action="store_true", help="lm-eval's loglikelihood requests instead")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from e2e import examples
@@ -100,8 +114,10 @@ def main() -> None:
     root = Path(tempfile.mkdtemp())
     names = make_adapters(args.adapter, root / "adapters")
     tokenizer = load_tokenizer("smollm2-135m")
+    rows = examples("test", REQUESTS)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
-                                             tokenize=False) for r in examples("test", REQUESTS)]  # fmt: skip
+                                             tokenize=False) + (r["response"] if args.scoring else "")
+               for r in rows]  # fmt: skip
     model_dir = resolve_model("smollm2-135m").path
     results = {}
     servers = {
@@ -123,13 +139,18 @@ def main() -> None:
                                    text=True)  # fmt: skip
         try:
             wait_ready(f"http://127.0.0.1:{port}", process)
-            results[name] = load(f"http://127.0.0.1:{port}", prompts, names)
-            print(name, results[name], flush=True)
+            results[name] = load(f"http://127.0.0.1:{port}", prompts, names, args.scoring)
+            print(name, {k: v for k, v in results[name].items() if k != "loglikelihoods"}, flush=True)
         finally:
             process.terminate()
             process.wait(60)
+    if args.scoring and len(results) == 2:  # the same requests scored by both servers
+        a, b = (r["loglikelihoods"] for r in results.values())
+        results["max_loglikelihood_difference"] = max(abs(x - y) for x, y in zip(a, b))
+        print("max |loglikelihood difference|:", results["max_loglikelihood_difference"])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serve_vs_vllm.json").write_text(json.dumps(results, indent=1))
+    name = "serve_vs_vllm_scoring" if args.scoring else "serve_vs_vllm"
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
