@@ -121,3 +121,16 @@ def test_unsupported_fields_are_a_400_naming_them(serve, extra, message):
     server = serve()
     answer = server.client.post("/v1/completions", json={"model": "a", "prompt": PROMPT, "max_tokens": 2, **extra})
     assert answer.status_code == 400 and message in answer.json()["error"]["message"], answer.text
+
+
+def test_an_end_of_sequence_token_is_scored_too(serve, model_dirs):
+    """lm-eval drops the last logprob entry as the new token's: when the model's next token ends
+    the sequence, it must still be there (else the prompt's last token would be dropped)."""
+    server = serve()
+    ids = load_tokenizer(str(model_dirs["llama"]))(PROMPT)["input_ids"]
+    body = {"model": "a", "prompt": PROMPT, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+    greedy = server.client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    server.engine._text.eos = {server.engine.tokenize(greedy["tokens"][-1], add_special_tokens=False)[0]}
+    ended = server.client.post("/v1/completions", json=body).json()["choices"][0]
+    assert ended["finish_reason"] == "stop" and len(ended["logprobs"]["token_logprobs"]) == len(ids) + 1
+    assert ended["logprobs"]["token_logprobs"] == greedy["token_logprobs"]

@@ -74,13 +74,13 @@ class TextTail:
     def add(self, job: Job, token: int) -> tuple[str, str | None]:
         """Append `token` to `job`: (text that became certain, finish reason or None)."""
         reason = None
+        if job.pending is not None:  # every chosen token is scored, an end-of-sequence one too (as
+            job.logprobs.append(job.pending)  # OpenAI and vLLM do: lm-eval drops the last entry)
+            job.pending = None
         if token in self.eos:
             reason = "stop"
         else:
             job.tokens.append(token)
-            if job.pending is not None:
-                job.logprobs.append(job.pending)
-        job.pending = None
         text = self.decode(job.tokens)
         cut = min((i for i in (text.find(s) for s in job.sampling.stop) if i >= 0), default=-1)
         if cut >= 0:
