@@ -69,12 +69,18 @@ def train(
         None,
         help=(
             "Fine-tuning method: lora (LoRA, PEFT format) | full (every parameter) | top2 (last two blocks) | "
-            "bitfit (biases) | adapter-h (Houlsby adapters) | adapter-l (Lin adapter) | prefix-embed (prefix "
+            "bitfit (biases) | adapter-h (Houlsby adapters) | adapter-l (Lin adapter) | adapter-p (Pfeiffer adapter) | "
+            "adapter-drop (AdapterDrop) | prefix-embed (prefix "
             "token embeddings) | prefix-layer (prefix keys/values in every layer). Every method also trains a new"
             " task head. [default: lora]"
         ),
     ),
-    adapter_size: int | None = typer.Option(None, help="adapter-h / adapter-l: bottleneck size. [default: 16]"),
+    adapter_size: int | None = typer.Option(
+        None, help="adapter-h / adapter-l / adapter-p / adapter-drop: bottleneck size. [default: 16]"
+    ),
+    adapter_drop_layers: int | None = typer.Option(
+        None, help="adapter-drop: the lowest blocks left without adapters. [default: 1]"
+    ),
     prefix_length: int | None = typer.Option(
         None, help="prefix-embed / prefix-layer: number of prefix positions. [default: 16]"
     ),

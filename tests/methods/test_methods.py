@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import lorakit
 from lorakit import methods
 from lorakit.methods.adapters import WithAdapter
+from lorakit.methods.errors import MethodError
 from lorakit.models import load_model
 from lorakit.train import TrainConfig, TrainConfigError, train
 from lorakit.train.api import evaluate, load_trained
@@ -63,7 +64,7 @@ def base(model_dirs, task: str) -> tuple[nn.Module, list[str]]:
 
 
 def settings(method: str, task: str, adapter_size: int = 8, prefix_length: int = 4) -> dict:
-    values = {"adapter_size": adapter_size, "prefix_length": prefix_length, "task": task}
+    values = {"adapter_size": adapter_size, "prefix_length": prefix_length, "task": task, "adapter_drop_layers": 1}
     return {k: values[k] for k in methods.METHODS[method].options}
 
 
@@ -99,11 +100,16 @@ RUNS = {
             "bitfit": (1e-2, 40),
             "adapter-h": (1e-2, 40),
             "adapter-l": (1e-2, 40),
+            "adapter-p": (1e-2, 40),
+            "adapter-drop": (1e-2, 40),
             "prefix-embed": (3e-2, 40),
             "prefix-layer": (3e-2, 40),
         }.items()
     },
-    **{(m, "causal-lm"): (3e-2, 25) for m in ["full", "top2", "adapter-h", "adapter-l", "prefix-embed"]},
+    **{
+        (m, "causal-lm"): (3e-2, 25)
+        for m in ["full", "top2", "adapter-h", "adapter-l", "adapter-p", "adapter-drop", "prefix-embed"]
+    },  # fmt: skip
     ("prefix-layer", "causal-lm"): (1e-1, 25),
 }
 
@@ -200,6 +206,7 @@ def test_a_method_dir_does_not_load_onto_another_architecture(model_dirs, tmp_pa
 M, P = 8, 4  # adapter bottleneck, prefix length
 HOULSBY = 2 * (d * M + M + M * d + d)  # per block: two adapters
 LIN = d * M + M + M * d + d + 2 * d  # per block: one adapter with its LayerNorm
+PFEIFFER = d * M + M + M * d + d  # per block: one adapter, no norm
 BERT_BLOCK = 4 * (d * d + d) + 2 * d + (d * f + f) + (f * d + d) + 2 * d  # q k v o, LN, MLP, LN
 BERT_BIASES = d + L * (4 * d + d + f + d + d) + d  # embedding LN, blocks, pooler
 BERT = V * d + POS * d + 2 * d + 2 * d + L * BERT_BLOCK + d * d + d  # embeddings, blocks, pooler
@@ -213,6 +220,8 @@ PAPER_COUNTS = {
         "bitfit": BERT_BIASES,
         "adapter-h": L * HOULSBY,
         "adapter-l": L * LIN,
+        "adapter-p": L * PFEIFFER,
+        "adapter-drop": (L - 1) * HOULSBY,  # the lowest block dropped
         "prefix-embed": P * d,
         "prefix-layer": L * 2 * P * KV,
     },
@@ -221,6 +230,8 @@ PAPER_COUNTS = {
         "top2": L * LLAMA_BLOCK,
         "adapter-h": L * HOULSBY,
         "adapter-l": L * LIN,
+        "adapter-p": L * PFEIFFER,
+        "adapter-drop": (L - 1) * HOULSBY,
         "prefix-embed": P * d,
         "prefix-layer": L * 2 * P * KV,
     },
@@ -250,7 +261,7 @@ def test_lora_counts_A_and_B_without_the_head(model_dirs):
     [
         (m, t)
         for t in ["classification", "causal-lm"]
-        for m in ["full", "top2", "bitfit", "adapter-h", "adapter-l"]
+        for m in ["full", "top2", "bitfit", "adapter-h", "adapter-l", "adapter-p", "adapter-drop"]
         if (m, t) != ("bitfit", "causal-lm")
     ],
 )
@@ -375,3 +386,9 @@ def test_cli_train_help_lists_every_method_and_its_options():
     result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "400"})
     for word in [*methods.METHODS, "--adapter-size", "--prefix-length"]:
         assert word in result.output
+
+
+def test_adapter_drop_refuses_dropping_every_block(model_dirs):
+    model, heads = base(model_dirs, "classification")
+    with pytest.raises(MethodError, match=r"--adapter-drop-layers=2 is invalid: this model has 2 blocks; drop 0 to 1"):
+        methods.build(model, "adapter-drop", {"adapter_size": 4, "adapter_drop_layers": 2}, heads)

@@ -6,6 +6,8 @@
     bitfit        bias terms only
     adapter-h     Houlsby adapters after attention and MLP (bottleneck --adapter-size)
     adapter-l     Lin adapter after the MLP, with its own LayerNorm
+    adapter-p     Pfeiffer adapter after the MLP (ReLU, no LayerNorm)
+    adapter-drop  AdapterDrop: Houlsby adapters without those of the lowest blocks
     prefix-embed  trainable prefix token embeddings (--prefix-length positions)
     prefix-layer  trainable prefix keys/values in every attention layer
 

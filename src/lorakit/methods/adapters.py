@@ -1,4 +1,4 @@
-"""Bottleneck adapters: Houlsby et al. (2019) and Lin et al. (2020).
+"""Bottleneck adapters: the four designs the LoRA paper compares against.
 
     adapter(h) = h + W_up · act(W_down · norm(h))       W_down: [m, d], W_up: [d, m]
 
@@ -6,10 +6,14 @@ W_up (and its bias) start at zero, so a fresh adapter is the identity and traini
 the base model. Each adapter sits on the output of a projection, before the block's residual
 sum (and, in BERT, before its LayerNorm):
 
-    adapter-h   Houlsby: after the attention output projection and after the MLP, no norm
-                per block 2·(d·m + m + m·d + d) parameters
-    adapter-l   Lin: after the MLP only, with its own LayerNorm on the adapter's input
-                per block d·m + m + m·d + d + 2·d parameters
+    adapter-h     Houlsby et al. 2019: after the attention output projection and after the MLP,
+                  no norm; per block 2·(d·m + m + m·d + d) parameters
+    adapter-l     Lin et al. 2020: after the MLP only, with its own LayerNorm on the adapter's
+                  input; per block d·m + m + m·d + d + 2·d
+    adapter-p     Pfeiffer et al. 2021: after the MLP only, no norm, a ReLU bottleneck;
+                  per block d·m + m + m·d + d
+    adapter-drop  Rücklé et al. 2021 (AdapterDrop): Houlsby's, with the adapters of the lowest
+                  `drop_layers` blocks left out (those blocks run as the base: faster, fewer parameters)
 """
 
 from __future__ import annotations
@@ -19,18 +23,18 @@ from torch import Tensor
 
 from ..lora.architectures import ADAPTER_SITES
 from ..lora.inject import set_submodule
-from ..lora.targets import name_matches
+from ..lora.targets import layer_index, name_matches
 from .errors import MethodError
 
 
 class Adapter(nn.Module):
     """h: [..., d] -> h + up(act(down(norm(h)))): [..., d], bottleneck m; the identity at init."""
 
-    def __init__(self, d: int, m: int, layer_norm: bool = False) -> None:
+    def __init__(self, d: int, m: int, layer_norm: bool = False, relu: bool = False) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d) if layer_norm else nn.Identity()
         self.down = nn.Linear(d, m)  # [m, d]
-        self.act = nn.GELU()
+        self.act = nn.ReLU() if relu else nn.GELU()
         self.up = nn.Linear(m, d)  # [d, m], zero: the adapter starts as the identity
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
@@ -81,15 +85,24 @@ def find_sites(model: nn.Module) -> tuple[list[str], list[str]]:
     )
 
 
-def add_adapters(model: nn.Module, kind: str, adapter_size: int) -> nn.Module:
-    """Insert Houlsby ("houlsby": after attention and MLP) or Lin ("lin": after the MLP, with
-    a LayerNorm) adapters of bottleneck `adapter_size` in every block, in place; only they
-    require grad among the model's parameters."""
+KINDS = ("houlsby", "lin", "pfeiffer", "drop")
+
+
+def add_adapters(model: nn.Module, kind: str, adapter_size: int, drop_layers: int = 0) -> nn.Module:
+    """Insert adapters of bottleneck `adapter_size` in every block, in place: "houlsby" (after
+    attention and MLP), "lin" (after the MLP, with a LayerNorm), "pfeiffer" (after the MLP, ReLU,
+    no norm) or "drop" (Houlsby's, none in the lowest `drop_layers` blocks)."""
     attn_sites, mlp_sites = find_sites(model)
-    sites = attn_sites + mlp_sites if kind == "houlsby" else mlp_sites
+    sites = attn_sites + mlp_sites if kind in ("houlsby", "drop") else mlp_sites
+    if kind == "drop":
+        blocks = sorted({layer_index(n, None) for n in sites} - {None})
+        if not 0 <= drop_layers < len(blocks):
+            raise MethodError(f"--adapter-drop-layers={drop_layers} is invalid: this model has {len(blocks)} "
+                              f"blocks; drop 0 to {len(blocks) - 1} of them")  # fmt: skip
+        sites = [n for n in sites if (layer_index(n, None) or 0) >= blocks[drop_layers]]
     for name in sites:
         base = model.get_submodule(name)
         weight = base.weight
-        adapter = Adapter(out_features(base), adapter_size, layer_norm=kind == "lin").to(weight.device, weight.dtype)
-        set_submodule(model, name, WithAdapter(base, adapter))
+        adapter = Adapter(out_features(base), adapter_size, layer_norm=kind == "lin", relu=kind == "pfeiffer")
+        set_submodule(model, name, WithAdapter(base, adapter.to(weight.device, weight.dtype)))
     return model

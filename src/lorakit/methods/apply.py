@@ -30,6 +30,11 @@ METHODS: dict[str, Method] = {
     "bitfit": Method("BitFit: bias terms only"),
     "adapter-h": Method("Houlsby adapters after the attention output and the MLP of every block", ("adapter_size",)),
     "adapter-l": Method("Lin adapter after the MLP of every block, with its own LayerNorm", ("adapter_size",)),
+    "adapter-p": Method("Pfeiffer adapter after the MLP of every block (ReLU, no LayerNorm)", ("adapter_size",)),
+    "adapter-drop": Method(
+        "AdapterDrop: Houlsby adapters, none in the lowest --adapter-drop-layers blocks",
+        ("adapter_size", "adapter_drop_layers"),
+    ),
     "prefix-embed": Method("trainable prefix token embeddings before the input", ("prefix_length", "task")),
     "prefix-layer": Method("trainable prefix keys and values in every attention layer", ("prefix_length", "task")),
 }
@@ -42,6 +47,10 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "bitfit": full.train_biases,
     "adapter-h": lambda model, adapter_size: adapters.add_adapters(model, "houlsby", adapter_size),
     "adapter-l": lambda model, adapter_size: adapters.add_adapters(model, "lin", adapter_size),
+    "adapter-p": lambda model, adapter_size: adapters.add_adapters(model, "pfeiffer", adapter_size),
+    "adapter-drop": lambda model, adapter_size, adapter_drop_layers: adapters.add_adapters(
+        model, "drop", adapter_size, adapter_drop_layers
+    ),
     "prefix-embed": lambda model, prefix_length, task: PrefixModel(model, "embed", prefix_length, task),
     "prefix-layer": lambda model, prefix_length, task: PrefixModel(model, "layer", prefix_length, task),
 }

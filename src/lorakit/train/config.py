@@ -50,7 +50,8 @@ class TrainConfig:
     init: str = "kaiming"  # or "gaussian" (the paper's), "pissa", "pissa_niter_N", "olora" (from W)
     add_tokens: list[str] | None = None  # new special tokens; only their embedding rows train
     # other methods
-    adapter_size: int = 16  # adapter-h / adapter-l bottleneck m
+    adapter_size: int = 16  # adapter-h / -l / -p / -drop bottleneck m
+    adapter_drop_layers: int = 1  # adapter-drop: the lowest blocks left without adapters
     prefix_length: int = 16  # prefix-embed / prefix-layer positions
     # optimisation
     lr: float = 1e-3
@@ -166,6 +167,12 @@ class TrainConfig:
             '"kaiming", "gaussian", "pissa", "pissa_niter_N" (randomised SVD, N iterations) or "olora"',
         )
         _need(self.eval_generate >= 0, "eval_generate", self.eval_generate, ">= 0")
+        _need(
+            isinstance(self.adapter_drop_layers, int) and self.adapter_drop_layers >= 0,
+            "adapter_drop_layers",
+            self.adapter_drop_layers,
+            "a number of blocks >= 0",
+        )
         _need(self.distributed in ("ddp", "fsdp"), "distributed", self.distributed, '"ddp" or "fsdp"')
         _need(self.quantize is None or self.quantize in SCHEMES, "quantize", self.quantize,
               f"one of {', '.join(SCHEMES)} (or unset: the base as loaded)")  # fmt: skip
