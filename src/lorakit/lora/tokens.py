@@ -44,6 +44,7 @@ class TrainableTokens(MergesByName, nn.Module):
             self.trainable_tokens_delta = nn.ParameterDict()
         self.originals: dict[str, Tensor] = {}  # the table's rows before training: for unmerge
         self.token_indices: dict[str, list[int]] = {}
+        self._slot_cache: dict[str, tuple] = {}  # name -> ((ids, device), [vocab] slot map)
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
@@ -134,9 +135,7 @@ class TrainableTokens(MergesByName, nn.Module):
 
     def _lookup(self, ids: Tensor, out: Tensor, name: str) -> Tensor:
         """ids: [...], out: [..., dim]: the adapter's rows where ids are its tokens."""
-        slot = torch.full((self.weight.shape[0],), -1, dtype=torch.long, device=ids.device)
-        slot[self._index(name)] = torch.arange(len(self.token_indices_of(name)), device=ids.device)
-        where = slot[ids]  # [...]: row of each token in `rows`, -1 elsewhere
+        where = self._slots(name, ids.device)[ids]  # [...]: row of each token in `rows`, -1 elsewhere
         rows = F.embedding(where.clamp_min(0), self.rows[name].to(out.dtype))
         scale = getattr(self.base_layer, "embed_scale", None)  # Gemma scales its embeddings
         if scale is not None:
@@ -155,6 +154,16 @@ class TrainableTokens(MergesByName, nn.Module):
 
     def _index(self, name: str) -> Tensor:
         return torch.tensor(self.token_indices_of(name), dtype=torch.long, device=self.weight.device)
+
+    def _slots(self, name: str, device: torch.device) -> Tensor:
+        """[vocab]: each token's row in adapter `name`'s rows, -1 for the others. Built once per
+        adapter and device (the ids never change), not in every forward."""
+        key = (tuple(self.token_indices_of(name)), device)
+        if self._slot_cache.get(name, (None,))[0] != key:
+            slot = torch.full((self.weight.shape[0],), -1, dtype=torch.long, device=device)
+            slot[self._index(name).to(device)] = torch.arange(len(key[0]), device=device)
+            self._slot_cache[name] = (key, slot)
+        return self._slot_cache[name][1]
 
     def _check_disjoint(self, names: Sequence[str]) -> None:
         seen: set[int] = set()

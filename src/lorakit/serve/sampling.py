@@ -47,10 +47,8 @@ def scored(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
 def prompt_logprobs(prompt: Sequence[int], logits: torch.Tensor, k: int) -> list[TokenLogprob]:
     """Each prompt token scored by the positions before it: logits: [len(prompt), vocab] (the
     logits at the prompt's own positions). The first token has no logprob (nothing predicts it)."""
-    scores = [TokenLogprob(prompt[0], None, {})]
-    for position in range(1, len(prompt)):
-        scores.append(scored(logits[position - 1].float().log_softmax(-1), prompt[position], k))
-    return scores
+    logprobs = logits[:-1].float().log_softmax(-1)  # position p - 1 predicts token p: [len - 1, vocab]
+    return [TokenLogprob(prompt[0], None, {})] + [scored(row, token, k) for row, token in zip(logprobs, prompt[1:])]
 
 
 def request_generator(sampling: Sampling) -> torch.Generator | None:
