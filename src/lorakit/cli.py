@@ -194,6 +194,14 @@ def train(
     text_field: str | None = typer.Option(None, help="Column holding the text / tokens / prompt / source."),
     label_field: str | None = typer.Option(None, help="Column holding the label / tags / response / target."),
     pair_field: str | None = typer.Option(None, help="Column holding the second text of a pair."),
+    prompt_template: str | None = typer.Option(
+        None,
+        help=(
+            'causal-lm: wrap each prompt in this text at {prompt}, e.g. "Describe the restaurant.\\n{prompt}" '
+            "(\\n: a line break), then the chat template. Saved with the adapter: eval, predict and generate "
+            "apply it too."
+        ),
+    ),
     distributed: str | None = typer.Option(
         None, help="Under torchrun: ddp (replicated base, adapters all-reduced) or fsdp (sharded base). [default: ddp]"
     ),
@@ -224,6 +232,8 @@ def train(
         flags["use_rslora"] = rslora
     if dora is not None:
         flags["use_dora"] = dora
+    if prompt_template is not None:  # a shell's "\n" is two characters; the template means a line break
+        flags["prompt_template"] = prompt_template.replace("\\n", "\n")
     options = {**_read_config(config), **flags}
     cfg = TrainConfig(**options)
     result = run(cfg, callbacks=default_callbacks(Path(cfg.output) / LOGS, progress=not quiet))

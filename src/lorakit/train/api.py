@@ -162,7 +162,7 @@ def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) 
     for adapter in lora.lora_configs(model).values():  # PEFT's AutoPeftModelFor..., vLLM pick the class by it
         adapter.task_type = task_class(config.task).peft_task_type
     model.to(device)
-    task = make_task(config.task, tokenizer, config.max_length, labels)
+    task = make_task(config.task, tokenizer, config.max_length, labels, config.prompt_template)
     if dist.is_main:
         preflight.check_disk_space(config, model)
         for directory in (output, output / LOGS):  # temp files a killed run left behind
@@ -170,7 +170,8 @@ def train(config: TrainConfig, callbacks: Sequence[BaseCallback] | None = None) 
         write_task_info(output, task=config.task, labels=list(labels), model=config.model,
                         max_length=config.max_length, text_field=config.text_field,
                         pair_field=config.pair_field, label_field=config.label_field,
-                        quantize=config.quantize, bf16=config.bf16, added_tokens=config.add_tokens)  # fmt: skip
+                        quantize=config.quantize, bf16=config.bf16, added_tokens=config.add_tokens,
+                        prompt_template=config.prompt_template)  # fmt: skip
         if config.add_tokens:  # the vocabulary the adapter was trained with, beside it
             tokenizer.save_pretrained(output)
     if callbacks is None:
@@ -261,6 +262,7 @@ def load_trained(
     if quantize and any(methods.is_method_dir(d) for d in dirs):
         raise ValueError(f"--quantize={quantize} holds only a frozen base for LoRA adapters; {dirs[0]} holds a "
                          "method's trained weights: load it with --quantize none")  # fmt: skip
+    _check_same_template(dirs, info.get("prompt_template"))
     base = load_base(model_name, info["task"], labels, quantize=quantize, bf16=bf16)
     info["quantize"] = quantize
     tokenizer = load_tokenizer(model_name)
@@ -278,9 +280,22 @@ def load_trained(
         else:
             lora.load_adapter(base, d, adapter_name="default" if len(dirs) == 1 else _adapter_name(d, i))
     base.eval()
-    return Trained(
-        base, tokenizer, make_task(info["task"], tokenizer, max_length or info.get("max_length", 256), labels), info
-    )
+    # the prompt template the adapter trained with wraps every prompt it is given here too
+    task = make_task(info["task"], tokenizer, max_length or info.get("max_length", 256), labels,
+                     info.get("prompt_template"))  # fmt: skip
+    return Trained(base, tokenizer, task, info)
+
+
+def _check_same_template(dirs: Sequence[Path], template: str | None) -> None:
+    """Adapters loaded together read the same prompts: one trained with another prompt template
+    than the first would be scored on text it never saw."""
+    for d in dirs[1:]:
+        other = None if lora.is_gguf_adapter(d) else read_task_info(d).get("prompt_template")
+        if other != template:
+            raise ValueError(
+                f"{d} was trained with prompt template {other!r}, {dirs[0]} with {template!r}: adapters loaded "
+                "together share one; evaluate them one at a time"
+            )
 
 
 def _task_of_base(model_name: str, adapter_dir: Path, info: dict) -> str:

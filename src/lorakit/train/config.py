@@ -17,7 +17,8 @@ from ..lora.principal import is_weight_init
 from ..methods import METHODS
 from ..models import ModelError, gguf_source
 from ..quantize import SCHEMES
-from .tasks import REGISTRY, TASKS
+from .data import DataError
+from .tasks import REGISTRY, TASKS, check_prompt_template
 
 try:
     import tomllib
@@ -92,6 +93,7 @@ class TrainConfig:
     text_field: str | None = None
     pair_field: str | None = None
     label_field: str | None = None
+    prompt_template: str | None = None  # causal-lm: each prompt placed in it at "{prompt}" (saved with the adapter)
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
     log_every: int = 1
@@ -228,6 +230,17 @@ class TrainConfig:
                                    "own blocks, and this model is not a .gguf file (nor the smollm2-135m alias); "
                                    "use --quantize nf4 or int8")  # fmt: skip
 
+    def _validate_prompt_template(self) -> None:
+        if self.task != "causal-lm":
+            raise TrainConfigError(
+                f"--prompt-template is invalid with --task={self.task}: it wraps the prompts of causal-lm data; "
+                "drop it, or put the wording into the text column"
+            )
+        try:
+            check_prompt_template(self.prompt_template)
+        except DataError as e:
+            raise TrainConfigError(str(e)) from None
+
     def _validate_combinations(self) -> None:
         """Options that are fine alone but wrong together: each would be silently ignored."""
         if self.eval_generate and not REGISTRY[self.task].generative:
@@ -235,6 +248,8 @@ class TrainConfig:
                 f"--eval-generate={self.eval_generate} is invalid with --task={self.task}: BLEU/ROUGE-L "
                 "score generated text (causal-lm, seq2seq only); drop --eval-generate"
             )
+        if self.prompt_template is not None:
+            self._validate_prompt_template()
         if self.eval_every and not self.eval_data:
             raise TrainConfigError(
                 f"--eval-every={self.eval_every} is invalid without --eval-data: there is nothing to "

@@ -16,7 +16,7 @@ from typing import Any
 from ..batching import IGNORE, Encoded
 from ..data import DataError
 from .base import ColumnFinder, Fields, Overrides, Task, build_label_map, on_device
-from .causal_lm import CausalLM, chat_text
+from .causal_lm import CausalLM, chat_text, check_prompt_template
 from .classification import Classification
 from .generative import Generative, group_references
 from .ner import TokenClassification
@@ -33,8 +33,17 @@ def task_class(name: str) -> type[Task]:
     return REGISTRY[name]
 
 
-def make_task(name: str, tokenizer: Any, max_length: int, labels: Sequence[str] = ()) -> Task:
-    return task_class(name)(tokenizer, max_length, list(labels))
+def make_task(
+    name: str, tokenizer: Any, max_length: int, labels: Sequence[str] = (), prompt_template: str | None = None
+) -> Task:
+    """The task `name`, reading with `tokenizer`; `prompt_template` (causal-lm only) wraps every prompt."""
+    task = task_class(name)(tokenizer, max_length, list(labels))
+    if prompt_template is not None:
+        if not isinstance(task, CausalLM):
+            raise DataError(f"a prompt template applies to causal-lm prompts, not to the {name} task; drop it")
+        check_prompt_template(prompt_template)
+        task.prompt_template = prompt_template
+    return task
 
 
 def task_of(info: dict[str, Any]) -> str | None:
@@ -108,6 +117,7 @@ __all__ = [
     "TokenClassification",
     "build_label_map",
     "chat_text",
+    "check_prompt_template",
     "group_references",
     "make_task",
     "on_device",

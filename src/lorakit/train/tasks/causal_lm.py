@@ -4,8 +4,9 @@
 Example: ``{'prompt': str, 'response': str}`` or ``{'messages': [{'role', 'content'}, ...]}``.
 Columns: text (the prompt, or the whole document when there is no label column), pair (an
 instruction's 'input', appended to the prompt), label (the response), messages (a chat column).
-The prompt goes through the model's chat template where it has one (`chat_text`, which the
-server uses too).
+The prompt goes through a prompt template if the run was given one (`--prompt-template`, e.g.
+"Describe the restaurant.\n{prompt}"; saved with the adapter so eval / generate apply it too),
+then through the model's chat template where it has one (`chat_text`, which the server uses too).
 """
 
 from __future__ import annotations
@@ -34,6 +35,26 @@ MESSAGES = ("messages", "conversation")
 DOCUMENT = ("text", "content", "document")
 
 
+PROMPT_SLOT = "{prompt}"
+
+
+def check_prompt_template(template: str) -> None:
+    """A template must hold the prompt's slot exactly once: without it every example would read
+    the same text; twice is almost surely a mistake in the template."""
+    count = template.count(PROMPT_SLOT)
+    if count != 1:
+        raise DataError(
+            f"--prompt-template must contain {PROMPT_SLOT} exactly once (where each example's prompt goes); "
+            f"it contains it {count} times: {template!r}"
+        )
+
+
+def fill_template(template: str | None, prompt: str) -> str:
+    """The prompt placed in the template's {prompt} slot (plain replacement: other braces in the
+    template are literal text, so JSON or code in an instruction needs no escaping)."""
+    return prompt if template is None else template.replace(PROMPT_SLOT, prompt)
+
+
 def chat_text(tokenizer: Any, messages: Sequence[dict]) -> str:
     """A conversation as the model reads it before its answer: the tokenizer's chat template
     with the generation prompt, else each message's content on its own line."""
@@ -49,6 +70,7 @@ class CausalLM(Generative):
     architectures = ("ForCausalLM", "LMHeadModel")
     source_key, target_key = "prompt", "response"
     can_pack, label_shift = True, 1
+    prompt_template: str | None = None  # set by make_task from --prompt-template
 
     @classmethod
     def choose_fields(cls, find: ColumnFinder, given: Overrides) -> Fields:
@@ -91,7 +113,9 @@ class CausalLM(Generative):
 
     # -- encoding -----------------------------------------------------------------------------
     def prompt_text(self, prompt: str) -> str:
-        return chat_text(self.tokenizer, [{"role": "user", "content": prompt}])
+        """What the model reads before the response: the prompt in the run's template, as the
+        user's turn of the chat template (conversations in `messages` use neither)."""
+        return chat_text(self.tokenizer, [{"role": "user", "content": fill_template(self.prompt_template, prompt)}])
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

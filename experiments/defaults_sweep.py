@@ -1,0 +1,98 @@
+"""The sweep behind lorakit's default LoRA settings for the encoder tasks (docs/results.md,
+"Defaults"): MiniLM on SST-2 (classification) and CoNLL-2003 (NER), LoRA r=8, alpha 16, the
+learning rate from a three-value grid x adapted matrices (Wq,Wv or all linear layers), plus
+LoRA+ (B's lr x16) at the middle lr; one seed, a quarter of the issue's full budgets.
+
+    python experiments/defaults_sweep.py [--quick]
+
+E2E (causal-lm) has its own sweep in experiments/e2e_protocol.py. Writes
+experiments/results/defaults_sweep.{md,json}.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    DATA,
+    SST2,
+    markdown_table,
+    parse_args,
+    require_data,
+    run,
+    sst2_config,
+    stopwatch,
+    wall_note,
+    write_results,
+)
+
+CONLL = DATA / "conll2003"
+LRS = (1e-3, 2e-3, 5e-3)
+TARGETS = {
+    "sst2": {"q,v": ["query", "value"], "all-linear": "all-linear"},
+    "conll": {"q,v": ["query", "value"], "all-linear": "all-linear"},
+}
+SST2_STEPS, CONLL_STEPS, CONLL_BATCH = 200, 300, 16  # quarter budgets: 6.4k sentences / 4.8k sentences
+METRIC = {"sst2": "accuracy", "conll": "f1"}
+
+
+def conll_config(quick: bool, **over) -> dict:
+    steps = 4 if quick else CONLL_STEPS
+    config = dict(model="minilm", task="ner", data=str(CONLL / "train.txt"), eval_data=str(CONLL / "dev.txt"),
+                  rank=8, alpha=16.0, batch_size=CONLL_BATCH, max_length=128, max_steps=steps,
+                  max_train_examples=steps * CONLL_BATCH, max_eval_examples=64 if quick else None, seed=0)  # fmt: skip
+    config.update(over)
+    return config
+
+
+def config_for(task: str, quick: bool, **over) -> dict:
+    if task == "sst2":
+        config = sst2_config("lora", 0, quick, **over)
+        config.update(max_steps=4 if quick else SST2_STEPS, max_train_examples=(4 if quick else SST2_STEPS) * 32)
+        config.pop("head_lr")  # the head learns at the lr under test, as a user's run without --head-lr does
+        return config
+    return conll_config(quick, **over)
+
+
+def grid() -> list[tuple[str, str, float, float]]:
+    """(task, targets, lr, LoRA+ ratio) for every run."""
+    rows = [(task, t, lr, 1.0) for task in TARGETS for t in TARGETS[task] for lr in LRS]
+    return rows + [(task, t, LRS[1], 16.0) for task in TARGETS for t in TARGETS[task]]
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    require_data(SST2, CONLL)
+    clock = stopwatch()
+    rows = []
+    for task, targets, lr, ratio in grid():
+        key = ("quick-" if args.quick else "") + f"defaults-{task}-{targets}-lr{lr:g}-plus{ratio:g}"
+        result = run(key, **config_for(task, args.quick, targets=TARGETS[task][targets], lr=lr,
+                                       lora_plus_ratio=ratio))  # fmt: skip
+        rows.append({"task": task, "targets": targets, "lr": lr, "lora_plus_ratio": ratio,
+                     "score": result["metrics"].get(METRIC[task]), "params": result["params_paper"],
+                     "train_s": result["train_runtime_s"]})  # fmt: skip
+    sections = []
+    for task in TARGETS:
+        mine = [r for r in rows if r["task"] == task]
+        best = max(r["score"] for r in mine)
+        sections.append((
+            f"{task} ({METRIC[task]})",
+            markdown_table(["targets", "lr", "LoRA+ ratio", "trainable params", METRIC[task], "vs best"],
+                           [[r["targets"], f"{r['lr']:g}", f"{r['lora_plus_ratio']:g}", f"{r['params']:,}",
+                             f"{r['score']:.1f}", f"{r['score'] - best:+.1f}"] for r in mine]),
+        ))  # fmt: skip
+    wall = clock()
+    notes = (
+        f"MiniLM (real weights), LoRA r=8 alpha 16, seed 0, the task head trained at the same lr. SST-2: "
+        f"{SST2_STEPS} steps of batch 32 (max length 64), full GLUE dev. CoNLL-2003: {CONLL_STEPS} steps of batch "
+        f"{CONLL_BATCH} (max length 128), full dev, entity F1 (seqeval). " + wall_note(wall)
+    )
+    write_results("defaults_sweep", "The sweep behind the default LoRA settings", sections,
+                  {"runs": rows, "wall_s": wall}, notes, args.quick)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""E2E on the anchor's protocol (docs/results.md, "E2E on the anchor's protocol"): SmolLM2-135M-
+Instruct, one epoch over 960 shuffled training lines, greedy outputs for E2E test meaning
+representations scored by corpus BLEU against all their references.
+
+    python experiments/e2e_protocol.py [--quick]
+
+The anchor (PEFT + a plain PyTorch loop; ../shared/notes/anchors.md and issue 18): LoRA q,v r=8,
+dropout 0.1, batch 8, lr 1e-3, fp32, an instruction prompt in the chat template with the MR's facts
+one per line as `key: value`; BLEU 61.4 on the first 200 distinct test MRs ("set A") and 53.9 on
+the next 200 ("set B"). Here every configuration gets the same 960 lines, the same prompt (through
+`--prompt-template`), one epoch, seed 0; it is trained once (run cache), then generates for both
+sets in one pass. Writes experiments/results/e2e_protocol.{md,json}.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import E2E, RUNS, markdown_table, parse_args, require_data, run, stopwatch, wall_note, write_results
+
+INSTRUCTION = (
+    "Write a one- or two-sentence description of a restaurant for a restaurant guide, using all of the "
+    "following facts and adding nothing else.\n\n{prompt}"
+)
+TRAIN_LINES, SET_SIZE, MAX_NEW_TOKENS = 960, 200, 64
+ANCHOR = {"A": 61.4, "B": 53.9, "A zero-shot": 9.6}
+
+# Every run: one epoch over the same 960 lines, fp32, seed 0. "anchor" is the anchor's own recipe;
+# the rest vary one thing at a time from it, to find the defaults (issue 18).
+BASE = dict(targets="q_proj,v_proj", rank=8, alpha=16.0, dropout=0.1, lr=1e-3, batch_size=8)
+CONFIGS = {
+    "anchor": {},
+    "lr 5e-4": dict(lr=5e-4),
+    "lr 2e-3": dict(lr=2e-3),
+    "all-linear": dict(targets="all-linear"),
+    "all-linear lr 5e-4": dict(targets="all-linear", lr=5e-4),
+    "all-linear lr 2e-3": dict(targets="all-linear", lr=2e-3),
+    "LoRA+ 16, lr 2e-4": dict(lora_plus_ratio=16.0, lr=2e-4),
+    "batch 4": dict(batch_size=4),
+    # "lorakit defaults": None,  # added once the defaults are chosen
+}
+
+
+def facts(mr: str) -> str:
+    """'name : Alimentum | area : city centre' -> 'name: Alimentum\narea: city centre'."""
+    pairs = [part.split(":", 1) for part in mr.split("|") if ":" in part]
+    return "\n".join(f"{key.strip()}: {value.strip()}" for key, value in pairs)
+
+
+def read_lines(split: str) -> list[tuple[str, str]]:
+    rows = []
+    for line in (E2E / f"{split}.txt").read_text(encoding="utf-8").splitlines():
+        if "||" in line:
+            mr, ref = line.split("||", 1)
+            rows.append((mr.strip(), ref.strip()))
+    return rows
+
+
+def test_sets() -> dict[str, dict[str, list[str]]]:
+    """Set A: the first 200 distinct test MRs (in file order), set B: the next 200; each MR with
+    all of its references."""
+    refs: dict[str, list[str]] = {}
+    for mr, ref in read_lines("test"):
+        refs.setdefault(mr, []).append(ref)
+    mrs = list(refs)
+    return {name: {mr: refs[mr] for mr in mrs[i * SET_SIZE : (i + 1) * SET_SIZE]} for i, name in enumerate("AB")}
+
+
+def write_data(folder: Path, quick: bool) -> tuple[Path, Path]:
+    """The 960 shuffled training lines and set B's lines (eval loss) as prompt/response JSONL."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = read_lines("train")
+    random.Random(0).shuffle(lines)
+    train = folder / "train.jsonl"
+    rows = lines[: 32 if quick else TRAIN_LINES]
+    train.write_text("".join(json.dumps({"prompt": facts(mr), "response": ref}) + "\n" for mr, ref in rows))
+    evals = folder / "eval_b.jsonl"
+    pairs = [(mr, ref) for mr, refs in test_sets()["B"].items() for ref in refs]
+    evals.write_text("".join(json.dumps({"prompt": facts(mr), "response": ref}) + "\n" for mr, ref in pairs))
+    return train, evals
+
+
+def config_for(name: str, train: Path, evals: Path) -> dict:
+    chosen = {} if CONFIGS[name] is None else {**BASE, **CONFIGS[name]}
+    return dict(model="smollm2-135m", task="causal-lm", data=str(train), eval_data=str(evals), epochs=1,
+                prompt_template=INSTRUCTION, max_length=256, eval_loss_examples=400, eval_batch_size=16,
+                keep=True, **chosen)  # fmt: skip
+
+
+def score(adapter_dir: str | None, quick: bool) -> dict[str, float]:
+    """Greedy outputs for sets A and B (one pass), corpus BLEU of each against all references;
+    `adapter_dir` None: the base model alone (zero-shot), with the same prompts."""
+    import torch
+
+    from lorakit.models import load_model, load_tokenizer
+    from lorakit.train import metrics
+    from lorakit.train.api import load_trained
+    from lorakit.train.tasks import make_task
+
+    torch.set_num_threads(2)
+    if adapter_dir:
+        trained = load_trained(None, adapter_dir)
+        model, task = trained.model, trained.task
+    else:
+        tokenizer = load_tokenizer("smollm2-135m")
+        model = load_model("smollm2-135m", "AutoModelForCausalLM").model.eval()
+        task = make_task("causal-lm", tokenizer, 256, prompt_template=INSTRUCTION)
+    sets = test_sets()
+    n = 8 if quick else SET_SIZE
+    mrs = [mr for refs in sets.values() for mr in list(refs)[:n]]
+    outputs = dict(zip(mrs, task.generate(model, [facts(mr) for mr in mrs], batch_size=16,
+                                          max_new_tokens=MAX_NEW_TOKENS)))  # fmt: skip
+    scores = {}
+    for name, refs in sets.items():
+        chosen = list(refs)[:n]
+        scores[name] = metrics.bleu([outputs[mr] for mr in chosen], [refs[mr] for mr in chosen])
+    scores["sample"] = outputs[mrs[-1]]
+    return scores
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    require_data(E2E)
+    clock = stopwatch()
+    train, evals = write_data(RUNS / "e2e_protocol_data", args.quick)
+    from common import in_child
+
+    rows = []
+    zero, _, _ = in_child(score, None, args.quick)
+    print(f"  zero-shot: BLEU A {zero['A']:.1f}, B {zero['B']:.1f}", flush=True)
+    for name in CONFIGS:
+        key = ("quick-" if args.quick else "") + "e2e-protocol-" + name.replace(" ", "_").replace(",", "")
+        result = run(key, **config_for(name, train, evals))
+        bleu, _, _ = in_child(score, result["adapter_dir"], args.quick)
+        print(f"  {name}: BLEU A {bleu['A']:.1f}, B {bleu['B']:.1f}", flush=True)
+        rows.append({"config": name, "options": CONFIGS[name], "bleu_A": bleu["A"], "bleu_B": bleu["B"],
+                     "eval_loss_B": result["metrics"].get("loss"), "params": result["trainable_params"],
+                     "train_s": result["train_runtime_s"], "tokens_per_s": result["tokens_per_s"],
+                     "sample": bleu["sample"]})  # fmt: skip
+    table = markdown_table(
+        ["configuration", "trainable params", "BLEU set A", "BLEU set B", "eval loss (set B)", "train min"],
+        [["anchor: PEFT + PyTorch loop", "–", f"{ANCHOR['A']:.1f}", f"{ANCHOR['B']:.1f}", "–", "–"],
+         ["zero-shot base (lorakit)", "0", f"{zero['A']:.1f}", f"{zero['B']:.1f}", "–", "–"]]
+        + [[r["config"], f"{r['params']:,}", f"{r['bleu_A']:.1f}", f"{r['bleu_B']:.1f}", f"{r['eval_loss_B']:.3f}",
+            f"{r['train_s'] / 60:.1f}"] for r in rows],
+    )  # fmt: skip
+    wall = clock()
+    notes = (
+        f"SmolLM2-135M-Instruct (real weights), one epoch over {TRAIN_LINES} shuffled lines of E2E `train.txt` "
+        "(seed 0), fp32, 2 threads. Prompt (`--prompt-template`): "
+        f"{INSTRUCTION!r}, the MR's facts one per line as `key: value`, in the chat template. Greedy, at most "
+        f"{MAX_NEW_TOKENS} new tokens; sacrebleu corpus BLEU (13a) against all references of each MR. Set A: "
+        f"the first {SET_SIZE} distinct MRs of `test.txt`, set B: the next {SET_SIZE}. Options not named: "
+        f"{BASE} (the anchor's). " + wall_note(wall)
+    )
+    write_results("e2e_protocol", "E2E on the anchor's protocol", [("BLEU", table)],
+                  {"zero_shot": zero, "runs": rows, "anchor": ANCHOR, "wall_s": wall}, notes, args.quick)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
