@@ -1,7 +1,8 @@
 """The sweep behind lorakit's default LoRA settings for the encoder tasks (docs/results.md,
 "Defaults"): MiniLM on SST-2 (classification) and CoNLL-2003 (NER), LoRA r=8, alpha 16, the
 learning rate from a three-value grid x adapted matrices (Wq,Wv or all linear layers), plus
-LoRA+ (B's lr x16) at the middle lr; one seed, a quarter of the issue's full budgets.
+LoRA+ (B's lr x16) at the middle lr, beside full fine-tuning (lr 5e-5, the anchors'); one seed, a
+quarter of the issue's full budgets.
 
     python experiments/defaults_sweep.py [--quick]
 
@@ -36,6 +37,7 @@ TARGETS = {
 }
 SST2_STEPS, CONLL_STEPS, CONLL_BATCH = 200, 300, 16  # quarter budgets: 6.4k sentences / 4.8k sentences
 METRIC = {"sst2": "accuracy", "conll": "f1"}
+FULL_LR = 5e-5
 
 
 def conll_config(quick: bool, **over) -> dict:
@@ -59,7 +61,8 @@ def config_for(task: str, quick: bool, **over) -> dict:
 def grid() -> list[tuple[str, str, float, float]]:
     """(task, targets, lr, LoRA+ ratio) for every run."""
     rows = [(task, t, lr, 1.0) for task in TARGETS for t in TARGETS[task] for lr in LRS]
-    return rows + [(task, t, LRS[1], 16.0) for task in TARGETS for t in TARGETS[task]]
+    rows += [(task, t, LRS[1], 16.0) for task in TARGETS for t in TARGETS[task]]
+    return rows + [(task, "full", FULL_LR, 1.0) for task in TARGETS]
 
 
 def main() -> None:
@@ -69,8 +72,11 @@ def main() -> None:
     rows = []
     for task, targets, lr, ratio in grid():
         key = ("quick-" if args.quick else "") + f"defaults-{task}-{targets}-lr{lr:g}-plus{ratio:g}"
-        result = run(key, **config_for(task, args.quick, targets=TARGETS[task][targets], lr=lr,
-                                       lora_plus_ratio=ratio))  # fmt: skip
+        if targets == "full":
+            options = dict(method="full", targets=None, lr=lr)
+        else:
+            options = dict(targets=TARGETS[task][targets], lr=lr, lora_plus_ratio=ratio)
+        result = run(key, **config_for(task, args.quick, **options))
         rows.append({"task": task, "targets": targets, "lr": lr, "lora_plus_ratio": ratio,
                      "score": result["metrics"].get(METRIC[task]), "params": result["params_paper"],
                      "train_s": result["train_runtime_s"]})  # fmt: skip
