@@ -51,7 +51,7 @@ def conll_config(quick: bool, **over) -> dict:
 
 def config_for(task: str, quick: bool, **over) -> dict:
     if task == "sst2":
-        config = sst2_config("lora", 0, quick, **over)
+        config = sst2_config(over.pop("method", "lora"), 0, quick, **over)
         config.update(max_steps=4 if quick else SST2_STEPS, max_train_examples=(4 if quick else SST2_STEPS) * 32)
         config.pop("head_lr")  # the head learns at the lr under test, as a user's run without --head-lr does
         return config

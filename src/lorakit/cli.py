@@ -87,12 +87,14 @@ def train(
     targets: str | None = typer.Option(
         None,
         help=(
-            "Modules to adapt: comma list (q,v / query,value), a regex, or all-linear. [default: the "
-            "architecture's Wq,Wv]"
+            "Modules to adapt: comma list (q,v / query,value), a regex, or all-linear. [default: per task, "
+            "printed at the start (docs/results.md, 'Defaults')]"
         ),
     ),
-    rank: int | None = typer.Option(None, "--rank", "-r", help="LoRA rank r. [default: 8]"),
-    alpha: float | None = typer.Option(None, help="LoRA alpha; the update is scaled by alpha/r. [default: 16]"),
+    rank: int | None = typer.Option(None, "--rank", "-r", help="LoRA rank r. [default: per task; 8]"),
+    alpha: float | None = typer.Option(
+        None, help="LoRA alpha; the update is scaled by alpha/r. [default: per task; 16]"
+    ),
     dropout: float | None = typer.Option(None, help="Dropout on the adapter input. [default: 0]"),
     rslora: bool | None = typer.Option(None, "--rslora", help="Scale by alpha/sqrt(r) (rank-stabilised LoRA)."),
     dora: bool | None = typer.Option(
@@ -113,7 +115,9 @@ def train(
             "adapter), and only their embedding rows train and are saved (PEFT's trainable_token_indices)."
         ),
     ),
-    lr: float | None = typer.Option(None, help="Peak learning rate. [default: 1e-3]"),
+    lr: float | None = typer.Option(
+        None, help="Peak learning rate. [default: per method, and for LoRA per task; printed at the start]"
+    ),
     lora_plus_ratio: float | None = typer.Option(
         None, help="LoRA+: B's learning rate = lr x this (16 in the LoRA+ paper). [default: 1]"
     ),
@@ -227,6 +231,7 @@ def train(
     from .train.api import LOGS
     from .train.api import train as run
     from .train.callbacks import default_callbacks
+    from .train.defaults import describe as describe_defaults
 
     if rslora is not None:
         flags["use_rslora"] = rslora
@@ -236,6 +241,8 @@ def train(
         flags["prompt_template"] = prompt_template.replace("\\n", "\n")
     options = {**_read_config(config), **flags}
     cfg = TrainConfig(**options)
+    if cfg.defaults_chosen:
+        console.print(describe_defaults(cfg.defaults_chosen, cfg.task, cfg.method))
     result = run(cfg, callbacks=default_callbacks(Path(cfg.output) / LOGS, progress=not quiet))
     _print_summary(result.summary, cfg)
     if result.summary["interrupted"]:

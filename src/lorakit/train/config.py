@@ -7,7 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from ..methods import METHODS
 from ..models import ModelError, gguf_source
 from ..quantize import SCHEMES
 from .data import DataError
+from .defaults import fill_unset
 from .tasks import REGISTRY, TASKS, check_prompt_template
 
 try:
@@ -42,9 +43,10 @@ class TrainConfig:
     output: str = "runs/lorakit"
     method: str = "lora"
     # LoRA
-    targets: list[str] | str | None = None  # None: the architecture's Wq, Wv
-    rank: int = 8
-    alpha: float = 16.0
+    # rank, alpha, lr and targets left None are chosen per task and method (train/defaults.py)
+    targets: list[str] | str | None = None  # None: the task's default (the architecture's Wq, Wv unless it says)
+    rank: int | None = None  # default 8
+    alpha: float | None = None  # default 16
     dropout: float = 0.0
     use_rslora: bool = False
     use_dora: bool = False  # DoRA: a trained magnitude per output row (Liu et al. 2024)
@@ -55,7 +57,7 @@ class TrainConfig:
     adapter_drop_layers: int = 1  # adapter-drop: the lowest blocks left without adapters
     prefix_length: int = 16  # prefix-embed / prefix-layer positions
     # optimisation
-    lr: float = 1e-3
+    lr: float | None = None  # default: per method, and for LoRA per task (2e-3 / 1e-3 ...)
     lora_plus_ratio: float = 1.0  # LoRA+: B's learning rate = lr * ratio (16 in the paper)
     head_lr: float | None = None  # new task heads (modules_to_save); default lr
     weight_decay: float = 0.0
@@ -97,6 +99,8 @@ class TrainConfig:
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
     log_every: int = 1
+    # what __post_init__ filled in from train/defaults.py (name -> value), for the console and the log
+    defaults_chosen: dict[str, Any] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str) and self.targets not in ("all-linear",) and "," in self.targets:
@@ -109,6 +113,8 @@ class TrainConfig:
             self.targets = [self.targets]
         if isinstance(self.add_tokens, str):
             self.add_tokens = [t.strip() for t in self.add_tokens.split(",") if t.strip()]
+        if self.task in TASKS and self.method in METHODS:  # else validate() names the bad one
+            self.defaults_chosen = fill_unset(self, self.task, self.method)
         self.validate()
 
     def validate(self) -> None:
@@ -306,7 +312,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise TrainConfigError(f"config file {path} must hold a mapping of option: value")
     data = {k.replace("-", "_"): v for k, v in data.items()}
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise TrainConfigError(
