@@ -20,6 +20,10 @@ SCRIPTS = [
     "which_rank.py",
     "subspace.py",
     "task_switching.py",
+    "variants.py",
+    "e2e_protocol.py",
+    "defaults_sweep.py",
+    "methods_long.py",
 ]
 
 
@@ -89,3 +93,22 @@ def test_summary_helpers():
     assert common.markdown_table(["a", "b"], [[1, 2]]).splitlines() == ["| a | b |", "| --- | --- |", "| 1 | 2 |"]
     assert common.key_of("sst2", common.sst2_config("lora", 1, rank=4), False) == "sst2-lora-q+v-r4-s1"
     assert common.sst2_config("full")["targets"] is None  # LoRA options only go to LoRA runs
+
+
+def test_e2e_facts_are_one_key_value_per_line():
+    facts = _module("e2e_protocol").facts
+    mr = "name : The Eagle | eatType : coffee shop | customer rating : 5 out of 5"
+    assert facts(mr) == "name: The Eagle\neatType: coffee shop\ncustomer rating: 5 out of 5"
+
+
+def test_the_long_methods_default_row_leaves_the_settings_to_lorakit():
+    from lorakit.train import TrainConfig
+    from lorakit.train.defaults import LORA_BY_TASK
+
+    long = _module("methods_long")
+    given = long.config("sst2", "lora", None, 0, 800, False)
+    assert not {"lr", "rank", "alpha", "targets"} & set(given)
+    config = TrainConfig(**given)
+    assert config.lr == LORA_BY_TASK["classification"]["lr"] and set(config.defaults_chosen) >= {"lr", "targets"}
+    swept = TrainConfig(**long.config("e2e", "adapter-p", 1e-2, 1, 584, False))
+    assert (swept.lr, swept.method, swept.seed, swept.max_steps) == (1e-2, "adapter-p", 1, 584)

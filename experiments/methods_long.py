@@ -1,0 +1,128 @@
+"""The methods tables at budgets where orderings settle (issue 18): every method on SST-2 (MiniLM,
+800 steps of batch 32), one sentiment domain (MiniLM, 400 steps of batch 16) and E2E (SmolLM2-135M,
+one epoch of its 4,672 training lines at batch 8). Each method's learning rate is chosen on the dev
+set from one grid (the same three values for every method) at a quarter of the budget, seed 0; then
+the chosen lr runs at the full budget with 2 seeds. A last row runs LoRA with lorakit's defaults
+(no lr, rank, alpha or targets given).
+
+    python experiments/methods_long.py [--part sst2|domain|e2e] [--quick]
+
+Every run is cached (runs/experiments/cache), so the parts can run in separate sittings. Writes
+experiments/results/methods_long_<part>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    DOMAINS_DIR,
+    E2E,
+    SST2,
+    domain_config,
+    fmt_int,
+    fmt_ms,
+    markdown_table,
+    mean_std,
+    parse_args,
+    require_data,
+    run,
+    sst2_config,
+    stopwatch,
+    wall_note,
+    write_results,
+)
+
+GRID = (1e-4, 1e-3, 1e-2)  # the same three values for every method
+SEEDS = (0, 1)
+DOMAIN = "electronics"
+ENCODER_METHODS = ("full", "top2", "bitfit", "adapter-h", "adapter-l", "adapter-p", "adapter-drop",
+                   "prefix-embed", "prefix-layer", "lora")  # fmt: skip
+DECODER_METHODS = tuple(m for m in ENCODER_METHODS if m != "bitfit")  # LLaMA-style models have no biases
+# part -> (steps, batch, the dev metric that picks the lr, whether higher is better)
+PARTS = {"sst2": (800, 32, "accuracy", True), "domain": (400, 16, "accuracy", True), "e2e": (584, 8, "loss", False)}
+E2E_LOSS_LINES, E2E_BLEU_MRS = 400, 100
+
+
+def config(part: str, method: str, lr: float | None, seed: int, steps: int, quick: bool) -> dict:
+    """One run of `method` (lr None: lorakit's defaults, nothing else given) at `steps` steps."""
+    _, batch, _, _ = PARTS[part]
+    steps = 3 if quick else steps
+    if part == "e2e":
+        c = dict(model="smollm2-135m", task="causal-lm", data=str(E2E / "train.txt"), eval_data=str(E2E / "test.txt"),
+                 method=method, batch_size=batch, max_length=96, max_steps=steps,
+                 max_train_examples=min(steps * batch, 4672), eval_loss_examples=16 if quick else E2E_LOSS_LINES,
+                 eval_generate=0 if method.startswith("prefix") else (4 if quick else E2E_BLEU_MRS),
+                 eval_batch_size=16, max_new_tokens=64, adapter_size=8, prefix_length=16, seed=seed)  # fmt: skip
+    else:
+        make = sst2_config if part == "sst2" else (lambda *a, **k: domain_config(DOMAIN, *a, **k))
+        c = make(method, seed, quick)
+        c.update(max_steps=steps, max_train_examples=steps * batch)
+        c.pop("head_lr")  # the head learns at the method's lr, as a user's run without --head-lr does
+        if method == "lora":
+            c.pop("targets")  # the task's default targets, as lorakit train picks them
+            c.update(rank=8, alpha=16.0)
+    if lr is None:  # lorakit's defaults: leave every setting the defaults cover unset
+        for name in ("lr", "rank", "alpha", "targets"):
+            c.pop(name, None)
+    else:
+        c["lr"] = lr
+    return c
+
+
+def key(part: str, method: str, lr: float | None, seed: int, steps: int, quick: bool) -> str:
+    return ("quick-" if quick else "") + f"long-{part}-{method}-lr{lr or 'default'}-n{steps}-s{seed}"
+
+
+def score(part: str, row: dict) -> float:
+    return row["metrics"].get(PARTS[part][2], float("nan"))
+
+
+def run_part(part: str, quick: bool) -> tuple[str, list[dict]]:
+    steps, _, metric, higher = PARTS[part]
+    methods = DECODER_METHODS if part == "e2e" else ENCODER_METHODS
+    rows, md = [], []
+    for method in [*methods, "lora (defaults)"]:
+        name = method.split(" ")[0]
+        if method == "lora (defaults)":
+            lr, grid = None, {}
+        else:  # the grid: a quarter of the budget, seed 0
+            grid = {g: score(part, run(key(part, name, g, 0, steps // 4, quick), **config(part, name, g, 0, steps // 4,
+                                                                                           quick))) for g in GRID}  # fmt: skip
+            ok = {g: s for g, s in grid.items() if s == s}  # a diverged run scores NaN
+            lr = (max if higher else min)(ok, key=ok.get) if ok else GRID[0]
+        runs = [run(key(part, name, lr, s, steps, quick), **config(part, name, lr, s, steps, quick)) for s in SEEDS]
+        main, extra = mean_std(score(part, r) for r in runs), mean_std(r["metrics"].get("bleu") for r in runs)
+        rows.append({"method": method, "lr": lr, "grid": grid, "params": runs[0]["params_paper"], metric: main[0],
+                     f"{metric}_std": main[1], "bleu": extra[0], "bleu_std": extra[1],
+                     "train_s": [r["train_runtime_s"] for r in runs]})  # fmt: skip
+        grid_text = ", ".join(f"{g:g}: {s:.{3 if metric == 'loss' else 1}f}" for g, s in grid.items()) or "–"
+        md.append([method, fmt_int(runs[0]["params_paper"]), "default" if lr is None else f"{lr:g}", grid_text,
+                   fmt_ms(*main, digits=3 if metric == "loss" else 1)] + ([fmt_ms(*extra)] if part == "e2e" else []))  # fmt: skip
+    columns = ["method", "trainable params", "chosen lr", f"grid (dev {metric}, quarter budget)", f"{metric} (2 seeds)"]
+    return markdown_table(columns + (["BLEU (2 seeds)"] if part == "e2e" else []), md), rows
+
+
+def main() -> None:
+    args = parse_args(__doc__, lambda p: p.add_argument("--part", choices=tuple(PARTS), action="append"))
+    parts = args.part or list(PARTS)
+    require_data(*[{"sst2": SST2, "domain": DOMAINS_DIR / DOMAIN, "e2e": E2E}[p] for p in parts])
+    for part in parts:
+        clock = stopwatch()
+        print(f"{part}:")
+        table, rows = run_part(part, args.quick)
+        steps, batch, metric, _ = PARTS[part]
+        wall = clock()
+        notes = (
+            f"{part}: {steps} steps of batch {batch}, seeds {list(SEEDS)}; lr grid {list(GRID)} at {steps // 4} steps, "
+            f"seed 0, chosen by dev {metric}. LoRA r=8 alpha 16 on the task's default targets; adapters bottleneck "
+            "8 (adapter-drop: the lowest block without); prefixes 16 positions. " + wall_note(wall)
+        )
+        write_results(f"methods_long_{part}", f"Methods at settled budgets: {part}", [(part, table)],
+                      {"rows": rows, "wall_s": wall}, notes, args.quick)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
