@@ -76,6 +76,10 @@ def key(part: str, method: str, lr: float | None, seed: int, steps: int, quick: 
     return ("quick-" if quick else "") + f"long-{part}-{method}-lr{lr or 'default'}-n{steps}-s{seed}"
 
 
+def train(part: str, method: str, lr: float | None, seed: int, steps: int, quick: bool) -> dict:
+    return run(key(part, method, lr, seed, steps, quick), **config(part, method, lr, seed, steps, quick))
+
+
 def score(part: str, row: dict) -> float:
     return row["metrics"].get(PARTS[part][2], float("nan"))
 
@@ -89,18 +93,17 @@ def run_part(part: str, quick: bool) -> tuple[str, list[dict]]:
         if method == "lora (defaults)":
             lr, grid = None, {}
         else:  # the grid: a quarter of the budget, seed 0
-            grid = {g: score(part, run(key(part, name, g, 0, steps // 4, quick), **config(part, name, g, 0, steps // 4,
-                                                                                           quick))) for g in GRID}  # fmt: skip
+            grid = {g: score(part, train(part, name, g, 0, steps // 4, quick)) for g in GRID}
             ok = {g: s for g, s in grid.items() if s == s}  # a diverged run scores NaN
             lr = (max if higher else min)(ok, key=ok.get) if ok else GRID[0]
-        runs = [run(key(part, name, lr, s, steps, quick), **config(part, name, lr, s, steps, quick)) for s in SEEDS]
+        runs = [train(part, name, lr, s, steps, quick) for s in SEEDS]
         main, extra = mean_std(score(part, r) for r in runs), mean_std(r["metrics"].get("bleu") for r in runs)
         rows.append({"method": method, "lr": lr, "grid": grid, "params": runs[0]["params_paper"], metric: main[0],
                      f"{metric}_std": main[1], "bleu": extra[0], "bleu_std": extra[1],
                      "train_s": [r["train_runtime_s"] for r in runs]})  # fmt: skip
         grid_text = ", ".join(f"{g:g}: {s:.{3 if metric == 'loss' else 1}f}" for g, s in grid.items()) or "–"
-        md.append([method, fmt_int(runs[0]["params_paper"]), "default" if lr is None else f"{lr:g}", grid_text,
-                   fmt_ms(*main, digits=3 if metric == "loss" else 1)] + ([fmt_ms(*extra)] if part == "e2e" else []))  # fmt: skip
+        shown = [fmt_ms(*main, digits=3 if metric == "loss" else 1)] + ([fmt_ms(*extra)] if part == "e2e" else [])
+        md.append([method, fmt_int(runs[0]["params_paper"]), "default" if lr is None else f"{lr:g}", grid_text, *shown])
     columns = ["method", "trainable params", "chosen lr", f"grid (dev {metric}, quarter budget)", f"{metric} (2 seeds)"]
     return markdown_table(columns + (["BLEU (2 seeds)"] if part == "e2e" else []), md), rows
 
