@@ -1,5 +1,6 @@
 """The sweep behind lorakit's default LoRA settings for the encoder tasks (docs/results.md,
-"Defaults"): MiniLM on SST-2 (classification) and CoNLL-2003 (NER), LoRA r=8, alpha 16, the
+"Defaults"): MiniLM on SST-2 and one sentiment domain (classification) and CoNLL-2003 (NER), LoRA
+r=8, alpha 16, the
 learning rate from a three-value grid x adapted matrices (Wq,Wv or all linear layers), plus
 LoRA+ (B's lr x16) at the middle lr, beside full fine-tuning (lr 5e-5, the anchors'); one seed, a
 quarter of the issue's full budgets.
@@ -18,7 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     DATA,
+    DOMAINS_DIR,
     SST2,
+    domain_config,
     markdown_table,
     parse_args,
     require_data,
@@ -34,9 +37,11 @@ LRS = (1e-3, 2e-3, 5e-3)
 TARGETS = {
     "sst2": {"q,v": ["query", "value"], "all-linear": "all-linear"},
     "conll": {"q,v": ["query", "value"], "all-linear": "all-linear"},
+    "domain": {"q,v": ["query", "value"], "all-linear": "all-linear"},
 }
+DOMAIN, DOMAIN_STEPS = "electronics", 100  # a quarter of methods_long.py's 400 steps of batch 16
 SST2_STEPS, CONLL_STEPS, CONLL_BATCH = 200, 300, 16  # quarter budgets: 6.4k sentences / 4.8k sentences
-METRIC = {"sst2": "accuracy", "conll": "f1"}
+METRIC = {"sst2": "accuracy", "conll": "f1", "domain": "accuracy"}
 FULL_LR = 5e-5
 
 
@@ -55,6 +60,12 @@ def config_for(task: str, quick: bool, **over) -> dict:
         config.update(max_steps=4 if quick else SST2_STEPS, max_train_examples=(4 if quick else SST2_STEPS) * 32)
         config.pop("head_lr")  # the head learns at the lr under test, as a user's run without --head-lr does
         return config
+    if task == "domain":
+        steps = 4 if quick else DOMAIN_STEPS
+        config = domain_config(DOMAIN, over.pop("method", "lora"), 0, quick, **over)
+        config.update(max_steps=steps, max_train_examples=steps * 16)
+        config.pop("head_lr")
+        return config
     return conll_config(quick, **over)
 
 
@@ -67,7 +78,7 @@ def grid() -> list[tuple[str, str, float, float]]:
 
 def main() -> None:
     args = parse_args(__doc__)
-    require_data(SST2, CONLL)
+    require_data(SST2, CONLL, DOMAINS_DIR / DOMAIN)
     clock = stopwatch()
     rows = []
     for task, targets, lr, ratio in grid():
@@ -94,7 +105,8 @@ def main() -> None:
     notes = (
         f"MiniLM (real weights), LoRA r=8 alpha 16, seed 0, the task head trained at the same lr. SST-2: "
         f"{SST2_STEPS} steps of batch 32 (max length 64), full GLUE dev. CoNLL-2003: {CONLL_STEPS} steps of batch "
-        f"{CONLL_BATCH} (max length 128), full dev, entity F1 (seqeval). " + wall_note(wall)
+        f"{CONLL_BATCH} (max length 128), full dev, entity F1 (seqeval). Sentiment domain: {DOMAIN}, "
+        f"{DOMAIN_STEPS} steps of batch 16 (max length 64), its dev set. " + wall_note(wall)
     )
     write_results("defaults_sweep", "The sweep behind the default LoRA settings", sections,
                   {"runs": rows, "wall_s": wall}, notes, args.quick)  # fmt: skip
