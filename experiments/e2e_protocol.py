@@ -2,7 +2,7 @@
 Instruct, one epoch over 960 shuffled training lines, greedy outputs for E2E test meaning
 representations scored by corpus BLEU against all their references.
 
-    python experiments/e2e_protocol.py [--quick]
+    python experiments/e2e_protocol.py [--quick] [--config NAME ...]   (default: every configuration)
 
 The anchor (PEFT + a plain PyTorch loop; ../shared/notes/anchors.md and issue 18): LoRA q,v r=8,
 dropout 0.1, batch 8, lr 1e-3, fp32, an instruction prompt in the chat template with the MR's facts
@@ -30,18 +30,18 @@ TRAIN_LINES, SET_SIZE, MAX_NEW_TOKENS = 960, 200, 64
 ANCHOR = {"A": 61.4, "B": 53.9, "A zero-shot": 9.6}
 
 # Every run: one epoch over the same 960 lines, fp32, seed 0. "anchor" is the anchor's own recipe;
-# the rest vary one thing at a time from it, to find the defaults (issue 18).
+# the rest vary one thing at a time from it, to find the defaults (issue 18), the likeliest first.
 BASE = dict(targets="q_proj,v_proj", rank=8, alpha=16.0, dropout=0.1, lr=1e-3, batch_size=8)
 CONFIGS = {
     "anchor": {},
-    "lr 5e-4": dict(lr=5e-4),
+    "all-linear lr 2e-3": dict(targets="all-linear", lr=2e-3),
     "lr 2e-3": dict(lr=2e-3),
     "all-linear": dict(targets="all-linear"),
-    "all-linear lr 5e-4": dict(targets="all-linear", lr=5e-4),
-    "all-linear lr 2e-3": dict(targets="all-linear", lr=2e-3),
     "LoRA+ 16, lr 2e-4": dict(lora_plus_ratio=16.0, lr=2e-4),
     "batch 4": dict(batch_size=4),
-    # "lorakit defaults": None,  # added once the defaults are chosen
+    "lr 5e-4": dict(lr=5e-4),
+    "all-linear lr 5e-4": dict(targets="all-linear", lr=5e-4),
+    "lorakit defaults": None,  # nothing given but the data and the template: what `lorakit train` picks
 }
 
 
@@ -91,6 +91,31 @@ def config_for(name: str, train: Path, evals: Path) -> dict:
                 keep=True, **chosen)  # fmt: skip
 
 
+def key_for(name: str, config: dict, quick: bool) -> str:
+    """The run cache's key; for "lorakit defaults" it names the values the defaults resolve to, so a
+    change of defaults trains anew instead of reusing a run of the old ones."""
+    key = ("quick-" if quick else "") + "e2e-protocol-" + name.replace(" ", "_").replace(",", "")
+    if CONFIGS[name] is None:
+        from lorakit.train import TrainConfig
+
+        chosen = TrainConfig(**{k: v for k, v in config.items() if k != "keep"}).defaults_chosen
+        key += "-" + "-".join(f"{k}{v}" for k, v in sorted(chosen.items()))
+    return key
+
+
+def scored(key: str, adapter_dir: str | None, quick: bool) -> dict:
+    """`score`, cached beside the run cache (generation is half of each configuration's time)."""
+    from common import CACHE, in_child
+
+    path = CACHE / f"{key}.bleu.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    result, _, _ = in_child(score, adapter_dir, quick)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+    return result
+
+
 def score(adapter_dir: str | None, quick: bool) -> dict[str, float]:
     """Greedy outputs for sets A and B (one pass), corpus BLEU of each against all references;
     `adapter_dir` None: the base model alone (zero-shot), with the same prompts."""
@@ -123,42 +148,46 @@ def score(adapter_dir: str | None, quick: bool) -> dict[str, float]:
 
 
 def main() -> None:
-    args = parse_args(__doc__)
+    args = parse_args(__doc__, lambda p: p.add_argument("--config", choices=tuple(CONFIGS), action="append"))
     require_data(E2E)
     clock = stopwatch()
     train, evals = write_data(RUNS / "e2e_protocol_data", args.quick)
-    from common import in_child
-
     rows = []
-    zero, _, _ = in_child(score, None, args.quick)
-    print(f"  zero-shot: BLEU A {zero['A']:.1f}, B {zero['B']:.1f}", flush=True)
-    for name in CONFIGS:
-        key = ("quick-" if args.quick else "") + "e2e-protocol-" + name.replace(" ", "_").replace(",", "")
-        result = run(key, **config_for(name, train, evals))
-        bleu, _, _ = in_child(score, result["adapter_dir"], args.quick)
+    for name in args.config or CONFIGS:  # the results file is rewritten after each, so a stopped sweep keeps what ran
+        config = config_for(name, train, evals)
+        key = key_for(name, config, args.quick)
+        result = run(key, **config)
+        bleu = scored(key, result["adapter_dir"], args.quick)
         print(f"  {name}: BLEU A {bleu['A']:.1f}, B {bleu['B']:.1f}", flush=True)
         rows.append({"config": name, "options": CONFIGS[name], "bleu_A": bleu["A"], "bleu_B": bleu["B"],
                      "eval_loss_B": result["metrics"].get("loss"), "params": result["trainable_params"],
                      "train_s": result["train_runtime_s"], "tokens_per_s": result["tokens_per_s"],
-                     "sample": bleu["sample"]})  # fmt: skip
+                     "sample": bleu["sample"], "key": key})  # fmt: skip
+        write(rows, None, clock(), args.quick)
+    zero = scored(("quick-" if args.quick else "") + "e2e-protocol-zero-shot", None, args.quick)
+    print(f"  zero-shot: BLEU A {zero['A']:.1f}, B {zero['B']:.1f}", flush=True)
+    write(rows, zero, clock(), args.quick)
+
+
+def write(rows: list[dict], zero: dict | None, wall: float, quick: bool) -> None:
+    zero_row = ["zero-shot base (lorakit)", "0", f"{zero['A']:.1f}", f"{zero['B']:.1f}", "–", "–"] if zero else []
     table = markdown_table(
         ["configuration", "trainable params", "BLEU set A", "BLEU set B", "eval loss (set B)", "train min"],
-        [["anchor: PEFT + PyTorch loop", "–", f"{ANCHOR['A']:.1f}", f"{ANCHOR['B']:.1f}", "–", "–"],
-         ["zero-shot base (lorakit)", "0", f"{zero['A']:.1f}", f"{zero['B']:.1f}", "–", "–"]]
+        [["anchor: PEFT + PyTorch loop", "–", f"{ANCHOR['A']:.1f}", f"{ANCHOR['B']:.1f}", "–", "–"]]
+        + ([zero_row] if zero else [])
         + [[r["config"], f"{r['params']:,}", f"{r['bleu_A']:.1f}", f"{r['bleu_B']:.1f}", f"{r['eval_loss_B']:.3f}",
             f"{r['train_s'] / 60:.1f}"] for r in rows],
     )  # fmt: skip
-    wall = clock()
     notes = (
         f"SmolLM2-135M-Instruct (real weights), one epoch over {TRAIN_LINES} shuffled lines of E2E `train.txt` "
         "(seed 0), fp32, 2 threads. Prompt (`--prompt-template`): "
         f"{INSTRUCTION!r}, the MR's facts one per line as `key: value`, in the chat template. Greedy, at most "
         f"{MAX_NEW_TOKENS} new tokens; sacrebleu corpus BLEU (13a) against all references of each MR. Set A: "
         f"the first {SET_SIZE} distinct MRs of `test.txt`, set B: the next {SET_SIZE}. Options not named: "
-        f"{BASE} (the anchor's). " + wall_note(wall)
+        f"{BASE} (the anchor's); 'lorakit defaults' gives none of them. " + wall_note(wall)
     )
     write_results("e2e_protocol", "E2E on the anchor's protocol", [("BLEU", table)],
-                  {"zero_shot": zero, "runs": rows, "anchor": ANCHOR, "wall_s": wall}, notes, args.quick)  # fmt: skip
+                  {"zero_shot": zero, "runs": rows, "anchor": ANCHOR, "wall_s": wall}, notes, quick)  # fmt: skip
 
 
 if __name__ == "__main__":
