@@ -40,7 +40,7 @@ test-slow: $(VENV)/.installed
 # The LoRA-paper experiments on real data (docs/results.md); each skips cleanly without ../shared/data.
 experiments: $(VENV)/.installed
 	for e in methods_table which_rank which_weights subspace task_switching methods_e2e variants \
-	  e2e_protocol defaults_sweep methods_long; do \
+	  e2e_protocol defaults_sweep ner_gap methods_long; do \
 	  $(PY) experiments/$$e.py || exit 1; done
 
 clean:

@@ -24,6 +24,7 @@ SCRIPTS = [
     "e2e_protocol.py",
     "defaults_sweep.py",
     "methods_long.py",
+    "ner_gap.py",
 ]
 
 

@@ -39,6 +39,7 @@ def run_demo(output: Path, steps: int = 375) -> dict:
         eval_every=125,
         rank=8,
         alpha=16,
+        targets=["query", "value"],  # the paper's choice, as the demo's figures in the README
     )
     console.print(
         f"[bold]lorakit demo[/]: LoRA r={config.rank} on MiniLM's query/value, "

@@ -15,10 +15,10 @@ from typing import Any
 
 # LoRA's own settings per task. targets None: the architecture's Wq, Wv (the paper's choice).
 LORA_BY_TASK: dict[str, dict[str, Any]] = {
-    # defaults_sweep.py, SST-2 quarter budget: lr 2e-3 best of {1e-3, 2e-3, 5e-3} for Wq,Wv
-    "classification": dict(rank=8, alpha=16.0, lr=2e-3, targets=None),
-    # defaults_sweep.py, CoNLL-2003 quarter budget
-    "ner": dict(rank=8, alpha=16.0, lr=2e-3, targets=None),
+    # defaults_sweep.py, SST-2 (200 steps of 32): all-linear lr 2e-3 83.7 best; Wq,Wv at its best lr 82.9
+    "classification": dict(rank=8, alpha=16.0, lr=2e-3, targets="all-linear"),
+    # defaults_sweep.py, CoNLL-2003 (300 steps of 16): all-linear lr 2e-3 78.8 F1; Wq,Wv at best 74.9
+    "ner": dict(rank=8, alpha=16.0, lr=2e-3, targets="all-linear"),
     # e2e_protocol.py, 960 E2E lines
     "causal-lm": dict(rank=8, alpha=16.0, lr=1e-3, targets=None),
     "seq2seq": dict(rank=8, alpha=16.0, lr=1e-3, targets=None),
