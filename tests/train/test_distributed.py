@@ -203,3 +203,17 @@ def test_uneven_eval_shards_score_as_one_process(model_dirs, data_files, tmp_pat
     (multi,), (single,) = evals(tmp_path / "multi")[-1:], evals(tmp_path / "single")[-1:]
     assert multi["eval_f1"] == pytest.approx(single["eval_f1"]) and multi["eval_precision"] == single["eval_precision"]
     assert multi["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-4)
+
+
+def test_fsdp_saves_a_root_level_adapter_after_an_evaluation(model_dirs, data_files, tmp_path):
+    """A LoRA on the pooler lives in FSDP's root unit, which stays gathered after a forward; the
+    best-so-far save after an evaluation crashed the process group until units were resharded."""
+    out = tmp_path / "pooler"
+    opts = options(model_dirs, data_files, "classification", out, targets="query,value,pooler.dense", eval_every=2,
+                   max_steps=4)  # fmt: skip
+    done = torchrun(opts, distributed="fsdp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    keys = load_file(out / "adapter_model.safetensors")
+    assert any("pooler.dense.lora_A" in k for k in keys) and any("query.lora_B" in k for k in keys)

@@ -121,6 +121,16 @@ def _fully_shard(model: nn.Module) -> nn.Module:
     return model
 
 
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 unit back to its sharded parameters. The root unit keeps its parameters
+    gathered after a forward (backward would gather them again); after an evaluation there is
+    no backward, and gathering a root-level adapter parameter (a LoRA on the pooler) whole from
+    that state crashes the process group, so saving and checkpointing reshard first."""
+    for module in model.modules():
+        if hasattr(module, "reshard") and type(module).__name__.startswith("FSDP"):
+            module.reshard()
+
+
 def _blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks (every stack of them), the natural shard units."""
     return [block for stack in block_stacks(model) for block in stack]

@@ -36,6 +36,7 @@ from .distributed import (
     full_optimizer_state,
     load_full,
     load_optimizer_state,
+    reshard,
     sync_bytes_per_step,
     wrap_model,
 )
@@ -359,6 +360,7 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------
     def _save_adapter(self, path: Path) -> None:
         """Every rank gathers (a collective under FSDP); rank 0 writes."""
+        reshard(self.model)
         self.save_adapter(self.model, path, self.dist.is_main)
         self.dist.barrier()
 
@@ -367,6 +369,7 @@ class Trainer:
         are gathered whole on every rank and written once, by rank 0, so a checkpoint loads
         with any number of processes."""
         final = self.output / CHECKPOINTS / f"step-{self.state.step:07d}"
+        reshard(self.model)
         params = {n: whole_tensor(p).detach().cpu().contiguous() for n, p in self.params.items()}
         names = {id(p): n for n, p in self.params.items()}
         optimizer = full_optimizer_state(self.optimizer, names)
