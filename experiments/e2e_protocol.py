@@ -31,7 +31,8 @@ ANCHOR = {"A": 61.4, "B": 53.9, "A zero-shot": 9.6}
 
 # Every run: one epoch over the same 960 lines, fp32, seed 0. "anchor" is the anchor's own recipe;
 # the rest vary one thing at a time from it, to find the defaults (issue 18), the likeliest first.
-BASE = dict(targets="q_proj,v_proj", rank=8, alpha=16.0, dropout=0.1, lr=1e-3, batch_size=8)
+BASE = dict(targets="q_proj,v_proj", rank=8, alpha=16.0, dropout=0.1, lr=1e-3)
+PROTOCOL = dict(epochs=1, batch_size=8)  # the data budget: 960 lines once, batches of 8 (as the anchor)
 CONFIGS = {
     "anchor": {},
     "all-linear lr 2e-3": dict(targets="all-linear", lr=2e-3),
@@ -86,9 +87,9 @@ def write_data(folder: Path, quick: bool) -> tuple[Path, Path]:
 
 def config_for(name: str, train: Path, evals: Path) -> dict:
     chosen = {} if CONFIGS[name] is None else {**BASE, **CONFIGS[name]}
-    return dict(model="smollm2-135m", task="causal-lm", data=str(train), eval_data=str(evals), epochs=1,
-                prompt_template=INSTRUCTION, max_length=256, eval_loss_examples=400, eval_batch_size=16,
-                keep=True, **chosen)  # fmt: skip
+    return dict(model="smollm2-135m", task="causal-lm", data=str(train), eval_data=str(evals),
+                **{**PROTOCOL, **chosen}, prompt_template=INSTRUCTION, max_length=256, eval_loss_examples=400,
+                eval_batch_size=16, keep=True)  # fmt: skip
 
 
 def key_for(name: str, config: dict, quick: bool) -> str:
@@ -184,7 +185,7 @@ def write(rows: list[dict], zero: dict | None, wall: float, quick: bool) -> None
         f"{INSTRUCTION!r}, the MR's facts one per line as `key: value`, in the chat template. Greedy, at most "
         f"{MAX_NEW_TOKENS} new tokens; sacrebleu corpus BLEU (13a) against all references of each MR. Set A: "
         f"the first {SET_SIZE} distinct MRs of `test.txt`, set B: the next {SET_SIZE}. Options not named: "
-        f"{BASE} (the anchor's); 'lorakit defaults' gives none of them. " + wall_note(wall)
+        f"{BASE} (the anchor's); 'lorakit defaults' gives none of them. Every row: {PROTOCOL}. " + wall_note(wall)
     )
     write_results("e2e_protocol", "E2E on the anchor's protocol", [("BLEU", table)],
                   {"zero_shot": zero, "runs": rows, "anchor": ANCHOR, "wall_s": wall}, notes, quick)  # fmt: skip
