@@ -44,7 +44,7 @@ class TrainConfig:
     method: str = "lora"
     # LoRA
     # rank, alpha, lr and targets left None are chosen per task and method (train/defaults.py)
-    targets: list[str] | str | None = None  # None: the task's default (the architecture's Wq, Wv unless it says)
+    targets: list[str] | str | None = None  # None: the task's default (all-linear for every task now)
     rank: int | None = None  # default 8
     alpha: float | None = None  # default 16
     dropout: float = 0.0
@@ -57,7 +57,7 @@ class TrainConfig:
     adapter_drop_layers: int = 1  # adapter-drop: the lowest blocks left without adapters
     prefix_length: int = 16  # prefix-embed / prefix-layer positions
     # optimisation
-    lr: float | None = None  # default: per method, and for LoRA per task (2e-3 / 1e-3 ...)
+    lr: float | None = None  # default: per method, and for LoRA per task (2e-3 for every task now)
     lora_plus_ratio: float = 1.0  # LoRA+: B's learning rate = lr * ratio (16 in the paper)
     head_lr: float | None = None  # new task heads (modules_to_save); default lr
     weight_decay: float = 0.0

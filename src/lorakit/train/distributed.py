@@ -126,8 +126,12 @@ def reshard(model: nn.Module) -> None:
     gathered after a forward (backward would gather them again); after an evaluation there is
     no backward, and gathering a root-level adapter parameter (a LoRA on the pooler) whole from
     that state crashes the process group, so saving and checkpointing reshard first."""
+    if not torch.distributed.is_available():  # a torch built without it has no FSDP units either
+        return
+    from torch.distributed.fsdp import FSDPModule
+
     for module in model.modules():
-        if hasattr(module, "reshard") and type(module).__name__.startswith("FSDP"):
+        if isinstance(module, FSDPModule):
             module.reshard()
 
 
