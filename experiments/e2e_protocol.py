@@ -41,6 +41,7 @@ CONFIGS = {
     "LoRA+ 16, lr 2e-4": dict(lora_plus_ratio=16.0, lr=2e-4),
     "batch 4": dict(batch_size=4),
     "all-linear lr 2e-3 batch 4": dict(targets="all-linear", lr=2e-3, batch_size=4),
+    "all-linear lr 2e-3 seed 1": dict(targets="all-linear", lr=2e-3, seed=1),  # how far BLEU moves by seed
     "lr 5e-4": dict(lr=5e-4),
     "all-linear lr 5e-4": dict(targets="all-linear", lr=5e-4),
     "lorakit defaults": None,  # nothing given but the data and the template: what `lorakit train` picks
