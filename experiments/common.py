@@ -35,6 +35,7 @@ SST2 = DATA / "sst2"
 DOMAINS_DIR = DATA / "sentiment-domains"
 DOMAINS = ("books", "dvd", "electronics", "kitchen", "airline")
 E2E = DATA / "e2e"
+CONLL = DATA / "conll2003"
 
 
 def require_data(*paths: Path) -> None:
@@ -409,6 +410,14 @@ def _classification_config(
 # Cached runs of the non-LoRA methods from before head_lr reached their heads trained those heads at
 # the method's lr: a new key suffix keeps them from being reused as if they were current.
 HEAD_LR_FOR_ALL = "-hl"
+
+
+def conll_config(steps: int, batch: int, seed: int = 0, quick: bool = False, **over: Any) -> dict:
+    """MiniLM on CoNLL-2003: `steps` steps of `batch` sentences (4 when quick), max length 128, the
+    full dev set (64 sentences when quick)."""
+    return dict(model="minilm", task="ner", data=str(CONLL / "train.txt"), eval_data=str(CONLL / "dev.txt"),
+                batch_size=batch, max_length=128, max_steps=4 if quick else steps,
+                max_eval_examples=64 if quick else None, seed=seed, **over)  # fmt: skip
 
 
 def key_of(prefix: str, config: dict, quick: bool) -> str:

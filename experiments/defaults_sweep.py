@@ -18,9 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
-    DATA,
+    CONLL,
     DOMAINS_DIR,
     SST2,
+    conll_config,
     domain_config,
     markdown_table,
     parse_args,
@@ -32,7 +33,6 @@ from common import (
     write_results,
 )
 
-CONLL = DATA / "conll2003"
 LRS = (1e-3, 2e-3, 5e-3)
 TARGETS = {
     "sst2": {"q,v": ["query", "value"], "all-linear": "all-linear"},
@@ -44,15 +44,6 @@ SST2_STEPS, CONLL_STEPS, CONLL_BATCH = 200, 300, 16  # quarter budgets: 6.4k sen
 METRIC = {"sst2": "accuracy", "conll": "f1", "domain": "accuracy"}
 FULL_LR = 5e-5
 LORA_PLUS_LR = 2e-4  # x16 for B: 3.2e-3
-
-
-def conll_config(quick: bool, **over) -> dict:
-    steps = 4 if quick else CONLL_STEPS
-    config = dict(model="minilm", task="ner", data=str(CONLL / "train.txt"), eval_data=str(CONLL / "dev.txt"),
-                  rank=8, alpha=16.0, batch_size=CONLL_BATCH, max_length=128, max_steps=steps,
-                  max_train_examples=steps * CONLL_BATCH, max_eval_examples=64 if quick else None, seed=0)  # fmt: skip
-    config.update(over)
-    return config
 
 
 def config_for(task: str, quick: bool, **over) -> dict:
@@ -67,7 +58,9 @@ def config_for(task: str, quick: bool, **over) -> dict:
         config.update(max_steps=steps, max_train_examples=steps * 16)
         config.pop("head_lr")
         return config
-    return conll_config(quick, **over)
+    steps = 4 if quick else CONLL_STEPS
+    return conll_config(CONLL_STEPS, CONLL_BATCH, 0, quick, **{"rank": 8, "alpha": 16.0,
+                        "max_train_examples": steps * CONLL_BATCH, **over})  # fmt: skip
 
 
 def grid() -> list[tuple[str, str, float, float]]:

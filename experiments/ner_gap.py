@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
-    DATA,
+    CONLL,
+    conll_config,
     fmt_ms,
     markdown_table,
     mean_std,
@@ -26,7 +27,6 @@ from common import (
     write_results,
 )
 
-CONLL = DATA / "conll2003"
 STEPS, BATCH, FULL_LR = 1250, 16, 5e-5
 RUNS = {  # name -> options beyond the data and budget; LoRA gives nothing the defaults cover
     "LoRA, lorakit defaults": dict(method="lora"),
@@ -35,10 +35,7 @@ RUNS = {  # name -> options beyond the data and budget; LoRA gives nothing the d
 
 
 def config(options: dict, seed: int, quick: bool) -> dict:
-    steps = 4 if quick else STEPS
-    return dict(model="minilm", task="ner", data=str(CONLL / "train.txt"), eval_data=str(CONLL / "dev.txt"),
-                batch_size=BATCH, max_length=128, max_steps=steps, max_eval_examples=64 if quick else None,
-                seed=seed, **options)  # fmt: skip
+    return conll_config(STEPS, BATCH, seed, quick, **options)
 
 
 def main() -> None:
