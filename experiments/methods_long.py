@@ -7,19 +7,24 @@ the chosen lr runs at the full budget with 2 seeds. A last row runs LoRA with lo
 
     python experiments/methods_long.py [--part sst2|domain|e2e] [--quick]
 
-Every run is cached (runs/experiments/cache), so the parts can run in separate sittings. Writes
-experiments/results/methods_long_<part>.{md,json}.
+E2E has no dev split here (train.txt is the official validation split, test.txt the test split), so its
+grid holds out the last E2E_DEV_MRS meaning representations of train.txt (all their references) as a
+dev set, trains on the rest and picks by dev loss; the full-budget runs then train on all of train.txt
+and report test loss and BLEU. Every run is cached (runs/experiments/cache), so the parts can run in
+separate sittings. Writes experiments/results/methods_long_<part>.{md,json}.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     DOMAINS_DIR,
     E2E,
+    RUNS,
     SST2,
     domain_config,
     fmt_int,
@@ -38,24 +43,43 @@ from common import (
 GRID = (1e-4, 1e-3, 1e-2)  # the same three values for every method
 SEEDS = (0, 1)
 DOMAIN = "electronics"
-ENCODER_METHODS = ("full", "top2", "bitfit", "adapter-h", "adapter-l", "adapter-p", "adapter-drop",
-                   "prefix-embed", "prefix-layer", "lora")  # fmt: skip
+# The runs most read first (a part left unfinished still has them): LoRA as users run it, then its baselines.
+ENCODER_METHODS = ("lora (defaults)", "lora", "full", "adapter-h", "adapter-p", "adapter-l", "adapter-drop",
+                   "prefix-layer", "prefix-embed", "top2", "bitfit")  # fmt: skip
 DECODER_METHODS = tuple(m for m in ENCODER_METHODS if m != "bitfit")  # LLaMA-style models have no biases
 # part -> (steps, batch, the dev metric that picks the lr, whether higher is better)
 PARTS = {"sst2": (800, 32, "accuracy", True), "domain": (400, 16, "accuracy", True), "e2e": (584, 8, "loss", False)}
-E2E_LOSS_LINES, E2E_BLEU_MRS = 400, 100
+E2E_LOSS_LINES, E2E_BLEU_MRS, E2E_DEV_MRS = 400, 100, 50
+
+
+def e2e_split(quick: bool) -> tuple[Path, Path]:
+    """train.txt without its last E2E_DEV_MRS meaning representations, and those as a dev set (lines are
+    grouped by MR, so no dev MR is seen in training). Written once under runs/; derived, not committed."""
+    folder = RUNS / (("quick-" if quick else "") + "methods_long_e2e_split")
+    train, dev = folder / "train.txt", folder / "dev.txt"
+    if not dev.is_file():
+        lines = (E2E / "train.txt").read_text(encoding="utf-8").splitlines()
+        mrs = list(dict.fromkeys(line.split("||")[0] for line in lines))
+        held = set(mrs[-E2E_DEV_MRS:])
+        folder.mkdir(parents=True, exist_ok=True)
+        train.write_text("".join(f"{x}\n" for x in lines if x.split("||")[0] not in held), encoding="utf-8")
+        dev.write_text("".join(f"{x}\n" for x in lines if x.split("||")[0] in held), encoding="utf-8")
+    return train, dev
 
 
 def config(part: str, method: str, lr: float | None, seed: int, steps: int, quick: bool) -> dict:
     """One run of `method` (lr None: lorakit's defaults, nothing else given) at `steps` steps."""
     _, batch, _, _ = PARTS[part]
+    grid_run = steps < PARTS[part][0]
     steps = 3 if quick else steps
-    if part == "e2e":
-        c = dict(model="smollm2-135m", task="causal-lm", data=str(E2E / "train.txt"), eval_data=str(E2E / "test.txt"),
+    if part == "e2e":  # grid: dev loss only; full budget: test loss and BLEU
+        train, dev = e2e_split(quick) if grid_run else (E2E / "train.txt", E2E / "test.txt")
+        bleu = 0 if grid_run or method.startswith("prefix") else (4 if quick else E2E_BLEU_MRS)
+        c = dict(model="smollm2-135m", task="causal-lm", data=str(train), eval_data=str(dev),
                  method=method, batch_size=batch, max_length=96, max_steps=steps,
                  max_train_examples=min(steps * batch, 4672), eval_loss_examples=16 if quick else E2E_LOSS_LINES,
-                 eval_generate=0 if method.startswith("prefix") else (4 if quick else E2E_BLEU_MRS),
-                 eval_batch_size=16, max_new_tokens=64, adapter_size=8, prefix_length=16, seed=seed)  # fmt: skip
+                 eval_generate=bleu, eval_batch_size=16, max_new_tokens=64, adapter_size=8, prefix_length=16,
+                 seed=seed)  # fmt: skip
     else:
         make = sst2_config if part == "sst2" else (lambda *a, **k: domain_config(DOMAIN, *a, **k))
         c = make(method, seed, quick)
@@ -84,11 +108,13 @@ def score(part: str, row: dict) -> float:
     return row["metrics"].get(PARTS[part][2], float("nan"))
 
 
-def run_part(part: str, quick: bool) -> tuple[str, list[dict]]:
+def run_part(part: str, quick: bool) -> Iterator[tuple[str, list[dict]]]:
+    """Yields the table so far (markdown, rows) after each method, so an interrupted part still reports."""
     steps, _, metric, higher = PARTS[part]
     methods = DECODER_METHODS if part == "e2e" else ENCODER_METHODS
     rows, md = [], []
-    for method in [*methods, "lora (defaults)"]:
+    columns = ["method", "trainable params", "chosen lr", f"grid (dev {metric}, quarter budget)", f"{metric} (2 seeds)"]
+    for method in methods:
         name = method.split(" ")[0]
         if method == "lora (defaults)":
             lr, grid = None, {}
@@ -104,8 +130,7 @@ def run_part(part: str, quick: bool) -> tuple[str, list[dict]]:
         grid_text = ", ".join(f"{g:g}: {s:.{3 if metric == 'loss' else 1}f}" for g, s in grid.items()) or "–"
         shown = [fmt_ms(*main, digits=3 if metric == "loss" else 1)] + ([fmt_ms(*extra)] if part == "e2e" else [])
         md.append([method, fmt_int(runs[0]["params_paper"]), "default" if lr is None else f"{lr:g}", grid_text, *shown])
-    columns = ["method", "trainable params", "chosen lr", f"grid (dev {metric}, quarter budget)", f"{metric} (2 seeds)"]
-    return markdown_table(columns + (["BLEU (2 seeds)"] if part == "e2e" else []), md), rows
+        yield markdown_table(columns + (["BLEU (2 seeds)"] if part == "e2e" else []), md), rows
 
 
 def main() -> None:
@@ -115,16 +140,20 @@ def main() -> None:
     for part in parts:
         clock = stopwatch()
         print(f"{part}:")
-        table, rows = run_part(part, args.quick)
         steps, batch, metric, _ = PARTS[part]
-        wall = clock()
-        notes = (
-            f"{part}: {steps} steps of batch {batch}, seeds {list(SEEDS)}; lr grid {list(GRID)} at {steps // 4} steps, "
-            f"seed 0, chosen by dev {metric}. LoRA r=8 alpha 16 on the task's default targets; adapters bottleneck "
-            "8 (adapter-drop: the lowest block without); prefixes 16 positions. " + wall_note(wall)
-        )
-        write_results(f"methods_long_{part}", f"Methods at settled budgets: {part}", [(part, table)],
-                      {"rows": rows, "wall_s": wall}, notes, args.quick)  # fmt: skip
+        methods = DECODER_METHODS if part == "e2e" else ENCODER_METHODS
+        for done, (table, rows) in enumerate(run_part(part, args.quick), 1):
+            wall = clock()
+            held = f" (a dev set held out of train.txt: its last {E2E_DEV_MRS} meaning representations)"
+            todo = f" Still to run: {', '.join(methods[done:])}." if done < len(methods) else ""
+            notes = (
+                f"{part}: {steps} steps of batch {batch}, seeds {list(SEEDS)}; lr grid {list(GRID)} at {steps // 4} "
+                f"steps, seed 0, chosen by dev {metric}{held if part == 'e2e' else ''}. LoRA r=8 alpha 16 on the "
+                "task's default targets; adapters bottleneck 8 (adapter-drop: the lowest block without); prefixes 16 "
+                "positions. " + wall_note(wall) + todo
+            )
+            write_results(f"methods_long_{part}", f"Methods at settled budgets: {part}", [(part, table)],
+                          {"rows": rows, "wall_s": wall}, notes, args.quick)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -113,3 +113,16 @@ def test_the_long_methods_default_row_leaves_the_settings_to_lorakit():
     assert config.lr == LORA_BY_TASK["classification"]["lr"] and set(config.defaults_chosen) >= {"lr", "targets"}
     swept = TrainConfig(**long.config("e2e", "adapter-p", 1e-2, 1, 584, False))
     assert (swept.lr, swept.method, swept.seed, swept.max_steps) == (1e-2, "adapter-p", 1, 584)
+
+
+def test_the_long_e2e_grid_picks_its_lr_on_a_dev_split_held_out_of_train(tmp_path, monkeypatch):
+    long = _module("methods_long")
+    monkeypatch.setattr(long, "RUNS", tmp_path)
+    if not (long.E2E / "train.txt").is_file():
+        pytest.skip(f"E2E data not found at {long.E2E} (the shared data sets)")
+    grid, full = long.config("e2e", "lora", 1e-3, 0, 146, False), long.config("e2e", "lora", 1e-3, 0, 584, False)
+    mr = lambda path: {line.split("||")[0] for line in open(path, encoding="utf-8")}  # noqa: E731
+    assert not mr(grid["data"]) & mr(grid["eval_data"]) and len(mr(grid["eval_data"])) == long.E2E_DEV_MRS
+    assert mr(grid["data"]) | mr(grid["eval_data"]) == mr(long.E2E / "train.txt")
+    assert grid["eval_generate"] == 0 and full["eval_generate"] == long.E2E_BLEU_MRS
+    assert full["eval_data"].endswith("test.txt") and full["data"].endswith("train.txt")
