@@ -21,11 +21,13 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 def random_adapter(model, tmp_path: Path, base: str, **config) -> Path:
     """A random (non-zero) adapter on `model`, saved and exported to GGUF for base `base`."""
-    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **config))
+    lorakit.inject(model, lorakit.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **config}))
     torch.manual_seed(0)
     with torch.no_grad():
         for _, layer in lorakit.lora_layers(model):
             layer.lora_B["default"].normal_(std=0.5)
+            if isinstance(layer.base_layer, torch.nn.Embedding):  # its A starts at zero
+                layer.lora_A["default"].normal_(std=0.5)
     lorakit.save_adapter(model, tmp_path / "adapter")
     return export_adapter(tmp_path / "adapter", "gguf", tmp_path / "adapter.gguf", model=base)[0]
 
@@ -51,43 +53,53 @@ def test_llama_cpp_applies_an_exported_adapter_as_lorakit_does(tmp_path, monkeyp
     assert (results["adapter"] - mine).abs().max() < 0.1 * moved  # the adapter, applied alike
 
 
+def sentencepiece_tokenizer(directory: Path) -> int:
+    """A small SentencePiece vocabulary (tokenizer.model) in `directory`, the kind llama.cpp's
+    converter reads for LLaMA and Qwen2 alike without a pre-tokenizer hash; returns its size."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")  # the converter imports it too
+    text = [f"the quick brown fox {i} jumps over the lazy dog near river bank {i * 7}" for i in range(300)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model, vocab_size=120,
+                                   model_type="bpe", minloglevel=2)  # fmt: skip
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    return spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama"])  # Qwen2: the converter does not know SmolLM2's tokenizer hash as Qwen2's
-def test_on_a_base_llama_cpps_own_converter_wrote(tmp_path, llama_cpp_source, arch):
-    """A tiny random LLaMA (SmolLM2's tokenizer) converted to GGUF by llama.cpp's
-    convert_hf_to_gguf.py (which permutes its q/k rows), a random rsLoRA adapter exported by
-    lorakit: llama.cpp's logits equal lorakit's on the HF model, with and without the adapter."""
+@pytest.mark.parametrize("targets", ["all-linear", ["embed_tokens", "q_proj", "k_proj", "down_proj"]])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_on_a_base_llama_cpps_own_converter_wrote(tmp_path, llama_cpp_source, arch, targets):
+    """A tiny random model converted to GGUF by llama.cpp's convert_hf_to_gguf.py (which permutes
+    LLaMA's and Mistral's q/k rows), a random rsLoRA adapter exported by lorakit (an embedding
+    LoRA among its targets in the second case): llama.cpp's logits equal lorakit's on the HF
+    model, with and without the adapter."""
     import os
-    import shutil
     import subprocess
     import sys
 
     import transformers as tf
 
-    from lorakit.models import load_tokenizer, resolve_model
-
-    pytest.importorskip("sentencepiece")  # the converter imports it for LLaMA vocabularies
-    try:
-        tokenizer_dir = resolve_model("smollm2-135m").path
-    except Exception as e:  # noqa: BLE001 - the alias package is what is missing
-        pytest.skip(f"needs SmolLM2's tokenizer: {e}")
-    torch.manual_seed(0)
-    config_class, model_class = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
-                                 "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[arch]  # fmt: skip
-    model = model_class(config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, vocab_size=len(load_tokenizer("smollm2-135m")),
-                                     max_position_embeddings=128, initializer_range=0.1)).eval()  # fmt: skip
     hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    vocab = sentencepiece_tokenizer(hf_dir)
+    config_class, model_class = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+                                 "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+                                 "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+                                 "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}[arch]  # fmt: skip
+    torch.manual_seed(0)
+    model = model_class(config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=16, vocab_size=vocab, max_position_embeddings=128,
+                                     initializer_range=0.1, tie_word_embeddings=False)).eval()  # fmt: skip
     model.save_pretrained(hf_dir)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(Path(tokenizer_dir) / name, hf_dir / name)
     env = {**os.environ, "PYTHONPATH": f"{llama_cpp_source / 'gguf-py'}:{llama_cpp_source}"}
     converted = subprocess.run([sys.executable, str(llama_cpp_source / "convert_hf_to_gguf.py"), str(hf_dir),
                                 "--outfile", str(tmp_path / "base.gguf"), "--outtype", "f32"],
                                capture_output=True, text=True, env=env)  # fmt: skip
     assert converted.returncode == 0, converted.stderr[-3000:]
-    gguf_lora = random_adapter(model, tmp_path, str(hf_dir), use_rslora=True)
-    ids = [1, 504, 3458, 314, 2817, 30, 9, 27]
+    gguf_lora = random_adapter(model, tmp_path, str(hf_dir), use_rslora=True, target_modules=targets)
+    ids = [1, 50, 34, 14, 28, 30, 9, 27]
     with torch.no_grad():
         mine = model(input_ids=torch.tensor([ids])).logits[0]
         with lorakit.disable_adapters(model):

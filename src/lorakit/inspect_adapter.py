@@ -118,7 +118,7 @@ def _token_rows(config: LoraConfig, state: dict) -> str:
 
 def _llama_cpp(path: Path, config: LoraConfig, state: dict) -> str:
     """Whether `lorakit export --format gguf` can write the adapter for llama.cpp, or why not."""
-    from .lora.gguf_adapter import GGUFAdapterError, exportable_pairs, gguf_architecture
+    from .lora.gguf_adapter import GGUFAdapterError, exportable_pairs, gguf_tensors
 
     try:
         exportable_pairs(config, state)
@@ -128,7 +128,7 @@ def _llama_cpp(path: Path, config: LoraConfig, state: dict) -> str:
     try:
         from .export import base_config
 
-        gguf_architecture(base_config(base))
+        gguf_tensors(config, state, base_config(base))  # the architecture's names, a tied embedding
     except GGUFAdapterError as e:
         return f"no: {e}"
     except (OSError, ValueError):  # the base is not on this machine: its architecture cannot be checked here

@@ -4,6 +4,7 @@ adapter it came from, and refuses what llama.cpp cannot run, naming the module a
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -46,6 +47,8 @@ def adapter_dir(tmp_path: Path, arch: str = "llama", **config) -> tuple[tf.PreTr
     with torch.no_grad():
         for _, layer in lorakit.lora_layers(model):
             layer.lora_B["default"].normal_(std=0.3)
+            if isinstance(layer.base_layer, torch.nn.Embedding):  # its A starts at zero
+                layer.lora_A["default"].normal_(std=0.3)
     lorakit.save_adapter(model, tmp_path / "peft")
     return model, tmp_path / "peft"
 
@@ -61,6 +64,7 @@ def export(tmp_path: Path, model, directory: Path, outtype: str = "f32") -> Path
         {},
         {"use_rslora": True},
         {"rank_pattern": {"v_proj": 8}, "alpha_pattern": {"down_proj": 3.0}},
+        {"target_modules": ["embed_tokens", "q_proj", "v_proj"]},
     ],
 )
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -97,6 +101,40 @@ def test_the_file_holds_llama_cpps_layout(tmp_path):
                                   model.model.layers[0].mlp.up_proj.lora_B["default"].detach().numpy())  # fmt: skip
 
 
+def test_an_embedding_lora_is_stored_as_llama_cpp_gathers_it(tmp_path):
+    """token_embd: A transposed to [vocab, r] (llama.cpp looks up the prompt tokens' rows), B [dim, r]."""
+    model, directory = adapter_dir(tmp_path, target_modules=["embed_tokens"])
+    tensors = {t.name: t for t in gguf.GGUFReader(str(export(tmp_path, model, directory))).tensors}
+    assert sorted(tensors) == ["token_embd.weight.lora_a", "token_embd.weight.lora_b"]
+    layer = model.model.embed_tokens
+    A, B = layer.lora_A["default"].detach().numpy(), layer.lora_B["default"].detach().numpy()  # [4, 64], [64, 4]
+    np.testing.assert_array_equal(tensors["token_embd.weight.lora_a"].data, A.T)
+    np.testing.assert_array_equal(tensors["token_embd.weight.lora_b"].data, B)
+    ids = torch.tensor([[3, 7, 7, 60]])  # the oracle written out: row `id` of the table moves by (B A)ᵀ[id] alpha/r
+    with torch.no_grad():
+        expected = model.model.embed_tokens.base_layer(ids) + torch.from_numpy((B @ A).T)[ids] * 8 / 4
+        torch.testing.assert_close(model.model.embed_tokens(ids), expected)
+
+
+def test_an_embedding_lora_on_a_tied_head_is_refused(tmp_path):
+    """llama.cpp finds a LoRA by tensor name; a tied head is the table under the same name."""
+    model, directory = adapter_dir(tmp_path, target_modules=["embed_tokens", "q_proj"])
+    config, state = lorakit.LoraConfig.from_pretrained(directory), read_adapter_weights(directory)
+    tied = {**model.config.to_dict(), "tie_word_embeddings": True}
+    with pytest.raises(GGUFAdapterError, match="model.embed_tokens is an embedding LoRA on a base whose output head"):
+        export_gguf(config, state, tied, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+    from lorakit.inspect_adapter import describe  # inspect says so beforehand, from the base it records
+
+    tiny_llama().save_pretrained(tmp_path / "untied")
+    tf.LlamaForCausalLM(tf.LlamaConfig(**SHAPE, tie_word_embeddings=True)).save_pretrained(tmp_path / "tied")
+    for base, verdict in (("untied", "yes"), ("tied", "no: model.embed_tokens is an embedding LoRA on a base")):
+        saved = json.loads((directory / "adapter_config.json").read_text())
+        saved["base_model_name_or_path"] = str(tmp_path / base)
+        (directory / "adapter_config.json").write_text(json.dumps(saved))
+        assert describe(directory)["llama.cpp (lorakit export --format gguf)"].startswith(verdict), base
+
+
 @pytest.mark.parametrize("outtype,tol", [("f16", 2e-3), ("bf16", 2e-2), ("q8_0", 2e-2)])
 def test_smaller_outtypes_round_the_tensors_only(tmp_path, outtype, tol):
     model, directory = adapter_dir(tmp_path)
@@ -125,9 +163,10 @@ def test_a_model_gguf_is_not_read_as_an_adapter(tmp_path):
 
 
 # -- against llama.cpp's own converter -------------------------------------------------------
+@pytest.mark.parametrize("targets", ["all-linear", ["embed_tokens", "k_proj", "down_proj"]])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_lorakit_writes_what_llama_cpps_converter_writes(tmp_path, llama_cpp_source, arch):
-    model, directory = adapter_dir(tmp_path, arch)
+def test_lorakit_writes_what_llama_cpps_converter_writes(tmp_path, llama_cpp_source, arch, targets):
+    model, directory = adapter_dir(tmp_path, arch, target_modules=targets)
     base = tmp_path / "base"
     tiny_llama(arch).save_pretrained(base)
     theirs_path = tmp_path / "theirs.gguf"

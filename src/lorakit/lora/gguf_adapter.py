@@ -8,6 +8,8 @@ package's tensor name map). llama.cpp applies every pair with alpha / r, so what
 otherwise (rsLoRA's alpha / sqrt(r), `alpha_pattern`) is folded into B; ranks may differ per
 tensor (`rank_pattern`) as they are. For the LLaMA architecture llama.cpp's converter permutes
 the rows of q and k for its rotary layout, so B's rows of those two are permuted the same way.
+An embedding LoRA (PEFT: A [r, vocab], B [dim, r]) goes under `token_embd.weight` with A stored
+transposed, [vocab, r]: llama.cpp gathers A's rows for the prompt's tokens (llm_build_inp_embd).
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ import torch
 import torch.nn as nn
 
 from .config import LoraConfig
-from .peft_keys import PREFIX, lora_modules, module_scaling
+from .peft_keys import PAIRS, PREFIX, lora_modules, module_scaling
 from .principal import is_weight_init
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # transformers model types llama.cpp converts under another architecture's name
 GGUF_ARCHITECTURE = {"mistral": "llama"}
 ROTARY_PERMUTED = ("llama",)  # architectures whose q/k rows llama.cpp's converter permutes
+TOKEN_EMBD = "token_embd"  # llama.cpp's name for the input embedding table
 
 
 class GGUFAdapterError(ValueError):
@@ -55,19 +58,8 @@ def export_gguf(config: LoraConfig, state: dict[str, torch.Tensor], base_config:
 
     if outtype not in OUTTYPES:
         raise GGUFAdapterError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
-    name, arch = gguf_architecture(base_config)
-    pairs = exportable_pairs(config, state)
-    names = gguf.get_tensor_name_map(arch, base_config["num_hidden_layers"])
-    tensors = {}
-    for path, (A, B) in pairs.items():  # A: [r, in], B: [out, r]
-        base = names.get_name(path)
-        if base is None:
-            raise GGUFAdapterError(f"the adapted module {path} has no tensor in llama.cpp's {name} architecture; "
-                                   "leave it out of target_modules to export")  # fmt: skip
-        r = A.shape[0]
-        B = B * (module_scaling(config, path, r) * r / config.lora_alpha)  # llama.cpp scales by alpha / r
-        B = _permute_rows(B, name, base, base_config)
-        tensors[f"{base}.weight.lora_a"], tensors[f"{base}.weight.lora_b"] = A, B
+    name = gguf_architecture(base_config)[0]
+    tensors = gguf_tensors(config, state, base_config)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
@@ -86,8 +78,43 @@ def export_gguf(config: LoraConfig, state: dict[str, torch.Tensor], base_config:
     return output
 
 
+def gguf_tensors(config: LoraConfig, state: dict[str, torch.Tensor], base_config: dict[str, Any]) -> dict:
+    """{llama.cpp tensor name: fp32 tensor} of the adapter for a base with transformers config
+    `base_config`; GGUFAdapterError for what llama.cpp would refuse or run differently."""
+    import gguf
+
+    name, arch = gguf_architecture(base_config)
+    names = gguf.get_tensor_name_map(arch, base_config["num_hidden_layers"])
+    tensors = {}
+    for path, (A, B) in exportable_pairs(config, state).items():  # A: [r, in], B: [out, r]
+        base = names.get_name(path)
+        if base is None:
+            raise GGUFAdapterError(f"the adapted module {path} has no tensor in llama.cpp's {name} architecture; "
+                                   "leave it out of target_modules to export")  # fmt: skip
+        r = A.shape[0]
+        B = B * (module_scaling(config, path, r) * r / config.lora_alpha)  # llama.cpp scales by alpha / r
+        B = _permute_rows(B, name, base, base_config)
+        if base == TOKEN_EMBD:
+            _check_untied(path, base_config)
+            A = A.T  # [vocab, r]: llama.cpp gathers the prompt tokens' rows
+        tensors[f"{base}.weight.lora_a"], tensors[f"{base}.weight.lora_b"] = A, B
+    return tensors
+
+
+def _check_untied(path: str, base_config: dict[str, Any]) -> None:
+    """llama.cpp finds a LoRA by its tensor's name, and a tied output head is the embedding table
+    under the same name: it would apply the embedding's pair to the head's matmul as well, where
+    the shapes do not fit (PEFT adapts the lookup only)."""
+    if base_config.get("tie_word_embeddings"):
+        raise GGUFAdapterError(f"{path} is an embedding LoRA on a base whose output head shares the embedding "
+                               "table (tie_word_embeddings); llama.cpp would apply it to the head as well and "
+                               "fail. Leave the embedding out of target_modules, or merge the adapter "
+                               "(lorakit merge) and convert the merged model")  # fmt: skip
+
+
 def exportable_pairs(config: LoraConfig, state: dict[str, torch.Tensor]) -> dict[str, tuple]:
-    """{module path: (A, B) in fp32} of a plain-LoRA adapter on linear layers, or the reason not."""
+    """{module path: (A, B) in fp32} of a plain-LoRA adapter on linear and embedding layers, or the
+    reason not."""
     if is_weight_init(config.init_lora_weights):
         raise GGUFAdapterError(f"this {config.init_lora_weights} adapter was saved as trained, for the residual "
                                "base its init leaves; save it as plain LoRA (lorakit.save_adapter(model, path), the "
@@ -114,9 +141,6 @@ def exportable_pairs(config: LoraConfig, state: dict[str, torch.Tensor]) -> dict
             )
     pairs = {}
     for path, (a_key, b_key) in modules.items():
-        if "lora_embedding" in a_key:
-            raise GGUFAdapterError(f"{path} is an embedding LoRA, which lorakit does not export to GGUF yet; "
-                                   "leave it out of target_modules or merge the adapter")  # fmt: skip
         A, B = state[a_key].float(), state[b_key].float()
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             why = "not a linear layer's LoRA pair (a convolution, or a sliced fused projection): not for GGUF"
@@ -194,11 +218,13 @@ def read_gguf_adapter(path: str | Path, model: nn.Module) -> tuple[LoraConfig, d
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
         rows_cols = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
         weight = torch.from_numpy(values.reshape(rows_cols).copy())
+        a_key, b_key = (".lora_embedding_A", ".lora_embedding_B") if base == TOKEN_EMBD else PAIRS[0]
         if side == "lora_b":
             weight = _permute_rows(weight, arch_name, base, base_config, inverse=True)
-            state[f"{PREFIX}{module}.lora_B.weight"] = weight
+            state[f"{PREFIX}{module}{b_key}"] = weight
         else:
-            state[f"{PREFIX}{module}.lora_A.weight"] = weight
+            weight = weight.T.contiguous() if base == TOKEN_EMBD else weight  # stored [vocab, r]
+            state[f"{PREFIX}{module}{a_key}"] = weight
             ranks[module] = weight.shape[0]
     if not ranks:
         raise GGUFAdapterError(f"{path} holds no LoRA tensors")
