@@ -360,6 +360,8 @@ METHOD_LR = {
     "bitfit": 5e-3,
     "adapter-h": 2e-3,
     "adapter-l": 2e-3,
+    "adapter-p": 2e-3,
+    "adapter-drop": 2e-3,
     "prefix-embed": 1e-2,
     "prefix-layer": 5e-3,
 }

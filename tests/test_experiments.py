@@ -126,3 +126,18 @@ def test_the_long_e2e_grid_picks_its_lr_on_a_dev_split_held_out_of_train(tmp_pat
     assert mr(grid["data"]) | mr(grid["eval_data"]) == mr(long.E2E / "train.txt")
     assert grid["eval_generate"] == 0 and full["eval_generate"] == long.E2E_BLEU_MRS
     assert full["eval_data"].endswith("test.txt") and full["data"].endswith("train.txt")
+
+
+def test_every_long_run_is_a_valid_train_config(tmp_path, monkeypatch):
+    from lorakit.train import TrainConfig
+
+    long = _module("methods_long")
+    monkeypatch.setattr(long, "RUNS", tmp_path)
+    if not (long.E2E / "train.txt").is_file():
+        pytest.skip(f"E2E data not found at {long.E2E} (the shared data sets)")
+    for part, (steps, *_) in long.PARTS.items():
+        for method in long.DECODER_METHODS if part == "e2e" else long.ENCODER_METHODS:
+            name, lr = method.split(" ")[0], None if "defaults" in method else long.GRID[0]
+            for budget in (steps, steps // 4):
+                config = TrainConfig(**long.config(part, name, lr, 0, budget, False))
+                assert (config.method, config.max_steps) == (name, budget)
