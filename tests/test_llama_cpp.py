@@ -1,7 +1,9 @@
 """llama.cpp itself runs what `lorakit export` writes (slow: needs llama-cpp-python, a 4-minute
-build; see ../shared/notes/engines.md). A tiny LLaMA written as a Q8_0 GGUF the way llama.cpp's
-converter writes one, a random adapter exported to GGUF: llama.cpp's logits with the adapter
-land on lorakit's (on the same blocks) far closer than the adapter moves them."""
+build: `make test-engines`; see ../shared/notes/engines.md). A tiny LLaMA written as a Q8_0 GGUF
+the way llama.cpp's converter writes one, a random adapter exported to GGUF: llama.cpp's logits
+with the adapter land on lorakit's (on the same blocks) far closer than the adapter moves them.
+Then tiny LLaMA, Mistral, Qwen2 and Qwen3 bases written by llama.cpp's own converter, with
+and without an embedding LoRA, and the tied-head case lorakit refuses."""
 
 from __future__ import annotations
 
@@ -67,14 +69,9 @@ def sentencepiece_tokenizer(directory: Path) -> int:
     return spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("targets", ["all-linear", ["embed_tokens", "q_proj", "k_proj", "down_proj"]])
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
-def test_on_a_base_llama_cpps_own_converter_wrote(tmp_path, llama_cpp_source, arch, targets):
-    """A tiny random model converted to GGUF by llama.cpp's convert_hf_to_gguf.py (which permutes
-    LLaMA's and Mistral's q/k rows), a random rsLoRA adapter exported by lorakit (an embedding
-    LoRA among its targets in the second case): llama.cpp's logits equal lorakit's on the HF
-    model, with and without the adapter."""
+def converted_base(tmp_path: Path, llama_cpp_source: Path, arch: str, tied: bool = False):
+    """A tiny random transformers model of `arch` and the GGUF llama.cpp's own convert_hf_to_gguf.py
+    writes for it (LLaMA's and Mistral's q/k rows permuted): (model, its directory, the GGUF)."""
     import os
     import subprocess
     import sys
@@ -91,13 +88,24 @@ def test_on_a_base_llama_cpps_own_converter_wrote(tmp_path, llama_cpp_source, ar
     torch.manual_seed(0)
     model = model_class(config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                      num_key_value_heads=2, head_dim=16, vocab_size=vocab, max_position_embeddings=128,
-                                     initializer_range=0.1, tie_word_embeddings=False)).eval()  # fmt: skip
+                                     initializer_range=0.1, tie_word_embeddings=tied)).eval()  # fmt: skip
     model.save_pretrained(hf_dir)
     env = {**os.environ, "PYTHONPATH": f"{llama_cpp_source / 'gguf-py'}:{llama_cpp_source}"}
     converted = subprocess.run([sys.executable, str(llama_cpp_source / "convert_hf_to_gguf.py"), str(hf_dir),
                                 "--outfile", str(tmp_path / "base.gguf"), "--outtype", "f32"],
                                capture_output=True, text=True, env=env)  # fmt: skip
     assert converted.returncode == 0, converted.stderr[-3000:]
+    return model, hf_dir, tmp_path / "base.gguf"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("targets", ["all-linear", ["embed_tokens", "q_proj", "k_proj", "down_proj"]])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_on_a_base_llama_cpps_own_converter_wrote(tmp_path, llama_cpp_source, arch, targets):
+    """A random rsLoRA adapter exported by lorakit (an embedding LoRA among its targets in the
+    second case) on a base llama.cpp's converter wrote: llama.cpp's logits equal lorakit's on the
+    HF model, with and without the adapter."""
+    model, hf_dir, base = converted_base(tmp_path, llama_cpp_source, arch)
     gguf_lora = random_adapter(model, tmp_path, str(hf_dir), use_rslora=True, target_modules=targets)
     ids = [1, 50, 34, 14, 28, 30, 9, 27]
     with torch.no_grad():
@@ -105,9 +113,31 @@ def test_on_a_base_llama_cpps_own_converter_wrote(tmp_path, llama_cpp_source, ar
         with lorakit.disable_adapters(model):
             mine_base = model(input_ids=torch.tensor([ids])).logits[0]
     for expected, lora_path in ((mine_base, None), (mine, str(gguf_lora))):
-        engine = llama_cpp.Llama(model_path=str(tmp_path / "base.gguf"), lora_path=lora_path, n_ctx=64,
-                                 logits_all=True, verbose=False)  # fmt: skip
+        engine = llama_cpp.Llama(model_path=str(base), lora_path=lora_path, n_ctx=64, logits_all=True, verbose=False)
         engine.eval(ids)
         theirs = torch.tensor(engine.scores[: len(ids)])
         assert (theirs - expected).abs().max() < 1e-2 * expected.abs().max(), lora_path
     assert (mine - mine_base).abs().max() > 0.2 * mine_base.abs().max()  # the adapter matters
+
+
+@pytest.mark.slow
+def test_llama_cpp_aborts_on_an_embedding_lora_over_a_tied_head(tmp_path, llama_cpp_source):
+    """Why `lorakit export` refuses that adapter: llama.cpp finds a LoRA by tensor name, and the tied
+    head is the embedding table under the same name, so it multiplies the head by the embedding's
+    pair and a shape assertion aborts the process. (If this starts passing, lift the refusal.)"""
+    import subprocess
+    import sys
+
+    from lorakit.lora.gguf_adapter import export_gguf
+    from lorakit.lora.io import read_adapter_weights
+
+    model, _, base = converted_base(tmp_path, llama_cpp_source, "llama", tied=True)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"]))
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    untied = {**model.config.to_dict(), "tie_word_embeddings": False}  # past the refusal, to see why it is there
+    config, state = lorakit.LoraConfig.from_pretrained(tmp_path / "adapter"), read_adapter_weights(tmp_path / "adapter")
+    export_gguf(config, state, untied, tmp_path / "adapter.gguf")
+    lora = str(tmp_path / "adapter.gguf")
+    code = f"import llama_cpp; llama_cpp.Llama(model_path={str(base)!r}, lora_path={lora!r}, verbose=0).eval([1, 5])"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode != 0 and "ggml_can_mul_mat" in run.stderr, run.stderr[-2000:]
