@@ -24,18 +24,29 @@ gguf = pytest.importorskip("gguf")
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=64, max_position_embeddings=64)  # fmt: skip
-ARCHITECTURES = {  # transformers config, model class; llama.cpp permutes q/k rows for the first two only
-    "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
-    "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
-    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
-    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+ARCHITECTURES = {  # every base lorakit's GGUF export covers: transformers config, model class, extra config fields
+    "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
+    "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {}),
+    "smollm3": (tf.SmolLM3Config, tf.SmolLM3ForCausalLM, {"pad_token_id": 0}),
+    "granite": (tf.GraniteConfig, tf.GraniteForCausalLM, {}),
+    "olmo": (tf.OlmoConfig, tf.OlmoForCausalLM, {}),
+    "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM, {}),
+    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),
+    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": 16}),
+    "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, {"head_dim": 16}),
+    "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {"head_dim": 16}),
+    "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, {"head_dim": 16}),
+    "phi": (tf.PhiConfig, tf.PhiForCausalLM, {}),
+    "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {"pad_token_id": 0}),
+    "starcoder2": (tf.Starcoder2Config, tf.Starcoder2ForCausalLM, {}),
+    "stablelm": (tf.StableLmConfig, tf.StableLmForCausalLM, {}),
+    "cohere": (tf.CohereConfig, tf.CohereForCausalLM, {}),
 }
 
 
 def tiny_llama(arch: str = "llama") -> tf.PreTrainedModel:
     torch.manual_seed(0)
-    config_class, model_class = ARCHITECTURES[arch]
-    extra = {"head_dim": 16} if arch == "qwen3" else {}
+    config_class, model_class, extra = ARCHITECTURES[arch]
     return model_class(config_class(**SHAPE, **extra)).eval()
 
 
@@ -67,7 +78,7 @@ def export(tmp_path: Path, model, directory: Path, outtype: str = "f32") -> Path
         {"target_modules": ["embed_tokens", "q_proj", "v_proj"]},
     ],
 )
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "granite"])
 def test_a_gguf_file_read_back_computes_what_the_adapter_computes(tmp_path, config, arch):
     """rsLoRA and the per-module patterns are folded into B (llama.cpp scales by alpha / r)."""
     model, directory = adapter_dir(tmp_path, arch, **config)
@@ -150,8 +161,9 @@ def test_what_llama_cpp_cannot_run_is_refused_before_writing(tmp_path):
     head = {**state, "base_model.model.lm_head.modules_to_save.default.weight": torch.zeros(64, 64)}
     with pytest.raises(GGUFAdapterError, match="lm_head.modules_to_save.default.weight is trained as full weights"):
         export_gguf(config, head, base, tmp_path / "x.gguf")
-    with pytest.raises(GGUFAdapterError, match="llama.cpp has no architecture for the base's model_type 'mpnet'"):
-        export_gguf(config, state, {**base, "model_type": "mpnet"}, tmp_path / "x.gguf")
+    for unchecked in ("mpnet", "gpt_neox"):  # llama.cpp has no mpnet; its converter reorders GPT-NeoX's qkv rows
+        with pytest.raises(GGUFAdapterError, match=f"lorakit exports GGUF adapters for .* this base is '{unchecked}'"):
+            export_gguf(config, state, {**base, "model_type": unchecked}, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
 
 
@@ -163,8 +175,11 @@ def test_a_model_gguf_is_not_read_as_an_adapter(tmp_path):
 
 
 # -- against llama.cpp's own converter -------------------------------------------------------
-@pytest.mark.parametrize("targets", ["all-linear", ["embed_tokens", "k_proj", "down_proj"]])
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize(
+    "arch,targets",
+    [(arch, "all-linear") for arch in ARCHITECTURES]
+    + [(arch, ["embed_tokens", "k_proj", "down_proj"]) for arch in ("llama", "qwen2", "qwen3")],
+)
 def test_lorakit_writes_what_llama_cpps_converter_writes(tmp_path, llama_cpp_source, arch, targets):
     model, directory = adapter_dir(tmp_path, arch, target_modules=targets)
     base = tmp_path / "base"

@@ -26,9 +26,18 @@ from .peft_keys import PAIRS, PREFIX, lora_modules, module_scaling
 from .principal import is_weight_init
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-# transformers model types llama.cpp converts under another architecture's name
-GGUF_ARCHITECTURE = {"mistral": "llama"}
-ROTARY_PERMUTED = ("llama",)  # architectures whose q/k rows llama.cpp's converter permutes
+# transformers model_type -> llama.cpp architecture, for the bases whose adapter files lorakit writes
+# as llama.cpp's own convert_lora_to_gguf.py does (each checked against it: tests/lora/test_gguf_adapter.py).
+# llama.cpp's converter rewrites other architectures' weights (fused qkv rows reordered, experts
+# stacked) in ways lorakit does not reproduce, so those are refused rather than written wrong.
+GGUF_ARCHITECTURE = {
+    "llama": "llama", "mistral": "llama", "smollm3": "smollm3", "granite": "granite", "olmo": "olmo",
+    "olmo2": "olmo2", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2",
+    "gemma3_text": "gemma3", "phi": "phi2", "phi3": "phi3", "starcoder2": "starcoder2", "stablelm": "stablelm",
+    "cohere": "command-r",
+}  # fmt: skip
+# llama.cpp architectures whose converter permutes the q/k rows (LlamaModel.permute) for its rotary layout
+ROTARY_PERMUTED = ("llama", "smollm3", "granite", "olmo")
 TOKEN_EMBD = "token_embd"  # llama.cpp's name for the input embedding table
 
 
@@ -41,11 +50,13 @@ def gguf_architecture(base_config: dict[str, Any]):
     import gguf
 
     model_type = base_config.get("model_type", "")
-    name = GGUF_ARCHITECTURE.get(model_type, model_type)
-    arch = {value: key for key, value in gguf.MODEL_ARCH_NAMES.items()}.get(name)
-    if arch is None:
-        raise GGUFAdapterError(f"llama.cpp has no architecture for the base's model_type {model_type!r}; "
-                               "its adapters cannot be exported to GGUF (use the PEFT directory)")  # fmt: skip
+    name = GGUF_ARCHITECTURE.get(model_type)
+    if name is None:
+        raise GGUFAdapterError(f"lorakit exports GGUF adapters for bases of model_type {', '.join(GGUF_ARCHITECTURE)} "
+                               f"(each checked against llama.cpp's converter), and this base is {model_type!r}: use "
+                               "the PEFT directory, or llama.cpp's convert_lora_to_gguf.py where llama.cpp runs "
+                               "that architecture")  # fmt: skip
+    arch = {value: key for key, value in gguf.MODEL_ARCH_NAMES.items()}[name]
     return name, arch
 
 
