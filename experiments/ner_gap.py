@@ -30,6 +30,7 @@ from common import (
 STEPS, BATCH, FULL_LR = 1250, 16, 5e-5
 RUNS = {  # name -> options beyond the data and budget; LoRA gives nothing the defaults cover
     "LoRA, lorakit defaults": dict(method="lora"),
+    "LoRA, the defaults but lr 1e-3": dict(method="lora", lr=1e-3),  # is the default lr right at this budget?
     "full fine-tuning, lr 5e-5": dict(method="full", lr=FULL_LR),
 }
 
@@ -48,11 +49,11 @@ def main() -> None:
         runs = []
         for seed in seeds:
             c = config(options, seed, args.quick)
-            if options["method"] == "lora":  # the key names what the defaults resolve to
+            if options["method"] == "lora":  # the key names what the defaults resolve to, and a given lr
                 from lorakit.train import TrainConfig
 
-                chosen = TrainConfig(**c).defaults_chosen
-                suffix = "-".join(f"{k}{v}" for k, v in sorted(chosen.items()))
+                named = {**TrainConfig(**c).defaults_chosen, **({"lr": c["lr"]} if "lr" in options else {})}
+                suffix = "-".join(f"{k}{v}" for k, v in sorted(named.items()))
             else:
                 suffix = f"lr{FULL_LR:g}"
             key = ("quick-" if args.quick else "") + f"ner-gap-{options['method']}-{suffix}-s{seed}"
