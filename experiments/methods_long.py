@@ -2,7 +2,7 @@
 800 steps of batch 32) and one sentiment domain (MiniLM, 400 steps of batch 16); the paper's E2E
 baselines on E2E (SmolLM2-135M, one epoch of its 4,672 training lines at batch 8). Each method's learning rate is chosen on the dev
 set from one grid (the same three values for every method) at a quarter of the budget, seed 0; then
-the chosen lr runs at the full budget with 2 seeds. A last row runs LoRA with lorakit's defaults
+the chosen lr runs at the full budget with 2 seeds. The first row runs LoRA with lorakit's defaults
 (no lr, rank, alpha or targets given).
 
     python experiments/methods_long.py [--part sst2|domain|e2e] [--quick]
