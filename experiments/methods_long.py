@@ -1,9 +1,9 @@
 """The methods tables at budgets where orderings settle (issue 18): every method on SST-2 (MiniLM,
 800 steps of batch 32) and one sentiment domain (MiniLM, 400 steps of batch 16); the paper's E2E
-baselines on E2E (SmolLM2-135M, one epoch of its 4,672 training lines at batch 8). Each method's learning rate is chosen on the dev
-set from one grid (the same three values for every method) at a quarter of the budget, seed 0; then
-the chosen lr runs at the full budget with 2 seeds. The first row runs LoRA with lorakit's defaults
-(no lr, rank, alpha or targets given).
+baselines on E2E (SmolLM2-135M, one epoch of its 4,672 training lines at batch 8). Each method's
+learning rate is chosen on the dev set from one grid (the same three values for every method) at a
+quarter of the budget, seed 0; then the chosen lr runs at the full budget with 2 seeds. The first
+row runs LoRA with lorakit's defaults (no lr, rank, alpha or targets given).
 
     python experiments/methods_long.py [--part sst2|domain|e2e] [--quick]
 
@@ -100,7 +100,15 @@ def config(part: str, method: str, lr: float | None, seed: int, steps: int, quic
 
 
 def key(part: str, method: str, lr: float | None, seed: int, steps: int, quick: bool) -> str:
-    return ("quick-" if quick else "") + f"long-{part}-{method}-lr{lr or 'default'}-n{steps}-s{seed}"
+    """The run cache's key; the defaults row's names the values the defaults resolve to, so a change of
+    defaults trains anew rather than reusing a run of the old ones (its config leaves them unset)."""
+    tag = f"lr{lr}"
+    if lr is None:
+        from lorakit.train import TrainConfig
+
+        chosen = TrainConfig(**config(part, method, lr, seed, steps, quick)).defaults_chosen
+        tag = "default-" + "-".join(f"{k}{v}" for k, v in sorted(chosen.items()))
+    return ("quick-" if quick else "") + f"long-{part}-{method}-{tag}-n{steps}-s{seed}"
 
 
 def train(part: str, method: str, lr: float | None, seed: int, steps: int, quick: bool) -> dict:
