@@ -22,7 +22,7 @@ LORA_BY_TASK: dict[str, dict[str, Any]] = {
     # methods_long.py, lr grid then 2 seeds: SST-2 800 steps of 32: lr 1e-3 88.0, lr 2e-3 86.7 (full FT 88.5);
     # electronics 400 of 16: 1e-3 90.3, 2e-3 90.0 (full 89.5). defaults_sweep.py: all-linear beats Wq,Wv.
     "classification": dict(rank=8, alpha=16.0, lr=1e-3, targets="all-linear"),
-    # ner_gap.py, CoNLL-2003 1,250 steps of 16: lr 2e-3 87.3 (2 seeds), lr 1e-3 86.5; full FT 87.6
+    # ner_gap.py, CoNLL-2003 1,250 steps of 16, 2 seeds: lr 2e-3 87.3, lr 1e-3 86.7; full FT 87.6
     "ner": dict(rank=8, alpha=16.0, lr=2e-3, targets="all-linear"),
     # e2e_protocol.py, 960 E2E lines at batch 8: all-linear lr 2e-3 eval loss 1.55 against the anchor's
     # recipe (Wq,Wv lr 1e-3) 1.70
