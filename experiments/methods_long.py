@@ -47,7 +47,7 @@ DOMAIN = "electronics"
 ENCODER_METHODS = ("lora (defaults)", "lora", "full", "adapter-h", "adapter-p", "adapter-l", "adapter-drop",
                    "prefix-layer", "prefix-embed", "top2", "bitfit")  # fmt: skip
 # E2E: the paper's own E2E baselines (its Table 3: full, top2, adapter-L/H, prefix-layer, LoRA). A one-epoch
-# SmolLM2 run costs ~30 CPU-minutes here, so adapter-p/-drop (its Table 2 only) and prefix-embed stay on
+# SmolLM2 run costs 35-70 CPU-minutes here, so adapter-p/-drop (its Table 2 only) and prefix-embed stay on
 # the encoder tables, and bitfit too (LLaMA-style models have no biases).
 DECODER_METHODS = ("lora (defaults)", "lora", "full", "adapter-h", "adapter-l", "prefix-layer", "top2")
 # part -> (steps, batch, the dev metric that picks the lr, whether higher is better)

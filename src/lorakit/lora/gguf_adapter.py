@@ -6,8 +6,9 @@ The file (what llama.cpp's `convert_lora_to_gguf.py` writes, and `llama_cpp.Llam
 ([r, in]) and `.lora_b` ([out, r]), under llama.cpp's names for the architecture (the `gguf`
 package's tensor name map). llama.cpp applies every pair with alpha / r, so what PEFT scales
 otherwise (rsLoRA's alpha / sqrt(r), `alpha_pattern`) is folded into B; ranks may differ per
-tensor (`rank_pattern`) as they are. For the LLaMA architecture llama.cpp's converter permutes
-the rows of q and k for its rotary layout, so B's rows of those two are permuted the same way.
+tensor (`rank_pattern`) as they are. For LLaMA-style architectures (ROTARY_PERMUTED) llama.cpp's
+converter permutes the rows of q and k for its rotary layout, so B's rows of those two are permuted
+the same way.
 An embedding LoRA (PEFT: A [r, vocab], B [dim, r]) goes under `token_embd.weight` with A stored
 transposed, [vocab, r]: llama.cpp gathers A's rows for the prompt's tokens (llm_build_inp_embd).
 """
