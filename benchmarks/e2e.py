@@ -71,6 +71,7 @@ def run_lorakit(
     attention: str | None = None,
     ablations: tuple[str, ...] = (),
     quantize: str | None = None,
+    targets: str | tuple[str, ...] = ("q_proj", "v_proj"),
 ) -> dict:
     from lorakit.train import TrainConfig, train
     from lorakit.train.api import load_trained
@@ -85,7 +86,7 @@ def run_lorakit(
         task="causal-lm",
         data=str(train_file),
         output=str(out / "run"),
-        targets=["q_proj", "v_proj"],
+        targets=targets if isinstance(targets, str) else list(targets),
         epochs=1,
         eval_before=False,
         bf16=bf16,
@@ -202,6 +203,10 @@ RUNS = {
     "lorakit-bf16 +nf4": (run_lorakit, dict(bf16=True, quantize="nf4")),
     "lorakit-bf16 +gguf": (run_lorakit, dict(bf16=True, quantize="gguf")),
     "hf-trainer+peft-bf16 +bnb-nf4": (run_hf_peft, dict(bf16=True, nf4=True)),
+    # QLoRA's own recipe puts LoRA on every linear layer of the blocks, which it found is what
+    # recovers full-precision quality on a 4-bit base
+    "lorakit-bf16 all-linear": (run_lorakit, dict(bf16=True, targets="all-linear")),
+    "lorakit-bf16 +nf4 all-linear": (run_lorakit, dict(bf16=True, quantize="nf4", targets="all-linear")),
 }
 
 

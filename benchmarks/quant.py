@@ -18,11 +18,15 @@ and forward + input-gradient, for a bf16 nn.Linear, bitsandbytes' Linear4bit, lo
 NF4Linear, torchao's NF4Tensor (linear_nf4) and lorakit's GGUFLinear on Q4_1 blocks: the
 measurement behind the choice of backend.
 
+--gradient-checkpointing runs every row with it (`lorakit train --gradient-checkpointing`;
+QLoRA's own recipe, and what PEFT's `prepare_model_for_kbit_training` turns on): activations
+shrink to a layer's inputs, so the weights' share of the peak shows. Writes quant_gc.{md,json}.
+
 --base-loss scores SmolLM2-135M itself, no adapter, on the 200 E2E test examples the e2e
 benchmark uses, with its base held in fp32, NF4 and its GGUF blocks: how much each scheme
 costs before any training.
 
-    python benchmarks/quant.py [--models smollm2,tinyllama] [--steps 8]
+    python benchmarks/quant.py [--models smollm2,tinyllama] [--steps 8] [--gradient-checkpointing]
     python benchmarks/quant.py --layer
     python benchmarks/quant.py --base-loss
 """
@@ -93,10 +97,12 @@ def build(row: str, path: Path, name: str) -> torch.nn.Module:
     return model
 
 
-def child(model_name: str, row: str, steps: int) -> dict:
+def child(model_name: str, row: str, steps: int, checkpointing: bool) -> dict:
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     model = build(row, model_dir(model_name), model_name).train()
+    if checkpointing:  # as lorakit's trainer turns it on
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     load_s = time.perf_counter() - t0
     frozen = [p for p in model.parameters() if not p.requires_grad]
     weight_mb = sum(p.numel() * p.element_size() for p in frozen) / 2**20
@@ -202,6 +208,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm2,tinyllama")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="every row with it")
     parser.add_argument("--layer", action="store_true", help="time one NF4 projection per backend")
     parser.add_argument("--base-loss", action="store_true", help="SmolLM2's E2E loss per scheme, no adapter")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "ROW"), help=argparse.SUPPRESS)
@@ -213,15 +220,17 @@ def main() -> None:
         print(base_losses())
         return
     if args.child:
-        print(json.dumps(child(*args.child, args.steps)))
+        print(json.dumps(child(*args.child, args.steps, args.gradient_checkpointing)))
         return
-    results = {"torch": torch.__version__, "steps": args.steps, "rows": {}}
+    results = {"torch": torch.__version__, "steps": args.steps, "rows": {},
+               "gradient_checkpointing": args.gradient_checkpointing}  # fmt: skip
     for name in args.models.split(","):
         model_dir(name)  # build the shape once, outside the timed children
         for row in ROWS:
             if row == "lorakit-gguf" and name not in GGUF_MODELS:
                 continue
             command = [sys.executable, __file__, "--child", name, row, "--steps", str(args.steps)]
+            command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
             env = {**os.environ, "PYTHONWARNINGS": "ignore"}
             run = subprocess.run(command, capture_output=True, text=True, env=env)
             if run.returncode:
@@ -233,9 +242,11 @@ def main() -> None:
 
 def write(results: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quant.json").write_text(json.dumps(results, indent=1))
-    lines = [f"# QLoRA on CPU (torch {results['torch']}, 2 threads, LoRA q,v r=8, bf16 compute, median of "
-             f"{results['steps']} steps, each row a fresh process)", "",
+    name = "quant_gc" if results["gradient_checkpointing"] else "quant"
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1))
+    checkpointing = ", gradient checkpointing" if results["gradient_checkpointing"] else ""
+    lines = [f"# QLoRA on CPU (torch {results['torch']}, 2 threads, LoRA q,v r=8, bf16 compute{checkpointing}, "
+             f"median of {results['steps']} steps, each row a fresh process)", "",
              "| model | row | step ms | x lorakit-bf16 | peak RSS MB | x lorakit-bf16 | frozen weights MB "
              "| x lorakit-bf16 |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -245,7 +256,7 @@ def write(results: dict) -> None:
         lines.append(f"| {key.replace('/', ' | ')} | {r['step_ms']:.0f} | {r['step_ms'] / ref['step_ms']:.2f} "
                      f"| {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f} "
                      f"| {r['weight_mb']:.0f} | {r['weight_mb'] / ref['weight_mb']:.2f} |")  # fmt: skip
-    (RESULTS / "quant.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

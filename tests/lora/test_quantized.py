@@ -173,6 +173,52 @@ def test_inject_gives_nf4_layers_the_dequantise_then_matmul_forward_and_its_grad
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_nf4_weight_dequantised_into_a_buffer_is_bitsandbytes_own_dequantisation(dtype):
+    """The forward writes W into a reusable buffer through bitsandbytes' native CPU kernel: the
+    very values of `dequantize_4bit`, at both compute dtypes and when the buffer's dtype
+    differs from the one the blocks were quantised from."""
+    from lorakit.quantize import nf4_linear_class
+
+    torch.manual_seed(0)
+    layer = nf4_linear_class()(192, 96, bias=False, compute_dtype=dtype, quant_type="nf4", device="meta")
+    layer.weight = bnb.nn.Params4bit(torch.randn(96, 192, dtype=dtype) * 0.02, requires_grad=False, blocksize=64,
+                                     compress_statistics=True, quant_type="nf4", module=layer)  # fmt: skip
+    layer = layer.to("cpu")
+    expected = bnb.functional.dequantize_4bit(layer.weight, layer.weight.quant_state)
+    for out_dtype in (dtype, torch.float32 if dtype == torch.bfloat16 else torch.bfloat16):
+        buffer = torch.full((96, 192), float("nan"), dtype=out_dtype)
+        written = layer.dense(out_dtype, out=buffer)
+        assert written.data_ptr() == buffer.data_ptr()
+        assert torch.equal(buffer, expected.to(out_dtype))
+
+
+def test_quantised_layers_of_one_size_share_a_buffer_and_still_compute_their_own_weights(base_dir):
+    """Every NF4 layer of a size dequantises into one scratch buffer, in the forward and again in
+    the backward: two such layers in a row give the outputs and input gradients of their own
+    dequantised weights (the math written out), and each thread has its own buffer."""
+    import threading
+
+    from lorakit.quantize.matmul import scratch
+
+    model = lorakit.inject(quantized(base_dir, "nf4"), lorakit.LoraConfig(r=4, target_modules=["q_proj"]))
+    first, second = model.model.layers[0].self_attn.o_proj, model.model.layers[1].self_attn.o_proj
+    W1, W2 = dequantized_weight(first), dequantized_weight(second)
+    assert not torch.equal(W1, W2)
+    x = torch.randn(3, 64, requires_grad=True)
+    out = second(first(x))
+    grad = torch.autograd.grad(out.sum(), x)[0]
+    torch.testing.assert_close(out, x @ W1.T @ W2.T, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad, torch.ones(3, 64) @ W2 @ W1, rtol=0, atol=1e-5)
+    here = scratch((64, 64), torch.float32, torch.device("cpu"))
+    assert here.data_ptr() == scratch((32, 128), torch.float32, torch.device("cpu")).data_ptr()  # same size
+    there = []
+    thread = threading.Thread(target=lambda: there.append(scratch((64, 64), torch.float32, torch.device("cpu"))))
+    thread.start()
+    thread.join()
+    assert there[0].data_ptr() != here.data_ptr()
+
+
 def test_an_eval_pass_leaves_an_nf4_layer_as_it_was(base_dir):
     """bitsandbytes repacks an NF4 weight for its CPU inference kernel on a no-grad eval pass
     (lossily, and for a kernel without backward); lorakit's layer keeps weights, outputs and

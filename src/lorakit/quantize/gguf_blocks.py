@@ -61,11 +61,13 @@ class GGUFLinear(nn.Linear):
         self.qtype, self.compute_dtype = qtype, compute_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dequantized_linear(x, self.dense, self.bias, self.compute_dtype)
+        return dequantized_linear(x, self)
 
-    def dense(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight [out, in] in `dtype`: each slice of rows dequantised in fp32, then cast."""
-        out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.weight.device)
+    def dense(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight [out, in] in `dtype` (into `out` when given): each slice of rows
+        dequantised in fp32, then cast."""
+        if out is None:
+            out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.weight.device)
         step = max(1, CHUNK_BYTES // (4 * self.in_features))
         for start in range(0, self.out_features, step):
             rows = slice(start, start + step)
