@@ -132,6 +132,8 @@ def _dequantize_nf4_into(weight: torch.Tensor, state, out: torch.Tensor) -> bool
 
     kernel = getattr(lib, f"cdequantize_blockwise_cpu_nf4_{_KERNEL_DTYPE.get(out.dtype)}", None)
     rows, cols = out.shape
+    # the kernel's own preconditions; bitsandbytes falls back to torch ops for odd rows and, with
+    # AVX-512, for blocks of 2048 and up
     if (
         kernel is None
         or out.device.type != "cpu"
@@ -141,11 +143,10 @@ def _dequantize_nf4_into(weight: torch.Tensor, state, out: torch.Tensor) -> bool
         or cols % 2
         or state.blocksize >= 2048
         or not out.is_contiguous()
-    ):  # fmt: skip  (bnb's own fallbacks: odd rows, AVX-512 at large blocks)
+    ):
         return False
-    absmax = state.absmax.float()
-    if state.nested:  # double quantisation: the block scales are themselves 8-bit blocks
-        absmax = _nested_scales(state)
+    # double quantisation: the block scales are themselves 8-bit blocks
+    absmax = _nested_scales(state) if state.nested else state.absmax.float()
     codes = weight.data.view(torch.uint8).reshape(rows, cols // 2)
     kernel(get_ptr(codes), get_ptr(absmax), get_ptr(out), ctypes.c_longlong(state.blocksize),
            ctypes.c_longlong(rows), ctypes.c_longlong(cols))  # fmt: skip

@@ -21,7 +21,9 @@ def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pu
     """This thread's reusable buffer for `purpose` (one dequantised weight at a time, or its
     block scales), shared by every layer and grown to the largest. Why: a training step
     dequantises each weight twice, and fresh tensors each time leave glibc's heap holding the
-    freed ones between the activations (a TinyLlama-1.1B shape peaked 2.5 GB instead of 2.0 GB)."""
+    freed ones between the activations (a TinyLlama-1.1B shape peaked 2.5 GB instead of 2.0 GB).
+    Per thread, so concurrent forwards never share one; the buffer lives as long as its thread
+    (lorakit's trainer and server run the model in one thread: one weight's worth of memory)."""
     cache = _buffers.__dict__.setdefault("by_purpose", {})
     numel, key = math.prod(shape), (purpose, dtype, device)
     if key not in cache or cache[key].numel() < numel:
