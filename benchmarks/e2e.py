@@ -72,6 +72,7 @@ def run_lorakit(
     ablations: tuple[str, ...] = (),
     quantize: str | None = None,
     targets: str | tuple[str, ...] = ("q_proj", "v_proj"),
+    lr: float | None = None,
 ) -> dict:
     from lorakit.train import TrainConfig, train
     from lorakit.train.api import load_trained
@@ -95,7 +96,7 @@ def run_lorakit(
         group_by_length=group_by_length,
         attention=attention,
         quantize=quantize,
-        **{k: v for k, v in HPARAMS.items()},
+        **{**HPARAMS, **({"lr": lr} if lr else {})},
     )
     t0 = time.perf_counter()
     result = train(config, callbacks=[])
@@ -207,6 +208,12 @@ RUNS = {
     # recovers full-precision quality on a 4-bit base
     "lorakit-bf16 all-linear": (run_lorakit, dict(bf16=True, targets="all-linear")),
     "lorakit-bf16 +nf4 all-linear": (run_lorakit, dict(bf16=True, quantize="nf4", targets="all-linear")),
+    # ... and at lorakit's causal-LM default lr (train/defaults.py)
+    "lorakit-bf16 all-linear lr 2e-3": (run_lorakit, dict(bf16=True, targets="all-linear", lr=2e-3)),
+    "lorakit-bf16 +nf4 all-linear lr 2e-3": (
+        run_lorakit,
+        dict(bf16=True, quantize="nf4", targets="all-linear", lr=2e-3),
+    ),
 }
 
 
