@@ -49,6 +49,8 @@ CONFIGS = {
     "lorakit defaults": {},
     "lorakit defaults seed 1": dict(seed=1),
     "lorakit defaults seed 2": dict(seed=2),
+    "lorakit defaults, rank 16": dict(rank=16),  # the next candidates for the defaults
+    "lorakit defaults, batch 4": dict(batch_size=4),
 }
 DEFAULTS = "lorakit defaults"  # the rows named so take no option from BASE
 
