@@ -102,6 +102,29 @@ def test_e2e_facts_are_one_key_value_per_line():
     assert facts(mr) == "name: The Eagle\neatType: coffee shop\ncustomer rating: 5 out of 5"
 
 
+def test_the_e2e_protocol_defaults_rows_take_nothing_from_the_anchors_recipe():
+    protocol = _module("e2e_protocol")
+    seeded = protocol.config_for("lorakit defaults seed 1", "train.jsonl", "eval.jsonl")
+    assert seeded["seed"] == 1 and not {"lr", "rank", "alpha", "targets", "dropout"} & set(seeded)
+    assert protocol.config_for("lorakit defaults, batch 4", "t", "e")["batch_size"] == 4
+    assert protocol.config_for("anchor", "t", "e")["targets"] == "q_proj,v_proj"
+    from lorakit.train.defaults import LORA_BY_TASK
+
+    key = protocol.key_for("lorakit defaults seed 1", seeded, False)  # names what the defaults resolve to
+    assert key.startswith("e2e-protocol-lorakit_defaults_seed_1-") and f"lr{LORA_BY_TASK['causal-lm']['lr']}" in key
+
+
+def test_a_partial_e2e_protocol_run_keeps_the_rows_already_in_the_results(tmp_path, monkeypatch):
+    import json
+
+    protocol = _module("e2e_protocol")
+    monkeypatch.setattr(sys.modules["common"], "RESULTS", tmp_path)
+    assert protocol.previous_rows() == {}
+    runs = [{"config": "anchor", "bleu_B": 54.8}, {"config": "a row since removed", "bleu_B": 1.0}]
+    (tmp_path / "e2e_protocol.json").write_text(json.dumps({"runs": runs}))
+    assert protocol.previous_rows() == {"anchor": runs[0]}
+
+
 def test_the_long_methods_default_row_leaves_the_settings_to_lorakit():
     from lorakit.train import TrainConfig
     from lorakit.train.defaults import LORA_BY_TASK
