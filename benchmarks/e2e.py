@@ -71,7 +71,7 @@ def run_lorakit(
     attention: str | None = None,
     ablations: tuple[str, ...] = (),
     quantize: str | None = None,
-    targets: str | tuple[str, ...] = ("q_proj", "v_proj"),
+    targets: str = "q_proj,v_proj",
     lr: float | None = None,
 ) -> dict:
     from lorakit.train import TrainConfig, train
@@ -87,7 +87,7 @@ def run_lorakit(
         task="causal-lm",
         data=str(train_file),
         output=str(out / "run"),
-        targets=targets if isinstance(targets, str) else list(targets),
+        targets=targets,
         epochs=1,
         eval_before=False,
         bf16=bf16,
@@ -96,7 +96,7 @@ def run_lorakit(
         group_by_length=group_by_length,
         attention=attention,
         quantize=quantize,
-        **{**HPARAMS, **({"lr": lr} if lr else {})},
+        **{**HPARAMS, "lr": lr or HPARAMS["lr"]},
     )
     t0 = time.perf_counter()
     result = train(config, callbacks=[])

@@ -162,25 +162,24 @@ def main() -> None:
     require_data(E2E)
     clock = stopwatch()
     train, evals = write_data(RUNS / "e2e_protocol_data", args.quick)
-    earlier = {} if args.quick or not args.config else previous_rows()
-    rows = []
+    # by configuration, in CONFIGS' order when written; a run of a few --config values keeps the other rows
+    rows = previous_rows() if args.config and not args.quick else {}
     for name in args.config or CONFIGS:  # the results file is rewritten after each, so a stopped sweep keeps what ran
         config = config_for(name, train, evals)
         key = key_for(name, config, args.quick)
         result = run(key, **config)
         bleu = scored(key, result["adapter_dir"], args.quick)
         print(f"  {name}: BLEU A {bleu['A']:.1f}, B {bleu['B']:.1f}", flush=True)
-        rows.append({"config": name, "options": CONFIGS[name], "bleu_A": bleu["A"], "bleu_B": bleu["B"],
-                     "eval_loss_B": result["metrics"].get("loss"), "params": result["trainable_params"],
-                     "train_s": result["train_runtime_s"], "tokens_per_s": result["tokens_per_s"],
-                     "sample": bleu["sample"], "key": key})  # fmt: skip
-        earlier[name] = rows[-1]
-        write([earlier[n] for n in CONFIGS if n in earlier] if earlier else rows, None, clock(), args.quick)
+        rows[name] = {"config": name, "options": CONFIGS[name], "bleu_A": bleu["A"], "bleu_B": bleu["B"],
+                      "eval_loss_B": result["metrics"].get("loss"), "params": result["trainable_params"],
+                      "train_s": result["train_runtime_s"], "tokens_per_s": result["tokens_per_s"],
+                      "sample": bleu["sample"], "key": key}  # fmt: skip
+        write([rows[n] for n in CONFIGS if n in rows], None, clock(), args.quick)
     if args.config:  # a subset: the zero-shot yardstick (9 minutes of generation) comes with a full run
         return
     zero = scored(("quick-" if args.quick else "") + "e2e-protocol-zero-shot", None, args.quick)
     print(f"  zero-shot: BLEU A {zero['A']:.1f}, B {zero['B']:.1f}", flush=True)
-    write(rows, zero, clock(), args.quick)
+    write([rows[n] for n in CONFIGS], zero, clock(), args.quick)
 
 
 def previous_rows() -> dict[str, dict]:
