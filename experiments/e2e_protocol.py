@@ -50,7 +50,9 @@ CONFIGS = {
     "lorakit defaults seed 1": dict(seed=1),
     "lorakit defaults seed 2": dict(seed=2),
     "lorakit defaults, rank 16": dict(rank=16),  # the next candidates for the defaults
-    "lorakit defaults, batch 4": dict(batch_size=4),
+    "lorakit defaults, batch 4": dict(batch_size=4),  # twice the optimizer steps on the same 960 lines
+    "lorakit defaults, batch 4 seed 1": dict(batch_size=4, seed=1),
+    "lorakit defaults, batch 4 seed 2": dict(batch_size=4, seed=2),
 }
 DEFAULTS = "lorakit defaults"  # the rows named so take no option from BASE
 
