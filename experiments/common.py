@@ -119,9 +119,12 @@ def wall_note(seconds: float) -> str:
     return text + "."
 
 
-def run(key: str, keep: bool = False, **config: Any) -> dict:
+def run(key: str, keep: bool = False, checkpoint_every: int | None = None, **config: Any) -> dict:
     """Train one configuration (TrainConfig fields) unless runs/experiments/cache/<key>.json
-    already holds it; `keep`: keep the trained adapter in runs/experiments/<key>/."""
+    already holds it; `keep`: keep the trained adapter in runs/experiments/<key>/.
+    `checkpoint_every` (steps): for runs longer than a sitting; the run checkpoints that often and a
+    killed run resumes from its last checkpoint when started again (exact resume: the same result).
+    Not part of the cached configuration, since it does not change what is trained."""
     CACHE.mkdir(parents=True, exist_ok=True)
     cache = CACHE / f"{key}.json"
     output = RUNS / key
@@ -135,7 +138,9 @@ def run(key: str, keep: bool = False, **config: Any) -> dict:
             USED.append((row, True))
             return row
     print(f"  {key}: training ...", end="", flush=True)
-    summary, peak, base = in_child(_train, config)
+    resume = dict(resume=True, save_every=checkpoint_every) if checkpoint_every else {}
+    resumed = bool(resume) and any((output / "checkpoints").glob("step-*"))  # times then cover this sitting only
+    summary, peak, base = in_child(_train, {**config, **resume})
     final = summary.get("final_eval") or {}
     row = {
         "key": key,
@@ -151,6 +156,7 @@ def run(key: str, keep: bool = False, **config: Any) -> dict:
         "peak_rss_mb": peak,
         "start_rss_mb": base,
         "adapter_dir": str(output) if keep else None,
+        **({"resumed": True} if resumed else {}),
     }
     if not keep:
         shutil.rmtree(output, ignore_errors=True)

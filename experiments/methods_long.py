@@ -5,19 +5,23 @@ learning rate is chosen on the dev set from one grid (the same three values for 
 quarter of the budget, seed 0; then the chosen lr runs at the full budget with 2 seeds. The first
 row runs LoRA with lorakit's defaults (no lr, rank, alpha or targets given).
 
-    python experiments/methods_long.py [--part sst2|domain|e2e] [--quick]
+    python experiments/methods_long.py [--part sst2|domain|e2e] [--jobs N] [--quick]
 
 E2E has no dev split here (train.txt is the official validation split, test.txt the test split), so its
 grid holds out the last E2E_DEV_MRS meaning representations of train.txt (all their references) as a
 dev set, trains on the rest and picks by dev loss; the full-budget runs then train on all of train.txt
 and report test loss and BLEU. Every run is cached (runs/experiments/cache), so the parts can run in
-separate sittings. Writes experiments/results/methods_long_<part>.{md,json}.
+separate sittings; an E2E run (up to an hour or two) also checkpoints every CHECKPOINT_EVERY steps and
+resumes from there. `--jobs N` trains N runs at once (one thread each): every run that waits on no
+result (each method's grid, the defaults row) is queued up front. Writes
+experiments/results/methods_long_<part>.{md,json}.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,6 +57,7 @@ DECODER_METHODS = ("lora (defaults)", "lora", "full", "adapter-h", "adapter-l", 
 # part -> (steps, batch, the dev metric that picks the lr, whether higher is better)
 PARTS = {"sst2": (800, 32, "accuracy", True), "domain": (400, 16, "accuracy", True), "e2e": (584, 8, "loss", False)}
 E2E_LOSS_LINES, E2E_BLEU_MRS, E2E_DEV_MRS = 400, 100, 50
+CHECKPOINT_EVERY = {"e2e": 50}  # steps; ~10 minutes of one thread
 
 
 def e2e_split(quick: bool) -> tuple[Path, Path]:
@@ -111,18 +116,43 @@ def key(part: str, method: str, lr: float | None, seed: int, steps: int, quick: 
     return ("quick-" if quick else "") + f"long-{part}-{method}-{tag}-n{steps}-s{seed}"
 
 
+POOL = ThreadPoolExecutor(max_workers=1)  # --jobs: each worker waits on one run's child process
+STARTED: dict[str, Future] = {}  # key -> the run, queued or done (each trains once)
+
+
+def start(part: str, method: str, lr: float | None, seed: int, steps: int, quick: bool) -> Future:
+    name = key(part, method, lr, seed, steps, quick)
+    if name not in STARTED:
+        STARTED[name] = POOL.submit(run, name, checkpoint_every=CHECKPOINT_EVERY.get(part),
+                                    **config(part, method, lr, seed, steps, quick))  # fmt: skip
+    return STARTED[name]
+
+
 def train(part: str, method: str, lr: float | None, seed: int, steps: int, quick: bool) -> dict:
-    return run(key(part, method, lr, seed, steps, quick), **config(part, method, lr, seed, steps, quick))
+    return start(part, method, lr, seed, steps, quick).result()
+
+
+def queue_independent(part: str, methods: tuple[str, ...], steps: int, quick: bool) -> None:
+    """Queue, in table order, the runs that wait on no result: the defaults row, every grid."""
+    for method in methods:
+        if method == "lora (defaults)":
+            for seed in SEEDS:
+                start(part, "lora", None, seed, steps, quick)
+        else:
+            for lr in GRID:
+                start(part, method.split(" ")[0], lr, 0, steps // 4, quick)
 
 
 def score(part: str, row: dict) -> float:
     return row["metrics"].get(PARTS[part][2], float("nan"))
 
 
-def run_part(part: str, quick: bool) -> Iterator[tuple[str, list[dict]]]:
+def run_part(part: str, quick: bool, jobs: int = 1) -> Iterator[tuple[str, list[dict]]]:
     """Yields the table so far (markdown, rows) after each method, so an interrupted part still reports."""
     steps, _, metric, higher = PARTS[part]
     methods = DECODER_METHODS if part == "e2e" else ENCODER_METHODS
+    if jobs > 1:  # one at a time, the runs go in table order instead
+        queue_independent(part, methods, steps, quick)
     rows, md = [], []
     columns = ["method", "trainable params", "chosen lr", f"grid (dev {metric}, quarter budget)", f"{metric} (2 seeds)"]
     for method in methods:
@@ -145,7 +175,13 @@ def run_part(part: str, quick: bool) -> Iterator[tuple[str, list[dict]]]:
 
 
 def main() -> None:
-    args = parse_args(__doc__, lambda p: p.add_argument("--part", choices=tuple(PARTS), action="append"))
+    def options(p):
+        p.add_argument("--part", choices=tuple(PARTS), action="append")
+        p.add_argument("--jobs", type=int, default=1, help="runs trained at once (one thread each)")
+
+    args = parse_args(__doc__, options)
+    global POOL
+    POOL = ThreadPoolExecutor(max_workers=args.jobs)
     parts = args.part or list(PARTS)
     require_data(*[{"sst2": SST2, "domain": DOMAINS_DIR / DOMAIN, "e2e": E2E}[p] for p in parts])
     for part in parts:
@@ -153,7 +189,7 @@ def main() -> None:
         print(f"{part}:")
         steps, batch, metric, _ = PARTS[part]
         methods = DECODER_METHODS if part == "e2e" else ENCODER_METHODS
-        for done, (table, rows) in enumerate(run_part(part, args.quick), 1):
+        for done, (table, rows) in enumerate(run_part(part, args.quick, args.jobs), 1):
             wall = clock()
             held = f" (a dev set held out of train.txt: its last {E2E_DEV_MRS} meaning representations)"
             todo = f" Still to run: {', '.join(methods[done:])}." if done < len(methods) else ""

@@ -164,3 +164,46 @@ def test_every_long_run_is_a_valid_train_config(tmp_path, monkeypatch):
             for budget in (steps, steps // 4):
                 config = TrainConfig(**long.config(part, name, lr, 0, budget, False))
                 assert (config.method, config.max_steps) == (name, budget)
+
+
+def _fake_run(trained: list[str]):
+    """A stand-in for common.run that records the order of the runs and scores each by its lr."""
+
+    def run(key, checkpoint_every=None, **config):
+        trained.append(key)
+        lr = config.get("lr", 1e-3)
+        return {"metrics": {"accuracy": 90 - abs(np.log10(lr) + 3)}, "params_paper": 8, "train_runtime_s": 1.0}
+
+    return run
+
+
+def test_the_long_methods_table_is_the_same_with_parallel_jobs(monkeypatch):
+    long = _module("methods_long")
+    tables = {}
+    for jobs in (1, 2):
+        trained: list[str] = []
+        monkeypatch.setattr(long, "run", _fake_run(trained))
+        monkeypatch.setattr(long, "POOL", long.ThreadPoolExecutor(max_workers=jobs))
+        monkeypatch.setattr(long, "STARTED", {})
+        *_, (tables[jobs], rows) = long.run_part("sst2", quick=False, jobs=jobs)
+        assert len(trained) == len(set(trained)), "a run was trained twice"
+        assert {row["lr"] for row in rows if row["method"] != "lora (defaults)"} == {1e-3}  # the grid's best
+        grids = len(long.GRID) * (len(long.ENCODER_METHODS) - 1)
+        if jobs == 2:  # everything that waits on nothing went first: the defaults row and every grid
+            assert all("-n200-" in k or "default" in k for k in trained[: grids + len(long.SEEDS)])
+    assert tables[1] == tables[2]
+
+
+def test_a_run_that_checkpoints_resumes_and_keeps_its_cache_key(tmp_path, monkeypatch):
+    common = _module("common")
+    monkeypatch.setattr(common, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(common, "RUNS", tmp_path)
+    given = []
+    summary = {"tokens_per_s": 1.0, "train_runtime_s": 1.0, "wall_s": 1.0, "steps": 4, "final_eval": {}}
+    monkeypatch.setattr(common, "in_child", lambda fn, config: (given.append(config) or summary, 1.0, 1.0))
+    (tmp_path / "k" / "checkpoints" / "step-0000002").mkdir(parents=True)  # what a killed sitting left
+    row = common.run("k", checkpoint_every=2, model="m", max_steps=4)
+    assert given[0]["resume"] is True and given[0]["save_every"] == 2
+    assert "resume" not in row["config"] and "save_every" not in row["config"] and row["resumed"]
+    again = common.run("k", model="m", max_steps=4)  # the same run, asked for without checkpoints
+    assert again == row and len(given) == 1
