@@ -137,7 +137,7 @@ def run(key: str, keep: bool = False, checkpoint_every: int | None = None, **con
             print(f"  {key}: cached", flush=True)
             USED.append((row, True))
             return row
-    print(f"  {key}: training ...", end="", flush=True)
+    print(f"  {key}: training ...", flush=True)  # a line each: runs may train side by side (--jobs)
     resume = dict(resume=True, save_every=checkpoint_every) if checkpoint_every else {}
     resumed = bool(resume) and any((output / "checkpoints").glob("step-*"))  # times then cover this sitting only
     summary, peak, base = in_child(_train, {**config, **resume})
@@ -165,7 +165,8 @@ def run(key: str, keep: bool = False, checkpoint_every: int | None = None, **con
     cache.write_text(json.dumps(row, indent=1))
     USED.append((row, False))
     shown = ", ".join(f"{k}={v:.3g}" for k, v in final.items() if k in ("accuracy", "loss", "bleu"))
-    print(f" {shown}  {summary['tokens_per_s']:.0f} tok/s  peak {peak:.0f} MB  {summary['wall_s']:.0f}s", flush=True)
+    speed = f"{summary['tokens_per_s']:.0f} tok/s  peak {peak:.0f} MB  {summary['wall_s']:.0f}s"
+    print(f"  {key}: {shown}  {speed}", flush=True)
     return row
 
 
