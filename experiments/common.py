@@ -19,6 +19,7 @@ import os
 import shutil
 import statistics
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -68,15 +69,27 @@ def _child(conn, fn: Callable, args: tuple, kwargs: dict) -> None:
         conn.close()
 
 
+# Held while forking and while printing: with runs started from several threads (methods_long
+# --jobs), a child must not inherit stdout's lock mid-print, nor another child's pipe end (which
+# would hide that child's death from its parent).
+FORK_LOCK = threading.Lock()
+
+
+def say(text: str) -> None:
+    with FORK_LOCK:
+        print(text, flush=True)
+
+
 def in_child(fn: Callable, *args, **kwargs) -> tuple[Any, float, float]:
     """Run fn(*args, **kwargs) in a forked process; returns (result, peak_rss_mb, start_rss_mb).
     Peak = the child's VmHWM (resident high-water mark), which includes the interpreter and the
     imported libraries it inherits (start_rss_mb) plus everything the run allocated."""
     ctx = mp.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, fn, args, kwargs))
-    proc.start()
-    child.close()
+    with FORK_LOCK:
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child, args=(child, fn, args, kwargs))
+        proc.start()
+        child.close()
     try:
         status, out, base, peak = parent.recv()
     except EOFError:
@@ -134,10 +147,10 @@ def run(key: str, keep: bool = False, checkpoint_every: int | None = None, **con
         if row.get("config") == _jsonable(config) and (
             not keep or (output / "adapter_config.json").exists() or (output / "method_config.json").exists()
         ):
-            print(f"  {key}: cached", flush=True)
+            say(f"  {key}: cached")
             USED.append((row, True))
             return row
-    print(f"  {key}: training ...", flush=True)  # a line each: runs may train side by side (--jobs)
+    say(f"  {key}: training ...")  # a line each: runs may train side by side (--jobs)
     resume = dict(resume=True, save_every=checkpoint_every) if checkpoint_every else {}
     resumed = bool(resume) and any((output / "checkpoints").glob("step-*"))  # times then cover this sitting only
     summary, peak, base = in_child(_train, {**config, **resume})
@@ -166,7 +179,7 @@ def run(key: str, keep: bool = False, checkpoint_every: int | None = None, **con
     USED.append((row, False))
     shown = ", ".join(f"{k}={v:.3g}" for k, v in final.items() if k in ("accuracy", "loss", "bleu"))
     speed = f"{summary['tokens_per_s']:.0f} tok/s  peak {peak:.0f} MB  {summary['wall_s']:.0f}s"
-    print(f"  {key}: {shown}  {speed}", flush=True)
+    say(f"  {key}: {shown}  {speed}")
     return row
 
 
