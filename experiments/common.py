@@ -231,7 +231,7 @@ def write_results(
     md = RESULTS / f"{name}.md"
     md.write_text("\n".join(parts))
     (RESULTS / f"{name}.json").write_text(json.dumps(_jsonable(data), indent=1))
-    print(f"wrote {md.relative_to(ROOT)} and {name}.json")
+    say(f"wrote {md.relative_to(ROOT)} and {name}.json")
     return md
 
 
