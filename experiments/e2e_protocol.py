@@ -8,8 +8,8 @@ The anchor (PEFT + a plain PyTorch loop; ../shared/notes/anchors.md and issue 18
 dropout 0.1, batch 8, lr 1e-3, fp32, an instruction prompt in the chat template with the MR's facts
 one per line as `key: value`; BLEU 61.4 on the first 200 distinct test MRs ("set A") and 53.9 on
 the next 200 ("set B"). Here every configuration gets the same 960 lines, the same prompt (through
-`--prompt-template`), one epoch, seed 0; it is trained once (run cache), then generates for both
-sets in one pass. Writes experiments/results/e2e_protocol.{md,json}.
+`--prompt-template`), one epoch, seed 0 unless the row names another; it is trained once (run cache),
+then generates for both sets in one pass. Writes experiments/results/e2e_protocol.{md,json}.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ INSTRUCTION = (
 TRAIN_LINES, SET_SIZE, MAX_NEW_TOKENS = 960, 200, 64
 ANCHOR = {"A": 61.4, "B": 53.9, "A zero-shot": 9.6}
 
-# Every run: one epoch over the same 960 lines, fp32, seed 0. "anchor" is the anchor's own recipe;
-# the rest vary one thing at a time from it, to find the defaults (issue 18), the likeliest first.
+# Every run: one epoch over the same 960 lines, fp32, seed 0 unless a row names another. "anchor" is the
+# anchor's own recipe; the rest vary one thing at a time from it, to find the defaults (issue 18), the likeliest first.
 BASE = dict(targets="q_proj,v_proj", rank=8, alpha=16.0, dropout=0.1, lr=1e-3)
 PROTOCOL = dict(epochs=1, batch_size=8)  # the data budget: 960 lines once, batches of 8 (as the anchor)
 CONFIGS = {
