@@ -8,9 +8,10 @@ Each entry names the runs that justify it. Sizes: the sweeps ran on MiniLM-L6 (2
 encoder tasks and SmolLM2-135M for the decoder ones; nothing in them split by model size, so the
 choice is per task (seq2seq follows causal-lm: the same generation objective, not swept). Every
 task adapts all linear layers of the blocks (PEFT's "all-linear": not the output head) at r=8,
-alpha 16; LoRA+ (B's lr x16) lost at every lr tried, so it stays off. The learning rate is the
-one task setting the runs split on: at the budgets where orderings settle (hundreds of steps),
-classification does best at 1e-3 and NER at 2e-3 (docs/results.md, "Defaults").
+alpha 16; LoRA+ (B's lr x16) lost at every lr tried on the encoders and tied on E2E, so it stays
+off. The learning rate is the one task setting the runs split on: at the budgets where orderings
+settle (hundreds of steps), classification does best at 1e-3 and NER at 2e-3 (docs/results.md,
+"Defaults").
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ LORA_BY_TASK: dict[str, dict[str, Any]] = {
     # ner_gap.py, CoNLL-2003 1,250 steps of 16, 2 seeds: lr 2e-3 87.3, lr 1e-3 86.7; full FT 87.6
     "ner": dict(rank=8, alpha=16.0, lr=2e-3, targets="all-linear"),
     # e2e_protocol.py, 960 E2E lines at batch 8: all-linear lr 2e-3 eval loss 1.55 against the anchor's
-    # recipe (Wq,Wv lr 1e-3) 1.70; on top of it rank 16, batch 4, OLoRA and PiSSA gained no BLEU
+    # recipe (Wq,Wv lr 1e-3) 1.70; on top of it rank 16, batch 4, OLoRA, PiSSA and LoRA+ gained no BLEU
     "causal-lm": dict(rank=8, alpha=16.0, lr=2e-3, targets="all-linear"),
     "seq2seq": dict(rank=8, alpha=16.0, lr=2e-3, targets="all-linear"),
 }
