@@ -181,7 +181,7 @@ def main() -> None:
                       "eval_loss_B": result["metrics"].get("loss"), "params": result["trainable_params"],
                       "train_s": result["train_runtime_s"], "tokens_per_s": result["tokens_per_s"],
                       "sample": bleu["sample"], "key": key}  # fmt: skip
-        write([rows[n] for n in CONFIGS if n in rows], None, clock(), args.quick)
+        write([rows[n] for n in CONFIGS if n in rows], None, clock(), args.quick, args.config)
     if args.config:  # a subset: the zero-shot yardstick (9 minutes of generation) comes with a full run
         return
     zero = scored(("quick-" if args.quick else "") + "e2e-protocol-zero-shot", None, args.quick)
@@ -199,7 +199,8 @@ def previous_rows() -> dict[str, dict]:
     return {row["config"]: row for row in runs if row["config"] in CONFIGS}
 
 
-def write(rows: list[dict], zero: dict | None, wall: float, quick: bool) -> None:
+def write(rows: list[dict], zero: dict | None, wall: float, quick: bool, only: list[str] | None = None) -> None:
+    """`only`: the configurations this sitting ran (--config); the other rows come from earlier ones."""
     zero_row = ["zero-shot base (lorakit)", "0", f"{zero['A']:.1f}", f"{zero['B']:.1f}", "–", "–"] if zero else []
     table = markdown_table(
         ["configuration", "trainable params", "BLEU set A", "BLEU set B", "eval loss (set B)", "train min"],
@@ -214,7 +215,9 @@ def write(rows: list[dict], zero: dict | None, wall: float, quick: bool) -> None
         f"{INSTRUCTION!r}, the MR's facts one per line as `key: value`, in the chat template. Greedy, at most "
         f"{MAX_NEW_TOKENS} new tokens; sacrebleu corpus BLEU (13a) against all references of each MR. Set A: "
         f"the first {SET_SIZE} distinct MRs of `test.txt`, set B: the next {SET_SIZE}. Options not named: "
-        f"{BASE} (the anchor's); 'lorakit defaults' gives none of them. Every row: {PROTOCOL}. " + wall_note(wall)
+        f"{BASE} (the anchor's); 'lorakit defaults' gives none of them. Every row: {PROTOCOL}. "
+        + wall_note(wall)
+        + (f" This sitting ran {', '.join(only)}; the other rows are from earlier sittings." if only else "")
     )
     write_results("e2e_protocol", "E2E on the anchor's protocol", [("BLEU", table)],
                   {"zero_shot": zero, "runs": rows, "anchor": ANCHOR, "wall_s": wall}, notes, quick)  # fmt: skip

@@ -125,6 +125,16 @@ def test_a_partial_e2e_protocol_run_keeps_the_rows_already_in_the_results(tmp_pa
     assert protocol.previous_rows() == {"anchor": runs[0]}
 
 
+def test_a_partial_e2e_protocol_run_says_which_rows_it_ran(monkeypatch):
+    protocol = _module("e2e_protocol")
+    notes = []
+    monkeypatch.setattr(protocol, "write_results", lambda name, title, tables, data, note, quick: notes.append(note))
+    row = {"config": "anchor", "params": 1, "bleu_A": 61.0, "bleu_B": 54.0, "eval_loss_B": 1.7, "train_s": 60.0}
+    protocol.write([row], None, 60.0, False, ["anchor"])
+    protocol.write([row], None, 60.0, False)
+    assert "This sitting ran anchor;" in notes[0] and "sitting" not in notes[1]
+
+
 def test_the_long_methods_default_row_leaves_the_settings_to_lorakit():
     from lorakit.train import TrainConfig
     from lorakit.train.defaults import LORA_BY_TASK
