@@ -128,10 +128,6 @@ def start(part: str, method: str, lr: float | None, seed: int, steps: int, quick
     return STARTED[name]
 
 
-def train(part: str, method: str, lr: float | None, seed: int, steps: int, quick: bool) -> dict:
-    return start(part, method, lr, seed, steps, quick).result()
-
-
 def queue_independent(part: str, methods: tuple[str, ...], steps: int, quick: bool) -> None:
     """Queue, in table order, the runs that wait on no result: the defaults row, every grid."""
     for method in methods:
@@ -147,23 +143,36 @@ def score(part: str, row: dict) -> float:
     return row["metrics"].get(PARTS[part][2], float("nan"))
 
 
+def seeds_of(part: str, method: str, steps: int, quick: bool, wait: bool = True):
+    """Start `method`'s full-budget runs (one per seed) at the lr its grid chose; returns (lr, grid,
+    the runs' futures), or None when `wait` is False and its grid has not finished yet."""
+    name = method.split(" ")[0]
+    if method == "lora (defaults)":
+        return None, {}, [start(part, name, None, s, steps, quick) for s in SEEDS]
+    graded = {g: start(part, name, g, 0, steps // 4, quick) for g in GRID}  # a quarter of the budget, seed 0
+    if not wait and not all(f.done() for f in graded.values()):
+        return None
+    grid = {g: score(part, f.result()) for g, f in graded.items()}
+    ok = {g: s for g, s in grid.items() if s == s}  # a diverged run scores NaN
+    _, _, _, higher = PARTS[part]
+    lr = (max if higher else min)(ok, key=ok.get) if ok else GRID[0]
+    return lr, grid, [start(part, name, lr, s, steps, quick) for s in SEEDS]
+
+
 def run_part(part: str, quick: bool, jobs: int = 1) -> Iterator[tuple[str, list[dict]]]:
     """Yields the table so far (markdown, rows) after each method, so an interrupted part still reports."""
-    steps, _, metric, higher = PARTS[part]
+    steps, _, metric, _ = PARTS[part]
     methods = DECODER_METHODS if part == "e2e" else ENCODER_METHODS
     if jobs > 1:  # one at a time, the runs go in table order instead
         queue_independent(part, methods, steps, quick)
     rows, md = [], []
     columns = ["method", "trainable params", "chosen lr", f"grid (dev {metric}, quarter budget)", f"{metric} (2 seeds)"]
-    for method in methods:
-        name = method.split(" ")[0]
-        if method == "lora (defaults)":
-            lr, grid = None, {}
-        else:  # the grid: a quarter of the budget, seed 0
-            grid = {g: score(part, train(part, name, g, 0, steps // 4, quick)) for g in GRID}
-            ok = {g: s for g, s in grid.items() if s == s}  # a diverged run scores NaN
-            lr = (max if higher else min)(ok, key=ok.get) if ok else GRID[0]
-        runs = [train(part, name, lr, s, steps, quick) for s in SEEDS]
+    for i, method in enumerate(methods):
+        lr, grid, started = seeds_of(part, method, steps, quick)
+        if jobs > 1:  # keep every worker busy: queue the later methods whose grids are done
+            for later in methods[i + 1 :]:
+                seeds_of(part, later, steps, quick, wait=False)
+        runs = [future.result() for future in started]
         main, extra = mean_std(score(part, r) for r in runs), mean_std(r["metrics"].get("bleu") for r in runs)
         rows.append({"method": method, "lr": lr, "grid": grid, "params": runs[0]["params_paper"], metric: main[0],
                      f"{metric}_std": main[1], "bleu": extra[0], "bleu_std": extra[1],

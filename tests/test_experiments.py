@@ -7,6 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -176,10 +177,13 @@ def test_every_long_run_is_a_valid_train_config(tmp_path, monkeypatch):
                 assert (config.method, config.max_steps) == (name, budget)
 
 
-def _fake_run(trained: list[str]):
-    """A stand-in for common.run that records the order of the runs and scores each by its lr."""
+def _fake_run(trained: list[str], pairs: threading.Barrier | None = None, full: str = ""):
+    """A stand-in for common.run that records the order of the runs and scores each by its lr; with
+    `pairs`, runs whose key holds `full` wait at that barrier for a second one to be in flight."""
 
     def run(key, checkpoint_every=None, **config):
+        if pairs and full in key:
+            pairs.wait()
         trained.append(key)
         lr = config.get("lr", 1e-3)
         return {"metrics": {"accuracy": 90 - abs(np.log10(lr) + 3)}, "params_paper": 8, "train_runtime_s": 1.0}
@@ -192,7 +196,9 @@ def test_the_long_methods_table_is_the_same_with_parallel_jobs(monkeypatch):
     tables = {}
     for jobs in (1, 2):
         trained: list[str] = []
-        monkeypatch.setattr(long, "run", _fake_run(trained))
+        # with 2 jobs, full-budget runs must train two at a time (a lone one times out at the barrier)
+        pairs = threading.Barrier(2, timeout=10) if jobs == 2 else None
+        monkeypatch.setattr(long, "run", _fake_run(trained, pairs, "-n800-"))
         monkeypatch.setattr(long, "POOL", long.ThreadPoolExecutor(max_workers=jobs))
         monkeypatch.setattr(long, "STARTED", {})
         *_, (tables[jobs], rows) = long.run_part("sst2", quick=False, jobs=jobs)
