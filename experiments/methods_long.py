@@ -169,7 +169,7 @@ def run_part(part: str, quick: bool, jobs: int = 1) -> Iterator[tuple[str, list[
     columns = ["method", "trainable params", "chosen lr", f"grid (dev {metric}, quarter budget)", f"{metric} (2 seeds)"]
     for i, method in enumerate(methods):
         lr, grid, started = seeds_of(part, method, steps, quick)
-        if jobs > 1:  # keep every worker busy: queue the later methods whose grids are done
+        if jobs > 1:  # queue the later methods whose grids are done: no worker waits on this method's slower seed
             for later in methods[i + 1 :]:
                 seeds_of(part, later, steps, quick, wait=False)
         runs = [future.result() for future in started]
