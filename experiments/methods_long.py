@@ -128,28 +128,33 @@ def start(part: str, method: str, lr: float | None, seed: int, steps: int, quick
     return STARTED[name]
 
 
+def grid_runs(part: str, name: str, steps: int, quick: bool) -> dict[float, Future]:
+    """`name`'s lr grid: a quarter of the budget, seed 0."""
+    return {lr: start(part, name, lr, 0, steps // 4, quick) for lr in GRID}
+
+
 def queue_independent(part: str, methods: tuple[str, ...], steps: int, quick: bool) -> None:
     """Queue, in table order, the runs that wait on no result: the defaults row, every grid."""
     for method in methods:
         if method == "lora (defaults)":
-            for seed in SEEDS:
-                start(part, "lora", None, seed, steps, quick)
+            seeds_of(part, method, steps, quick)
         else:
-            for lr in GRID:
-                start(part, method.split(" ")[0], lr, 0, steps // 4, quick)
+            grid_runs(part, method.split(" ")[0], steps, quick)
 
 
 def score(part: str, row: dict) -> float:
     return row["metrics"].get(PARTS[part][2], float("nan"))
 
 
-def seeds_of(part: str, method: str, steps: int, quick: bool, wait: bool = True):
+def seeds_of(
+    part: str, method: str, steps: int, quick: bool, wait: bool = True
+) -> tuple[float | None, dict[float, float], list[Future]] | None:
     """Start `method`'s full-budget runs (one per seed) at the lr its grid chose; returns (lr, grid,
     the runs' futures), or None when `wait` is False and its grid has not finished yet."""
     name = method.split(" ")[0]
     if method == "lora (defaults)":
         return None, {}, [start(part, name, None, s, steps, quick) for s in SEEDS]
-    graded = {g: start(part, name, g, 0, steps // 4, quick) for g in GRID}  # a quarter of the budget, seed 0
+    graded = grid_runs(part, name, steps, quick)
     if not wait and not all(f.done() for f in graded.values()):
         return None
     grid = {g: score(part, f.result()) for g, f in graded.items()}
