@@ -12,7 +12,7 @@ from lorakit.cli import app
 from lorakit.methods import METHODS
 from lorakit.train import TrainConfig
 from lorakit.train.config import TrainConfigError, read_config_file
-from lorakit.train.defaults import LORA_BY_TASK, METHOD_LR, defaults_for
+from lorakit.train.defaults import LORA_BY_TASK, METHOD_LR, METHOD_LR_BY_TASK, defaults_for
 from lorakit.train.tasks import TASKS
 
 from .conftest import copy_rows, model_dirs, write_jsonl  # noqa: F401  (fixture)
@@ -40,6 +40,15 @@ def test_every_other_method_gets_its_own_learning_rate(method):
     assert config.lr == METHOD_LR[method] == defaults_for("classification", method)["lr"]
     assert config.defaults_chosen == {"lr": METHOD_LR[method]}  # rank/alpha do not apply to it
     assert config.targets is None
+
+
+@pytest.mark.parametrize("task", ["causal-lm", "seq2seq"])
+def test_generation_tasks_take_their_own_grids_learning_rates(task):
+    for method, lr in METHOD_LR_BY_TASK[task].items():
+        assert lr != METHOD_LR[method]  # an override that changes nothing would not need to exist
+        config = TrainConfig(model="m", task=task, data="d", method=method)
+        assert config.lr == lr and config.defaults_chosen == {"lr": lr}
+    assert TrainConfig(model="m", task=task, data="d", method="full").lr == METHOD_LR["full"]
 
 
 def test_the_chosen_settings_cannot_be_set_from_a_config_file(tmp_path):
