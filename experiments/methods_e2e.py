@@ -1,7 +1,8 @@
 """Experiment 1, generation half (the LoRA paper's Table 3, in small): SmolLM2-135M on E2E NLG
 with each method that applies to a LLaMA-style decoder: trainable parameters, eval loss (all
-methods) and BLEU / ROUGE-L of greedy generations (methods that can generate: lorakit's prefix
-models cannot), training tokens/s, peak memory; plus inference latency at batch 1.
+methods) and BLEU / ROUGE-L of greedy generations (not for the prefix methods: this table keeps the
+runs it was first made with, from before prefix-layer generated), training tokens/s, peak memory;
+plus inference latency at batch 1.
 
     python experiments/methods_e2e.py [--quick] [--seeds N]
 
@@ -127,7 +128,8 @@ def main() -> None:
         f"subset of `train.txt` (the official validation split), max length 96, seeds {list(seeds)}. Eval loss on "
         f"{LOSS_EXAMPLES} random lines of `test.txt`; BLEU / ROUGE-L (greedy, <= 48 new tokens) on {GENERATE} "
         "test meaning representations scored against all their references. Prefix methods: loss only "
-        "(lorakit's prefix models do not generate), so eval loss is the metric that covers every method. LoRA "
+        "(lorakit's prefix models did not generate when this table ran), so eval loss is the metric that "
+        "covers every method. LoRA "
         "r=8 on Wq,Wv (alpha 16); adapters bottleneck 8; prefixes 16 positions. BitFit: not applicable (no "
         f"biases). Learning rates (untuned): {LR}. " + wall_note(wall)
     )

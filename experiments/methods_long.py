@@ -82,7 +82,7 @@ def config(part: str, method: str, lr: float | None, seed: int, steps: int, quic
     steps = 3 if quick else steps
     if part == "e2e":  # grid: dev loss only; full budget: test loss and BLEU
         train, dev = e2e_split(quick) if grid_run else (E2E / "train.txt", E2E / "test.txt")
-        bleu = 0 if grid_run or method.startswith("prefix") else (4 if quick else E2E_BLEU_MRS)
+        bleu = 0 if grid_run or method == "prefix-embed" else (4 if quick else E2E_BLEU_MRS)
         c = dict(model="smollm2-135m", task="causal-lm", data=str(train), eval_data=str(dev),
                  method=method, batch_size=batch, max_length=96, max_steps=steps,
                  max_train_examples=min(steps * batch, 4672), eval_loss_examples=16 if quick else E2E_LOSS_LINES,

@@ -119,6 +119,7 @@ def test_every_method_trains_saves_and_loads_back(method, task, model_dirs, data
     lr, steps = RUNS[method, task]
     train_file, dev_file = data_files[task]
     model = wide_bert if task == "classification" else model_dirs["llama"]
+    generate = 2 if task == "causal-lm" and method != "prefix-embed" else 0  # BLEU: every method that generates
     out = tmp_path / "out"
     result = train(
         TrainConfig(
@@ -136,6 +137,8 @@ def test_every_method_trains_saves_and_loads_back(method, task, model_dirs, data
             max_length=32,
             warmup_ratio=0.0,
             scheduler="constant",
+            eval_generate=generate,
+            max_new_tokens=4,
         ),
         callbacks=[],
     )
@@ -150,8 +153,9 @@ def test_every_method_trains_saves_and_loads_back(method, task, model_dirs, data
     assert (
         sum(t.numel() for t in load_file(out / "method_model.safetensors").values()) == saved["parameters"]["trainable"]
     )
-    reloaded = evaluate(load_trained(None, out), str(dev_file))
+    reloaded = evaluate(load_trained(None, out), str(dev_file), generate=generate, max_new_tokens=4)
     assert reloaded == pytest.approx(after, rel=1e-5, abs=1e-6)
+    assert ("bleu" in after) == bool(generate)
 
 
 # -- save / load -------------------------------------------------------------------------
@@ -364,11 +368,49 @@ def test_methods_refuse_what_cannot_work(model_dirs):
         methods.build(llama_classifier, "prefix-embed", settings("prefix-embed", "classification"))
 
 
+def greedy_by_forward(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """The oracle for `generate`: greedy decoding of one unpadded prompt [1, T] by calling the
+    model's forward on the whole sequence at every step (no decoding cache)."""
+    for _ in range(new_tokens):
+        next_id = forward(model, {"input_ids": ids})[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+        ids = torch.cat([ids, next_id], dim=1)  # [1, T+1]
+    return ids
+
+
+def test_a_prefix_layer_model_generates_what_its_forward_predicts(model_dirs):
+    """Batched, left-padded generate (the prefix as the pre-filled cache) gives, row by row, the
+    greedy tokens of the prefixed forward on each prompt alone; a prefix moved off its initial
+    tokens changes them, so the cache is what carries it."""
+    llama, _ = base(model_dirs, "causal-lm")
+    prefixed = methods.build(llama, "prefix-layer", settings("prefix-layer", "causal-lm"))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in prefixed.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    prompts = [torch.randint(len(SPECIALS), V, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 3)]
+    llama.generation_config.eos_token_id = None  # decode all 6 tokens, as the oracle does
+    ids = torch.zeros(2, 5, dtype=torch.long)  # left padding with id 0 (a special token)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, 5 - prompt.shape[1] :], mask[row, 5 - prompt.shape[1] :] = prompt, 1
+    out = prefixed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 5 + 6)
+    for row, prompt in enumerate(prompts):
+        want = greedy_by_forward(prefixed, prompt, 6)
+        assert torch.equal(out[row, 5:], want[0, prompt.shape[1] :])
+    plain = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert not torch.equal(out, plain)
+
+
 def test_prefix_models_refuse_generation_checkpointing_and_overlong_input(model_dirs):
     llama, _ = base(model_dirs, "causal-lm")
     prefixed = methods.build(llama, "prefix-layer", settings("prefix-layer", "causal-lm", prefix_length=60))
-    with pytest.raises(methods.MethodError, match="cannot generate"):
-        prefixed.generate(torch.ones(1, 3, dtype=torch.long))
+    embed = methods.build(base(model_dirs, "causal-lm")[0], "prefix-embed", settings("prefix-embed", "causal-lm"))
+    with pytest.raises(methods.MethodError, match="only causal-LM prefix-layer models generate"):
+        embed.generate(torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(methods.MethodError, match="exceeds the model's 64 positions"):
+        prefixed.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
     with pytest.raises(methods.MethodError, match="gradient-checkpointing"):
         prefixed.gradient_checkpointing_enable()
     with pytest.raises(methods.MethodError, match="exceeds the model's 64 positions"):

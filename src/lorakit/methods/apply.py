@@ -91,9 +91,10 @@ def apply_method(model: nn.Module, config, new_modules: Sequence[str], token_row
         return lora.inject(model, lora_config(config, new_modules, model).replace(trainable_token_indices=token_rows))
     if config.method not in METHODS:
         raise unknown_method(config.method)
-    if config.method.startswith("prefix") and config.eval_generate:
+    if config.method == "prefix-embed" and config.eval_generate:
         raise MethodError(
-            f"{config.method} cannot generate text; drop --eval-generate (loss and perplexity are still scored)"
+            f"{config.method} cannot generate text; drop --eval-generate (loss and perplexity are still "
+            "scored), or use prefix-layer"
         )
     settings = {option: getattr(config, option) for option in METHODS[config.method].options}
     return build(model, config.method, settings, new_modules)

@@ -21,7 +21,8 @@ Both start from real tokens (Li & Liang's initialisation): prefix-embed from the
 P random vocabulary tokens, prefix-layer from the keys and values those tokens produce in each
 layer (read alone), so a fresh prefix-embed model, and a fresh causal prefix-layer model, is
 exactly the base model reading those P tokens first.
-Generation is not supported (a clear error): the prefix would have to follow the decoding cache.
+A causal prefix-layer model generates: `generate` hands the prefix to the base's own `generate` as
+the pre-filled cache it decodes on (prefix-embed does not generate: a clear error).
 prefix-embed cannot feed decoder classifiers (they find the last token from input_ids): a clear
 error points to prefix-layer.
 """
@@ -169,12 +170,34 @@ class PrefixModel(nn.Module):
                 "lower --max-length or --prefix-length"
             )
 
-    def generate(self, *args, **kwargs):
-        raise MethodError(
-            f"prefix-{self.kind} models cannot generate text in lorakit (the prefix would have to "
-            "follow the decoding cache); evaluate loss/perplexity instead (--eval-generate 0), or "
-            "use lora, a full/top2/bitfit or an adapter method"
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+        """The base model's `generate` reading the prefix first: [B, T] prompt ids (left-padded)
+        -> [B, T+N] ids, prompt then continuation, as `generate` returns them for the base.
+
+        The prefix goes in as the pre-filled cache. `generate` expects the cached positions in
+        input_ids too and feeds only the rest (from the cache's length on), so P placeholder ids
+        (the prefix's initial tokens) stand in for them and are cut off the result; the mask
+        [B, P+T] attends the prefix, and positions follow it (0..P-1, then the prompt), as in
+        training."""
+        if self.kind != "layer" or self.task != "causal-lm":
+            raise MethodError(
+                f"only causal-LM prefix-layer models generate in lorakit, not prefix-{self.kind} on "
+                f"{self.task}; evaluate loss/perplexity instead (--eval-generate 0), or use prefix-layer, "
+                "lora, a full/top2/bitfit or an adapter method"
+            )
+        B, T = input_ids.shape
+        P = self.length
+        self._check_positions(T + int(kwargs.get("max_new_tokens") or 0))
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        placeholders = self.init_ids.to(input_ids.device).expand(B, -1)  # [B, P]
+        out = self.model.generate(
+            input_ids=torch.cat([placeholders, input_ids], dim=1),  # [B, P+T]
+            attention_mask=torch.cat([mask.new_ones(B, P), mask], dim=1),  # [B, P+T]
+            past_key_values=self.cache(B),
+            **kwargs,
         )
+        return out[:, P:]  # [B, T+N]
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         if self.kind == "layer":
