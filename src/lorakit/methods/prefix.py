@@ -194,7 +194,7 @@ class PrefixModel(nn.Module):
         out = self.model.generate(
             input_ids=torch.cat([placeholders, input_ids], dim=1),  # [B, P+T]
             attention_mask=torch.cat([mask.new_ones(B, P), mask], dim=1),  # [B, P+T]
-            past_key_values=self.cache(B),
+            **{cache_keyword(self.model): self.cache(B)},
             **kwargs,
         )
         return out[:, P:]  # [B, T+N]
