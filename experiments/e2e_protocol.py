@@ -3,6 +3,7 @@ Instruct, one epoch over 960 shuffled training lines, greedy outputs for E2E tes
 representations scored by corpus BLEU against all their references.
 
     python experiments/e2e_protocol.py [--quick] [--config NAME ...]   (default: every configuration)
+    python experiments/e2e_protocol.py --dev [--config NAME ...]        (default: DEV_CANDIDATES)
 
 The anchor (PEFT + a plain PyTorch loop; ../shared/notes/anchors.md and issue 18): LoRA q,v r=8,
 dropout 0.1, batch 8, lr 1e-3, fp32, an instruction prompt in the chat template with the MR's facts
@@ -10,6 +11,10 @@ one per line as `key: value`; BLEU 61.4 on the first 200 distinct test MRs ("set
 the next 200 ("set B"). Here every configuration gets the same 960 lines, the same prompt (through
 `--prompt-template`), one epoch, seed 0 unless the row names another; it is trained once (run cache),
 then generates for both sets in one pass. Writes experiments/results/e2e_protocol.{md,json}.
+
+`--dev` compares candidate defaults where choosing is fair: on a dev split (the MRs of `train.txt`
+that none of the 960 training lines shows, with all their references), never on sets A and B.
+Writes experiments/results/e2e_protocol_dev.{md,json}.
 """
 
 from __future__ import annotations
@@ -58,8 +63,14 @@ CONFIGS = {
     # LoRA+ (B's lr x16), the one lever the issue names not yet tried on E2E; A's lr a quarter of the
     # default so that B's (8e-3) stays inside the range the E2E lr grid found stable (1e-3 to 1e-2)
     "lorakit defaults, LoRA+ 16 lr 5e-4": dict(lora_plus_ratio=16.0, lr=5e-4),
+    # levers not yet tried, for the dev split's comparison: the anchor's dropout, a higher lr, a cosine decay
+    "lorakit defaults, dropout 0.1": dict(dropout=0.1),
+    "lorakit defaults, lr 4e-3": dict(lr=4e-3),
+    "lorakit defaults, cosine": dict(scheduler="cosine"),
 }
 DEFAULTS = "lorakit defaults"  # the rows named so take no option from BASE
+# compared on the dev split (seed 0): today's defaults, every variant of them, and the anchor's recipe
+DEV_CANDIDATES = ("anchor", DEFAULTS) + tuple(n for n in CONFIGS if n.startswith(DEFAULTS + ",") and "seed" not in n)
 
 
 def facts(mr: str) -> str:
@@ -87,13 +98,29 @@ def test_sets() -> dict[str, dict[str, list[str]]]:
     return {name: {mr: refs[mr] for mr in mrs[i * SET_SIZE : (i + 1) * SET_SIZE]} for i, name in enumerate("AB")}
 
 
+def training_lines(quick: bool) -> list[tuple[str, str]]:
+    """The (MR, reference) lines every configuration trains on: the first 960 of `train.txt` shuffled."""
+    lines = read_lines("train")
+    random.Random(0).shuffle(lines)
+    return lines[: 32 if quick else TRAIN_LINES]
+
+
+def dev_set(quick: bool) -> dict[str, list[str]]:
+    """The dev split: every MR of `train.txt` that no training line shows (117 of its 547), with all
+    of its references there. Unseen MRs, as at test time, scored as sets A and B are."""
+    seen = {mr for mr, _ in training_lines(quick)}
+    refs: dict[str, list[str]] = {}
+    for mr, ref in read_lines("train"):
+        if mr not in seen:
+            refs.setdefault(mr, []).append(ref)
+    return refs
+
+
 def write_data(folder: Path, quick: bool) -> tuple[Path, Path]:
     """The 960 shuffled training lines and set B's lines (eval loss) as prompt/response JSONL."""
     folder.mkdir(parents=True, exist_ok=True)
-    lines = read_lines("train")
-    random.Random(0).shuffle(lines)
     train = folder / "train.jsonl"
-    rows = lines[: 32 if quick else TRAIN_LINES]
+    rows = training_lines(quick)
     train.write_text("".join(json.dumps({"prompt": facts(mr), "response": ref}) + "\n" for mr, ref in rows))
     evals = folder / "eval_b.jsonl"
     pairs = [(mr, ref) for mr, refs in test_sets()["B"].items() for ref in refs]
@@ -120,22 +147,25 @@ def key_for(name: str, config: dict, quick: bool) -> str:
     return key
 
 
-def scored(key: str, adapter_dir: str | None, quick: bool) -> dict:
-    """`score`, cached beside the run cache (generation is half of each configuration's time)."""
+def scored(key: str, adapter_dir: str | None, quick: bool, dev: bool = False) -> dict:
+    """`score`, cached beside the run cache (generation is half of each configuration's time);
+    `dev`: on the dev split, else on sets A and B."""
     from common import CACHE, in_child
 
-    path = CACHE / f"{key}.bleu.json"
+    path = CACHE / f"{key}.{'dev' if dev else 'bleu'}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    result, _, _ = in_child(score, adapter_dir, quick)
+    sets = {"dev": dev_set(quick)} if dev else test_sets()
+    result, _, _ = in_child(score, adapter_dir, sets, quick)
     CACHE.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result))
     return result
 
 
-def score(adapter_dir: str | None, quick: bool) -> dict[str, float]:
-    """Greedy outputs for sets A and B (one pass), corpus BLEU of each against all references;
-    `adapter_dir` None: the base model alone (zero-shot), with the same prompts."""
+def score(adapter_dir: str | None, sets: dict[str, dict[str, list[str]]], quick: bool) -> dict[str, float]:
+    """Greedy outputs for every MR of `sets` (name -> MR -> references; one pass), corpus BLEU of
+    each set against all references; `adapter_dir` None: the base model alone (zero-shot), with the
+    same prompts."""
     import torch
 
     from lorakit.models import load_model, load_tokenizer
@@ -151,7 +181,6 @@ def score(adapter_dir: str | None, quick: bool) -> dict[str, float]:
         tokenizer = load_tokenizer("smollm2-135m")
         model = load_model("smollm2-135m", "AutoModelForCausalLM").model.eval()
         task = make_task("causal-lm", tokenizer, 256, prompt_template=INSTRUCTION)
-    sets = test_sets()
     n = 8 if quick else SET_SIZE
     mrs = [mr for refs in sets.values() for mr in list(refs)[:n]]
     outputs = dict(zip(mrs, task.generate(model, [facts(mr) for mr in mrs], batch_size=16,
@@ -165,10 +194,12 @@ def score(adapter_dir: str | None, quick: bool) -> dict[str, float]:
 
 
 def main() -> None:
-    args = parse_args(__doc__, lambda p: p.add_argument("--config", choices=tuple(CONFIGS), action="append"))
+    args = parse_args(__doc__, options)
     require_data(E2E)
     clock = stopwatch()
     train, evals = write_data(RUNS / "e2e_protocol_data", args.quick)
+    if args.dev:
+        return compare_on_dev(args.config or DEV_CANDIDATES, train, evals, clock, args.quick)
     # by configuration, in CONFIGS' order when written; a run of a few --config values keeps the other rows
     rows = previous_rows() if args.config and not args.quick else {}
     for name in args.config or CONFIGS:  # the results file is rewritten after each, so a stopped sweep keeps what ran
@@ -189,12 +220,44 @@ def main() -> None:
     write([rows[n] for n in CONFIGS], zero, clock(), args.quick)
 
 
-def previous_rows() -> dict[str, dict]:
-    """The rows the results file already holds, by configuration: a run of a few --config
+def options(parser) -> None:
+    parser.add_argument("--config", choices=tuple(CONFIGS), action="append")
+    parser.add_argument("--dev", action="store_true", help="compare on the dev split (default: DEV_CANDIDATES)")
+
+
+def compare_on_dev(names, train: Path, evals: Path, clock, quick: bool) -> None:
+    """Train each configuration (or take it from the run cache) and score it on the dev split; rows
+    already in the dev results file stay, so two sittings can share the list."""
+    for name in names:
+        config = config_for(name, train, evals)
+        key = key_for(name, config, quick)
+        result = run(key, **config)
+        bleu = scored(key, result["adapter_dir"], quick, dev=True)["dev"]
+        print(f"  {name}: dev BLEU {bleu:.1f}", flush=True)
+        rows = previous_rows("e2e_protocol_dev") if not quick else {}
+        rows[name] = {"config": name, "options": CONFIGS[name], "bleu_dev": bleu, "key": key,
+                      "eval_loss_B": result["metrics"].get("loss"), "train_s": result["train_runtime_s"]}  # fmt: skip
+        table = markdown_table(
+            ["configuration (seed 0)", "BLEU dev", "eval loss (set B)", "train min"],
+            [[n, f"{r['bleu_dev']:.1f}", f"{r['eval_loss_B']:.3f}", f"{r['train_s'] / 60:.1f}"]
+             for n, r in sorted(rows.items(), key=lambda item: -item[1]["bleu_dev"])],
+        )  # fmt: skip
+        notes = (
+            f"The dev split: the {len(dev_set(quick))} MRs of E2E `train.txt` that none of the {TRAIN_LINES} "
+            "training lines shows, each with all of its references there; greedy, the prompt and the training "
+            "of `e2e_protocol.md` (one seed, 0), sorted by dev BLEU. Here candidate defaults are chosen; sets A "
+            "and B stay for the chosen one's report. " + wall_note(clock())
+        )
+        write_results("e2e_protocol_dev", "E2E protocol: candidate defaults on the dev split", [("BLEU", table)],
+                      {"runs": list(rows.values())}, notes, quick)  # fmt: skip
+
+
+def previous_rows(name: str = "e2e_protocol") -> dict[str, dict]:
+    """The rows the results file `name` already holds, by configuration: a run of a few --config
     values adds to the table rather than replacing it."""
     from common import RESULTS
 
-    path = RESULTS / "e2e_protocol.json"
+    path = RESULTS / f"{name}.json"
     runs = json.loads(path.read_text())["runs"] if path.is_file() else []
     return {row["config"]: row for row in runs if row["config"] in CONFIGS}
 
