@@ -206,7 +206,7 @@ def main() -> None:
     if args.dev:
         return compare_on_dev(args.config or DEV_CANDIDATES, train, evals, clock, args.quick)
     # by configuration, in CONFIGS' order when written; a run of a few --config values keeps the other rows
-    rows = previous_rows() if args.config and not args.quick else {}
+    rows: dict[str, dict] = {}
     for name in args.config or CONFIGS:  # the results file is rewritten after each, so a stopped sweep keeps what ran
         config = config_for(name, train, evals)
         key = key_for(name, config, args.quick)
@@ -217,6 +217,8 @@ def main() -> None:
                       "eval_loss_B": result["metrics"].get("loss"), "params": result["trainable_params"],
                       "train_s": result["train_runtime_s"], "tokens_per_s": result["tokens_per_s"],
                       "sample": bleu["sample"], "key": key}  # fmt: skip
+        if args.config and not args.quick:  # read just before writing: a sitting beside this one may have added rows
+            rows = {**previous_rows(), **rows}
         write([rows[n] for n in CONFIGS if n in rows], None, clock(), args.quick, args.config)
     if args.config:  # a subset: the zero-shot yardstick (9 minutes of generation) comes with a full run
         return
