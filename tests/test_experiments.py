@@ -115,6 +115,19 @@ def test_the_e2e_protocol_defaults_rows_take_nothing_from_the_anchors_recipe():
     assert key.startswith("e2e-protocol-lorakit_defaults_seed_1-") and f"lr{LORA_BY_TASK['causal-lm']['lr']}" in key
 
 
+def test_the_e2e_dev_split_holds_every_mr_no_training_line_shows_with_all_its_references(tmp_path, monkeypatch):
+    protocol = _module("e2e_protocol")
+    lines = [f"name : Place {i % 23} | area : riverside||Reference {i} of place {i % 23}." for i in range(60)]
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(protocol, "E2E", tmp_path)
+    trained = {mr for mr, _ in protocol.training_lines(quick=True)}  # 32 of the 60 lines
+    dev = protocol.dev_set(quick=True)
+    every = {line.split("||")[0].strip() for line in lines}
+    assert dev and not trained & set(dev) and trained | set(dev) == every
+    for mr, refs in dev.items():
+        assert refs == [line.split("||")[1] for line in lines if line.split("||")[0].strip() == mr]
+
+
 def test_a_partial_e2e_protocol_run_keeps_the_rows_already_in_the_results(tmp_path, monkeypatch):
     import json
 
