@@ -244,15 +244,15 @@ def compare_on_dev(names, train: Path, evals: Path, clock, quick: bool) -> None:
         rows[name] = {"config": name, "options": CONFIGS[name], "bleu_dev": bleu, "key": key,
                       "eval_loss_B": result["metrics"].get("loss"), "train_s": result["train_runtime_s"]}  # fmt: skip
         table = markdown_table(
-            ["configuration (seed 0)", "BLEU dev", "eval loss (set B)", "train min"],
+            ["configuration (seed 0 unless named)", "BLEU dev", "eval loss (set B)", "train min"],
             [[n, f"{r['bleu_dev']:.1f}", f"{r['eval_loss_B']:.3f}", f"{r['train_s'] / 60:.1f}"]
              for n, r in sorted(rows.items(), key=lambda item: -item[1]["bleu_dev"])],
         )  # fmt: skip
         notes = (
             f"The dev split: the {len(dev_set(quick))} MRs of E2E `train.txt` that none of the {TRAIN_LINES} "
             "training lines shows, each with all of its references there; greedy, the prompt and the training "
-            "of `e2e_protocol.md` (one seed, 0), sorted by dev BLEU. Here candidate defaults are chosen; sets A "
-            "and B stay for the chosen one's report. " + wall_note(clock())
+            "of `e2e_protocol.md` (seed 0 unless the row names another), sorted by dev BLEU. Here candidate "
+            "defaults are chosen; sets A and B stay for the chosen one's report. " + wall_note(clock())
         )
         write_results("e2e_protocol_dev", "E2E protocol: candidate defaults on the dev split", [("BLEU", table)],
                       {"runs": list(rows.values())}, notes, quick)  # fmt: skip
